@@ -1,0 +1,1 @@
+"""The vTPU Cloud control plane's project package: settings, URLs, WSGI."""
