@@ -51,9 +51,13 @@ _DATA_OFFSET = 64
 class RuntimeCounters:
     """int64 slots with atomic adds; in memory, or mapped from a node-wide file by attach()."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, feeds_kernel_scope: bool = False) -> None:
+        # Only the process-wide COUNTERS receives kernel_scope's counts; other instances are
+        # readers (telemetry of another file, tests).
+        self._feeds_kernel_scope = feeds_kernel_scope
         self._slots = Slots(np.zeros(_N_SLOTS, dtype=np.int64))
-        use_slots(self._slots)
+        if feeds_kernel_scope:
+            use_slots(self._slots)
         self.started_at = time.time()
         self.path: Path | None = None
         self._mmap: mmap.mmap | None = None
@@ -82,7 +86,8 @@ class RuntimeCounters:
             os.close(fd)
         view = np.frombuffer(mapped, dtype=np.int64, count=_N_SLOTS, offset=_DATA_OFFSET)
         self._slots = Slots(view)
-        use_slots(self._slots)
+        if self._feeds_kernel_scope:
+            use_slots(self._slots)
         self._mmap = mapped
         self.started_at = started_at
         self.path = path
@@ -112,6 +117,6 @@ class RuntimeCounters:
         return snap
 
 
-COUNTERS = RuntimeCounters()
+COUNTERS = RuntimeCounters(feeds_kernel_scope=True)
 
 __all__ = ["COUNTERS", "PIPES", "SLOTS", "RuntimeCounters", "kernel_scope"]

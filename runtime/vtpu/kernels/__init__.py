@@ -1,0 +1,623 @@
+"""The vTPU's compute kernels: the Python layer that validates, and the Cython that computes.
+
+Every public function here checks dtype, shape, contiguity, aliasing and limits, raises
+`KernelInputError` (a `ValueError`) with a message saying what to change, and only then calls a
+`nogil` kernel in `_dense` (D pipe: GEMM, fused bias+activation, norms, softmax, attention, int8
+GEMM, top-k similarity) or `_sparse` (S pipe: row gather and scatter). Arrays are float32 (int8
+for the int8 GEMM); a non-contiguous input is copied once, an `out=` array must be C-contiguous.
+
+Instruction sets: the kernels pick AVX2+FMA at run time when the CPU and OS support it, else a
+portable path. Wider ISAs (AVX-512, VNNI, BF16, AMX) are detected and reported by
+`cpu_features()` but not used: we ship no path our CI cannot test. `set_isa("generic")` forces
+the portable path (tests compare both). GEMM goes through the BLAS that scipy links.
+
+Ops counted per call (`vtpu.counters`, a multiply-add is 2; a transcendental counts 1):
+gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per element; rms_norm 4;
+softmax 5; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
+topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); quantize_int8 3 per element; linear_int8 is
+its int8 GEMM plus bias/activation (the float rescale is not counted). gather/scatter move bytes
+and count 0 ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vtpu.counters import kernel_scope
+from vtpu.kernels import _dense, _sparse
+
+__all__ = [
+    "ACTIVATIONS",
+    "KernelInputError",
+    "attention",
+    "bias_activation",
+    "cpu_features",
+    "gather_rows",
+    "gemm",
+    "gemm_int8",
+    "isa",
+    "layer_norm",
+    "linear",
+    "linear_int8",
+    "num_threads",
+    "quantize_int8",
+    "rms_norm",
+    "scatter_rows",
+    "set_isa",
+    "softmax",
+    "topk_similarity",
+]
+
+
+class KernelInputError(ValueError):
+    """An argument a kernel cannot take; the message says which one and what to pass instead."""
+
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+_LEVELS = {"generic": 0, "avx2": 1}
+_INT_MAX = 2**31 - 1
+# Largest K for which an int8 dot product cannot overflow int32: K * 128 * 128 <= 2**31 - 1.
+_INT8_MAX_K = _INT_MAX // (128 * 128)
+# Bytes of the score block top-k similarity materialises per BLAS call.
+_TOPK_BLOCK_BYTES = 8 << 20
+
+
+def _threads_from_env() -> int:
+    raw = os.environ.get("VTPU_NUM_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise KernelInputError(
+                f"VTPU_NUM_THREADS={raw!r} is not a positive integer; unset it to use every CPU "
+                "this process may run on"
+            )
+        return int(raw)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Chosen once per process, as the kernels' parallel loops expect a fixed team.
+_NUM_THREADS = _threads_from_env()
+
+
+# Below this many elements of work a kernel runs on the calling thread: waking the OpenMP team
+# costs more than it saves, and on a busy machine a descheduled team member stalls the barrier.
+_PARALLEL_MIN_WORK = 1 << 15
+
+
+def num_threads() -> int:
+    """Threads each parallel kernel uses (VTPU_NUM_THREADS, else the CPUs we may run on)."""
+    return _NUM_THREADS
+
+
+def _threads(work: int) -> int:
+    return _NUM_THREADS if work >= _PARALLEL_MIN_WORK else 1
+
+
+# ---- instruction sets ------------------------------------------------------------------------
+
+_FEATURES: dict[str, bool] = {name: bool(v) for name, v in _dense.cpu_features().items()}
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU's vector features that the OS also enables (CPUID + XGETBV), by name."""
+    return dict(_FEATURES)
+
+
+def _best_isa() -> str:
+    return "avx2" if _FEATURES["avx2"] and _FEATURES["fma"] else "generic"
+
+
+def isa() -> str:
+    """The instruction set the kernels are using now: "avx2" or "generic"."""
+    level = _dense.get_level()
+    return next(name for name, value in _LEVELS.items() if value == level)
+
+
+def set_isa(name: str | None = None) -> str:
+    """Use `name` ("generic" or "avx2"), or the best this CPU supports when None; returns it.
+
+    Process-wide: it changes the path of every thread's later kernel calls.
+    """
+    if name is None:
+        name = _best_isa()
+    if name not in _LEVELS:
+        raise KernelInputError(
+            f"unknown instruction set {name!r}; the kernels implement {sorted(_LEVELS)} "
+            "(wider ones such as AVX-512 and AMX are detected and reported, not used)"
+        )
+    if name == "avx2" and not (_FEATURES["avx2"] and _FEATURES["fma"]):
+        raise KernelInputError("this CPU (or its OS) lacks AVX2+FMA; use set_isa('generic')")
+    _dense.set_level(_LEVELS[name])  # _sparse only moves bytes: no ISA-specific code
+    return name
+
+
+set_isa()
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def _array(name: str, x: object, dtype: type, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """x as a C-contiguous array of `dtype`, copying only for layout, never converting dtype."""
+    if not isinstance(x, np.ndarray):
+        raise KernelInputError(
+            f"{name} must be a numpy array of {np.dtype(dtype).name}, got {type(x).__name__}"
+        )
+    if x.dtype != dtype:
+        raise KernelInputError(
+            f"{name} has dtype {x.dtype}, the kernel computes in {np.dtype(dtype).name}: pass "
+            f"{name}.astype(np.{np.dtype(dtype).name})"
+        )
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if x.ndim not in dims:
+        want = " or ".join(str(d) for d in dims)
+        raise KernelInputError(f"{name} must have {want} dimensions, got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _check_dims(**dims: int) -> None:
+    for name, value in dims.items():
+        if value > _INT_MAX:
+            raise KernelInputError(f"{name}={value} exceeds the BLAS limit of {_INT_MAX}")
+
+
+def _out(
+    name: str, out: np.ndarray | None, shape: tuple[int, ...], dtype: type, *inputs: np.ndarray
+) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != shape:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise KernelInputError(
+            f"{name}: out must be a {np.dtype(dtype).name} array of shape {shape}, got {got}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelInputError(f"{name}: out must be C-contiguous and writeable")
+    for x in inputs:
+        if np.may_share_memory(out, x):
+            raise KernelInputError(
+                f"{name}: out overlaps an input; pass a separate array or out=None"
+            )
+    return out
+
+
+def _row_out(name: str, x: np.ndarray, out: np.ndarray | None, *others: np.ndarray) -> np.ndarray:
+    """Row-wise kernels read a row fully before writing it, so out may be x itself."""
+    if out is not None and isinstance(out, np.ndarray) and out is x:
+        if not x.flags.writeable:
+            raise KernelInputError(f"{name}: out is x, but x is read-only")
+        return _out(name, out, x.shape, np.float32, *others)
+    return _out(name, out, x.shape, np.float32, x, *others)
+
+
+def _vector(name: str, v: object, n: int) -> np.ndarray:
+    arr = _array(name, v, np.float32, 1)
+    if arr.shape[0] != n:
+        raise KernelInputError(f"{name} has length {arr.shape[0]}, expected {n} (the last axis)")
+    return arr
+
+
+def _activation(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(
+            f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[activation]
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """(..., N) viewed as (M, N) for the row-wise kernels."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+
+# ---- dense -----------------------------------------------------------------------------------
+
+
+def gemm(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    trans_b: bool = False,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """alpha * a @ b (or a @ b.T when trans_b) + beta * out, in float32 through BLAS."""
+    a = _array("a", a, np.float32, 2)
+    b = _array("b", b, np.float32, 2)
+    m, k = a.shape
+    n, kb = b.shape if trans_b else b.shape[::-1]
+    if kb != k:
+        b_desc = "b.T" if trans_b else "b"
+        raise KernelInputError(
+            f"gemm: a is {a.shape} but {b_desc} has {kb} rows; inner dimensions must match"
+        )
+    _check_dims(m=m, n=n, k=k)
+    if beta != 0.0 and out is None:
+        raise KernelInputError("gemm: beta != 0 accumulates into out, so pass out=")
+    c = _out("gemm", out, (m, n), np.float32, a, b)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        c *= beta
+        return c
+    with kernel_scope(2 * m * n * k):
+        _dense.gemm(a, b, c, bool(trans_b), float(alpha), float(beta))
+    return c
+
+
+def linear(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    activation: str = "none",
+    *,
+    trans_w: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """activation(x @ w + bias); w is (K, N), or (N, K) with trans_w (a PyTorch Linear weight).
+
+    x may have leading batch axes: (..., K) -> (..., N). Bias and activation are one vectorised
+    pass over the output after the BLAS call, not fused into the GEMM's inner loop.
+    """
+    act = _activation(activation)
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    w = _array("w", w, np.float32, 2)
+    k = x.shape[-1]
+    n, kw = w.shape if trans_w else w.shape[::-1]
+    if kw != k:
+        raise KernelInputError(
+            f"linear: x has {k} features but w {'(N, K)' if trans_w else '(K, N)'} is {w.shape}; "
+            + ("pass trans_w=False" if w.shape[0] == k and trans_w else "check the weight")
+        )
+    b = None if bias is None else _vector("bias", bias, n)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    _check_dims(m=m, n=n, k=k)
+    inputs = (x, w) if b is None else (x, w, b)
+    y = _out("linear", out, x.shape[:-1] + (n,), np.float32, *inputs)
+    if y.size == 0:
+        return y
+    y2 = y.reshape(m, n)
+    if k == 0:
+        y2.fill(0.0)
+        if b is not None or act:
+            _dense.bias_act(y2, b, act, _threads(y2.size))
+        return y
+    ops = 2 * m * n * k + m * n * ((b is not None) + (act != 0))
+    with kernel_scope(ops):
+        _dense.linear(x2, w, b, act, y2, bool(trans_w), _threads(y2.size))
+    return y
+
+
+def bias_activation(
+    y: np.ndarray, bias: np.ndarray | None = None, activation: str = "none"
+) -> np.ndarray:
+    """y = activation(y + bias) in place over the last axis; returns y."""
+    act = _activation(activation)
+    if not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.ndim < 1:
+        raise KernelInputError("bias_activation: y must be a float32 array with at least 1 axis")
+    if not y.flags.c_contiguous or not y.flags.writeable:
+        raise KernelInputError("bias_activation works in place: y must be C-contiguous, writeable")
+    b = None if bias is None else _vector("bias", bias, y.shape[-1])
+    if b is not None and np.may_share_memory(y, b):
+        raise KernelInputError("bias_activation: bias overlaps y; pass a copy of the bias")
+    if y.size == 0 or (b is None and act == 0):
+        return y
+    with kernel_scope(y.size * ((b is not None) + (act != 0))):
+        _dense.bias_act(_rows(y), b, act, _threads(y.size))
+    return y
+
+
+def _eps(eps: float) -> float:
+    if not (eps >= 0.0 and np.isfinite(eps)):
+        raise KernelInputError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def layer_norm(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * gamma + beta over the last axis (out may be x)."""
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    n = x.shape[-1]
+    g, b = _vector("gamma", gamma, n), _vector("beta", beta, n)
+    y = _row_out("layer_norm", x, out, g, b)
+    if x.size:
+        with kernel_scope(8 * x.size):
+            _dense.layer_norm(_rows(x), g, b, _eps(eps), _rows(y), _threads(x.size))
+    return y
+
+
+def rms_norm(
+    x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """x / sqrt(mean(x**2) + eps) * gamma over the last axis (Qwen3/Llama RMSNorm; out may be x)."""
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    g = _vector("gamma", gamma, x.shape[-1])
+    y = _row_out("rms_norm", x, out, g)
+    if x.size:
+        with kernel_scope(4 * x.size):
+            _dense.rms_norm(_rows(x), g, _eps(eps), _rows(y), _threads(x.size))
+    return y
+
+
+def softmax(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis. A row that is all -inf gives zeros (out may be x)."""
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    y = _row_out("softmax", x, out)
+    if x.size:
+        with kernel_scope(5 * x.size):
+            _dense.softmax(_rows(x), _rows(y), _threads(x.size))
+    return y
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    key_lengths: np.ndarray | None = None,
+    scale: float | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """softmax(q @ k.T * scale) @ v per batch and head, without materialising the score matrix.
+
+    q is (B, H, Sq, D); k and v are (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query
+    attention: head h reads kv head h // (H / Hkv)). `causal` lets query i see keys up to
+    i + Sk - Sq (queries are the last Sq positions). `key_lengths` (B,) masks padded keys: batch
+    b sees only its first key_lengths[b] keys. A query that sees no key gets zeros. scale defaults
+    to 1/sqrt(D).
+    """
+    q = _array("q", q, np.float32, 4)
+    k = _array("k", k, np.float32, 4)
+    v = _array("v", v, np.float32, 4)
+    bsz, heads, sq, d = q.shape
+    if k.shape != v.shape:
+        raise KernelInputError(f"attention: k is {k.shape} but v is {v.shape}; they must match")
+    kb, kv_heads, sk, kd = k.shape
+    if kb != bsz or kd != d:
+        raise KernelInputError(
+            f"attention: q is {q.shape} and k is {k.shape}; batch (axis 0) and head size "
+            "(axis 3) must match"
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise KernelInputError(
+            f"attention: q has {heads} heads, k/v have {kv_heads}; q's must be a multiple"
+        )
+    if key_lengths is None:
+        lengths = np.full(bsz, sk, dtype=np.int32)
+    else:
+        kl = np.asarray(key_lengths)
+        if kl.shape != (bsz,) or kl.dtype.kind not in "iu":
+            raise KernelInputError(
+                f"attention: key_lengths must be integers of shape ({bsz},), got {kl.dtype} "
+                f"{kl.shape}"
+            )
+        if bsz and (kl.min() < 0 or kl.max() > sk):
+            raise KernelInputError(f"attention: key_lengths must lie in [0, {sk}], got {kl}")
+        lengths = kl.astype(np.int32)
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if d else 1.0
+    if not np.isfinite(scale):
+        raise KernelInputError(f"attention: scale must be finite, got {scale!r}")
+    _check_dims(rows=bsz * heads * sq, keys=bsz * kv_heads * sk)
+    y = _out("attention", out, q.shape, np.float32, q, k, v)
+    if y.size == 0:
+        return y
+    visible = np.broadcast_to(lengths[:, None].astype(np.int64), (bsz, sq))
+    if causal:
+        visible = np.minimum(visible, np.arange(sq) + (sk - sq) + 1)
+    scores = int(np.clip(visible, 0, None).sum()) * heads
+    with kernel_scope(scores * (4 * d + 5) + bsz * heads * sq * d):
+        _dense.attention(
+            q.reshape(-1, d),
+            k.reshape(-1, d),
+            v.reshape(-1, d),
+            lengths,
+            bsz,
+            heads,
+            kv_heads,
+            sq,
+            sk,
+            bool(causal),
+            float(scale),
+            y.reshape(-1, d),
+            _threads(scores * d),
+        )
+    return y
+
+
+def gemm_int8(
+    a: np.ndarray, b: np.ndarray, *, trans_b: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
+    """a @ b (or a @ b.T) for int8 inputs, exact in int32: equals the integer reference."""
+    a = _array("a", a, np.int8, 2)
+    b = _array("b", b, np.int8, 2)
+    m, k = a.shape
+    n, kb = b.shape if trans_b else b.shape[::-1]
+    if kb != k:
+        raise KernelInputError(
+            f"gemm_int8: a is {a.shape} but {'b.T' if trans_b else 'b'} has {kb} rows; inner "
+            "dimensions must match"
+        )
+    if k > _INT8_MAX_K:
+        raise KernelInputError(
+            f"gemm_int8: K={k} could overflow int32 accumulators; split K into chunks of at "
+            f"most {_INT8_MAX_K} and add the partial results"
+        )
+    c = _out("gemm_int8", out, (m, n), np.int32, a, b)
+    if c.size == 0:
+        return c
+    if k == 0:
+        c.fill(0)
+        return c
+    # the kernel reads B as rows of K (dot products along contiguous memory)
+    bt = b if trans_b else np.ascontiguousarray(b.T)
+    with kernel_scope(2 * m * n * k):
+        _dense.gemm_int8(a, bt, c, _threads(m * n * k // 16))
+    return c
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantisation: (q int8 (M, K), scale float32 (M,)), x ~= q * scale.
+
+    Each row's largest magnitude maps to 127 (-128 is never produced, so negation is safe); an
+    all-zero row gets scale 1. Use it for activations per call and for weights once.
+    """
+    x = _array("x", x, np.float32, 2)
+    if not np.isfinite(x).all():
+        raise KernelInputError("quantize_int8: x must be finite (no NaN or inf)")
+    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    with kernel_scope(3 * x.size):
+        q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def linear_int8(
+    xq: np.ndarray,
+    x_scale: np.ndarray,
+    wq: np.ndarray,
+    w_scale: np.ndarray,
+    bias: np.ndarray | None = None,
+    activation: str = "none",
+) -> np.ndarray:
+    """activation((xq * x_scale) @ (wq * w_scale).T + bias) from quantize_int8 outputs.
+
+    wq is (N, K), a PyTorch Linear weight quantised per output row; the int8 GEMM is exact and
+    only the per-row/per-column scales round, once, in float32.
+    """
+    act = _activation(activation)
+    xq = _array("xq", xq, np.int8, 2)
+    wq = _array("wq", wq, np.int8, 2)
+    m, n = xq.shape[0], wq.shape[0]
+    xs = _vector("x_scale", x_scale, m) if m else np.zeros(0, np.float32)
+    ws = _vector("w_scale", w_scale, n) if n else np.zeros(0, np.float32)
+    b = None if bias is None else _vector("bias", bias, n)
+    acc = gemm_int8(xq, wq, trans_b=True)
+    y = acc.astype(np.float32)
+    y *= xs[:, None]
+    y *= ws[None, :]
+    return bias_activation(y, b, activation) if (b is not None or act) else y
+
+
+def topk_similarity(
+    queries: np.ndarray, keys: np.ndarray, k: int, *, metric: str = "cosine"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar keys for each query: (indices int64 (Q, k), scores float32 (Q, k)).
+
+    metric is "cosine" (a zero vector scores 0 against everything) or "dot". Results are sorted
+    by score, best first; equal scores list the lower key index first.
+    """
+    queries = _array("queries", queries, np.float32, (1, 2))
+    keys = _array("keys", keys, np.float32, 2)
+    single = queries.ndim == 1
+    if single:
+        queries = queries[None, :]
+    nq, d = queries.shape
+    nk, kd = keys.shape
+    if kd != d:
+        raise KernelInputError(
+            f"topk_similarity: queries have {d} dimensions but keys have {kd}; they must match"
+        )
+    if metric not in ("cosine", "dot"):
+        raise KernelInputError(f"topk_similarity: metric must be 'cosine' or 'dot', not {metric!r}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= nk:
+        raise KernelInputError(f"topk_similarity: k must be an integer in [1, {nk}], got {k!r}")
+    if not (np.isfinite(queries).all() and np.isfinite(keys).all()):
+        raise KernelInputError("topk_similarity: queries and keys must be finite (no NaN or inf)")
+    _check_dims(queries=nq, keys=nk, dims=d)
+    k = int(k)
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, k), -1, dtype=np.int64)
+    if nq and d:
+        block = max(64, min(nk, _TOPK_BLOCK_BYTES // (4 * nq)))
+        scratch = np.empty((nq, block), dtype=np.float32)
+        ops = 2 * nq * nk * d
+        q_inv = k_inv = None
+        if metric == "cosine":
+            q_inv = np.empty(nq, dtype=np.float32)
+            k_inv = np.empty(nk, dtype=np.float32)
+            ops += 2 * nq * nk + 2 * (nq + nk) * d
+        with kernel_scope(ops):
+            if metric == "cosine":
+                _dense.inverse_norms(queries, q_inv, _threads(queries.size))
+                _dense.inverse_norms(keys, k_inv, _threads(keys.size))
+            _dense.topk_similarity(
+                queries, keys, q_inv, k_inv, scratch, best_s, best_i, _threads(nq * nk)
+            )
+    elif nq:  # zero-dimensional vectors: every score is 0, so the first k keys win
+        best_s.fill(0.0)
+        best_i[:] = np.arange(k)
+    if single:
+        return best_i[0], best_s[0]
+    return best_i, best_s
+
+
+# ---- sparse / memory -------------------------------------------------------------------------
+
+
+def _plain_table(name: str, table: object) -> None:
+    if not isinstance(table, np.ndarray) or table.ndim < 1:
+        raise KernelInputError(f"{name}: table must be a numpy array with at least 1 axis")
+    if table.dtype.hasobject:
+        raise KernelInputError(f"{name}: table holds Python objects; use a numeric dtype")
+
+
+def _byte_rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1).view(np.uint8)
+
+
+def _index(name: str, index: object, limit: int) -> np.ndarray:
+    idx = np.asarray(index)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise KernelInputError(f"{name}: index must be a 1-D array of integers, got {idx.dtype}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= limit):
+        bad = idx[(idx < 0) | (idx >= limit)][0]
+        raise KernelInputError(f"{name}: index {bad} is outside the table's {limit} rows")
+    return idx
+
+
+def gather_rows(
+    table: np.ndarray, index: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """table[index] for a C-contiguous table of any dtype (an embedding lookup)."""
+    _plain_table("gather_rows", table)
+    if not table.flags.c_contiguous:
+        raise KernelInputError("gather_rows: table must be C-contiguous (np.ascontiguousarray)")
+    idx = _index("gather_rows", index, table.shape[0])
+    y = _out("gather_rows", out, (idx.size,) + table.shape[1:], table.dtype, table)
+    if y.size == 0:
+        return y
+    with kernel_scope(0):
+        _sparse.gather_rows(_byte_rows(table), idx, _byte_rows(y), _threads(y.size))
+    return y
+
+
+def scatter_rows(table: np.ndarray, index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """table[index] = rows in place (the last of repeated indices wins); returns table."""
+    _plain_table("scatter_rows", table)
+    if not table.flags.c_contiguous or not table.flags.writeable:
+        raise KernelInputError("scatter_rows works in place: table must be C-contiguous, writeable")
+    idx = _index("scatter_rows", index, table.shape[0])
+    want = (idx.size,) + table.shape[1:]
+    if not isinstance(rows, np.ndarray) or rows.dtype != table.dtype or rows.shape != want:
+        got = f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows)
+        raise KernelInputError(f"scatter_rows: rows must be {table.dtype} {want}, got {got}")
+    if np.may_share_memory(table, rows):
+        rows = rows.copy()
+    rows = np.ascontiguousarray(rows)
+    if rows.size == 0:
+        return table
+    with kernel_scope(0):
+        _sparse.scatter_rows(_byte_rows(rows), idx, _byte_rows(table))
+    return table

@@ -1,0 +1,7 @@
+"""`python -m vtpu ...` is the `vtpu` command."""
+
+import sys
+
+from vtpu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,383 @@
+"""`vtpu`: the node's command line (info, agent, bench, asm, disasm, run).
+
+Bad usage or a bad file gets one line on stderr (`error: ...`) and exit status 2, never a
+traceback; VTPU_DEBUG=1 shows the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+USAGE_ERROR = 2
+INTERNAL_ERROR = 1
+
+
+class CLIError(Exception):
+    """Bad usage or a bad file: printed as one line, exit status 2."""
+
+
+def _program_error_line(exc: Exception, source: str) -> str:
+    """`<reason>: <detail> (FILE, line L, word N)`: what, then where."""
+    reason = getattr(exc, "reason", None)
+    detail = getattr(exc, "detail", None)
+    what = f"{reason}: {detail}" if reason and detail else str(exc)
+    where = [source]
+    line = getattr(exc, "line", None)
+    if line is not None:
+        where.append(f"line {line}")
+    index = getattr(exc, "index", None)
+    where.append("header" if index is None else f"word {index}")
+    return f"{what} ({', '.join(where)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vtpu import telemetry
+
+    report = telemetry.info_report()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(telemetry.format_info(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# agent
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from vtpu.agent import AgentConfig, ConfigError, load_saved_config, run_agent
+
+    state_dir = Path(args.state_dir).expanduser()
+    try:
+        saved = load_saved_config(state_dir)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    # Precedence: the command line, then agent.json (as provisioning writes it), then defaults.
+    values: dict[str, Any] = {}
+    for name in AgentConfig.PERSISTED:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+        elif name in saved:
+            values[name] = saved[name]
+    try:
+        config = AgentConfig(state_dir=state_dir, **values)
+        _check_agent_config(config)
+    except TypeError as exc:
+        raise CLIError(f"{state_dir / 'agent.json'}: {exc}") from None
+    try:
+        return run_agent(config, rotate_token=args.rotate_token)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _check_agent_config(config: Any) -> None:
+    checks = [
+        ("port", isinstance(config.port, int) and 0 <= config.port <= 65535, "0..65535"),
+        ("tdp_watts", _positive(config.tdp_watts), "a positive number"),
+        ("max_body_bytes", _positive_int(config.max_body_bytes), "a positive integer"),
+        ("max_run_seconds", _positive(config.max_run_seconds), "a positive number"),
+        ("max_tensor_elements", _positive_int(config.max_tensor_elements), "a positive integer"),
+        ("max_arena_bytes", _positive_int(config.max_arena_bytes), "a positive integer"),
+        ("socket_timeout", _positive(config.socket_timeout), "a positive number"),
+        ("max_connections", _positive_int(config.max_connections), "a positive integer"),
+        ("workers", isinstance(config.workers, int) and config.workers >= 0, "0 or more"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise CLIError(f"{name} must be {expected}, not {getattr(config, name)!r}")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """Delegate to vtpu.bench.main after attaching the node-wide counters of the state dir, so a
+    running agent's telemetry shows this run's work."""
+    from vtpu.agent import COUNTERS_FILE, default_state_dir
+
+    state_dir: Path | None = None
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--state-dir":
+            value = next(it, None)
+            if value is None:
+                raise CLIError("--state-dir needs a directory")
+            state_dir = Path(value)
+        elif arg.startswith("--state-dir="):
+            state_dir = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    state_dir = (state_dir or default_state_dir()).expanduser()
+    from vtpu.counters import COUNTERS
+
+    if not {"-h", "--help", "--list"} & set(rest):
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            COUNTERS.attach(state_dir / COUNTERS_FILE)
+        except (OSError, RuntimeError) as exc:
+            raise CLIError(f"cannot attach the node's counters in {state_dir}: {exc}") from None
+    from vtpu import bench
+
+    return bench.main(rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# asm, disasm, run
+
+
+def _read(path: str, mode: str = "rb") -> Any:
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CLIError(f"{path}: is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror}") from None
+
+
+def load_program(path: str) -> Any:
+    """Assembly (.s, .asm) or binary SIW (anything else), validated against the default limits."""
+    from vtpu import siw
+
+    try:
+        if path.endswith((".s", ".asm")):
+            return siw.assemble(_read(path, "r"))
+        return siw.decode(_read(path))
+    except siw.ProgramError as exc:
+        raise CLIError(_program_error_line(exc, path)) from None
+
+
+def cmd_asm(args: argparse.Namespace) -> int:
+    from vtpu import siw
+
+    program = load_program(args.file)
+    out = args.output or str(Path(args.file).with_suffix(".siw"))
+    if Path(out).resolve() == Path(args.file).resolve():
+        raise CLIError(f"{args.file}: give -o; the output would overwrite the source")
+    data = siw.encode(program)
+    try:
+        Path(out).write_bytes(data)
+    except OSError as exc:
+        raise CLIError(f"{out}: {exc.strerror}") from None
+    print(f"{out}: {len(program.words)} words, {len(data)} bytes")
+    return 0
+
+
+def cmd_disasm(args: argparse.Namespace) -> int:
+    from vtpu import siw
+
+    sys.stdout.write(siw.to_text(load_program(args.file)))
+    return 0
+
+
+def _parse_inputs(specs: list[str]) -> dict[str, Any]:
+    import numpy as np
+
+    inputs: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--input {spec!r}: write it as name=file.npy")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise CLIError(f"--input {name}: {path}: no such file") from None
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--input {name}: {path} is not a .npy array: {exc}") from None
+        if not isinstance(inputs[name], np.ndarray):
+            raise CLIError(f"--input {name}: {path} holds several arrays; give one .npy file")
+    return inputs
+
+
+def _match_inputs(program: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Name every missing or unknown --input; cast arrays that convert without loss of kind
+    (np.save writes float64 by default, the program wants f32)."""
+    import numpy as np
+
+    from vtpu import siw
+
+    declared = {t.name: t for t in program.tensors if t.init == "input"}
+    missing = [
+        f"{t.name} ({t.dtype}{list(t.shape)})" for n, t in declared.items() if n not in inputs
+    ]
+    if missing:
+        raise CLIError(f"missing --input for {', '.join(missing)}")
+    unknown = [n for n in inputs if n not in declared]
+    if unknown:
+        raise CLIError(
+            f"--input {', '.join(unknown)}: not an input of the program; its inputs are "
+            f"{', '.join(declared) or '(none)'}"
+        )
+    matched = {}
+    for name, array in inputs.items():
+        want = np.dtype(siw.NUMPY_DTYPES[declared[name].dtype])
+        if array.dtype != want and np.can_cast(array.dtype, want, "same_kind"):
+            array = array.astype(want)
+        matched[name] = array
+    return matched
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vtpu import siw
+    from vtpu.agent import run_stats, tensor_to_json
+    from vtpu.arena import Arena, ArenaFull
+    from vtpu.sentron import RunError, Sentron, arena_bytes_for
+
+    program = load_program(args.file)
+    inputs = _match_inputs(program, _parse_inputs(args.input))
+    try:
+        with Sentron(Arena(max(arena_bytes_for(program), 64))) as sentron:
+            result = sentron.run(program, inputs)
+    except siw.ProgramError as exc:
+        raise CLIError(_program_error_line(exc, args.file)) from None
+    except (RunError, ArenaFull) as exc:
+        raise CLIError(f"{exc} ({args.file})") from None
+    stats = run_stats(result)
+    if args.json:
+        outputs = {k: tensor_to_json(v) for k, v in result.outputs.items()}
+        print(json.dumps({"outputs": outputs, "stats": stats}, default=_json_default))
+        return 0
+    for name, value in result.outputs.items():
+        print(f"{name}: shape {list(value.shape)} {value.dtype}")
+        print(np.array2string(value, threshold=64, precision=6))
+    print("stats: " + json.dumps(stats, default=_json_default))
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    from vtpu.agent import _json_default as agent_default
+
+    return agent_default(value)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(USAGE_ERROR, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vtpu.agent import default_state_dir
+
+    parser = _Parser(prog="vtpu", description="vTPU: an x86-64 server as an AI accelerator.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="CPU, ISA, peak ops/s, TSC and telemetry sources")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "agent",
+        help="run the node agent (HTTP)",
+        description="Run the node agent. Options given here are saved in STATE_DIR/agent.json "
+        "and used by later starts; VTPU_TOKEN sets the token (only its hash is stored).",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on, 0 for any free one (default 8470)")
+    p.add_argument(
+        "--state-dir",
+        default=str(default_state_dir()),
+        help="config, token hash, counters and pid file (default $VTPU_STATE_DIR or "
+        "~/.local/state/vtpu)",
+    )
+    p.add_argument("--tdp-watts", type=float, help="node TDP for the power model (default 125)")
+    p.add_argument("--rotate-token", action="store_true", help="replace the token with a new one")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    p.add_argument("--max-run-seconds", type=float, help="deadline per program (default 30)")
+    p.add_argument("--max-tensor-elements", type=int, help="largest tensor of a program")
+    p.add_argument("--max-arena-bytes", type=int, help="all tensors of one program together")
+    p.add_argument("--socket-timeout", type=float, help="seconds a client may stay silent")
+    p.add_argument("--max-connections", type=int, help="open connections at once (default 64)")
+    p.add_argument("--workers", type=int, help="sentrons in the pool (default: one per core)")
+    p.set_defaults(func=cmd_agent)
+
+    # Parsed by vtpu.bench itself (see main); listed here for --help.
+    sub.add_parser(
+        "bench",
+        help="run the benchmark suite (see 'vtpu bench --help'); --state-dir as for agent",
+        add_help=False,
+    )
+
+    p = sub.add_parser("asm", help="assemble SIW text (.s) to binary (.siw)")
+    p.add_argument("file", help="assembly file")
+    p.add_argument("-o", "--output", help="output file (default FILE with .siw)")
+    p.set_defaults(func=cmd_asm)
+
+    p = sub.add_parser("disasm", help="print a binary SIW program as assembly")
+    p.add_argument("file", help=".siw file")
+    p.set_defaults(func=cmd_disasm)
+
+    p = sub.add_parser("run", help="run a program (.s or .siw) on a local sentron")
+    p.add_argument("file", help=".s or .siw file")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="bind an input tensor (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print outputs as the agent returns them")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return USAGE_ERROR
+        return args.func(args)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # an unexpected failure: still one line, unless debugging
+        if os.environ.get("VTPU_DEBUG"):
+            raise
+        print(
+            f"error: internal error: {exc.__class__.__name__}: {exc} "
+            "(set VTPU_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+# D-pipe kernels: GEMM, bias+activation, norms, softmax, attention, int8 GEMM, top-k similarity.
+#
+# Entry points here trust their arguments: vtpu.kernels (Python) has already checked dtype, shape,
+# contiguity, aliasing and limits. Each one releases the GIL for the whole computation.
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY, sqrtf
+from libc.stdint cimport int8_t, int32_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm
+
+from ._simd cimport (
+    vtpu_bias_act,
+    vtpu_cpu_features,
+    vtpu_detect,
+    vtpu_dot,
+    vtpu_exp_shift_sum,
+    vtpu_gemm_s8_rows,
+    vtpu_get_level,
+    vtpu_max,
+    vtpu_pv,
+    vtpu_qk,
+    vtpu_scale,
+    vtpu_set_level,
+    vtpu_sum,
+    vtpu_sumsq_centered,
+)
+
+# Rows of A per parallel work item of the int8 GEMM (a multiple of its 4-row register block).
+cdef enum:
+    INT8_ROW_BLOCK = 16
+
+
+def cpu_features() -> dict:
+    cdef vtpu_cpu_features f = vtpu_detect()
+    return f
+
+
+def set_level(int level) -> None:
+    vtpu_set_level(level)
+
+
+def get_level() -> int:
+    return vtpu_get_level()
+
+
+cdef inline void _sgemm_rowmajor(const float *a, const float *b, float *c, int m, int n, int k,
+                                 bint trans_b, float alpha, float beta) noexcept nogil:
+    # BLAS is column-major: a row-major C = A @ op(B) is the column-major C^T = op(B)^T @ A^T.
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'N'
+    cdef int ldb = k if trans_b else n
+    cdef int lda = k
+    cdef int ldc = n
+    sgemm(&ta, &tb, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
+
+
+def gemm(const float[:, ::1] a, const float[:, ::1] b, float[:, ::1] out, bint trans_b,
+         float alpha, float beta) -> None:
+    cdef int m = out.shape[0], n = out.shape[1], k = a.shape[1]
+    with nogil:
+        _sgemm_rowmajor(&a[0, 0], &b[0, 0], &out[0, 0], m, n, k, trans_b, alpha, beta)
+
+
+def linear(const float[:, ::1] x, const float[:, ::1] w, const float[::1] bias, int act,
+           float[:, ::1] out, bint trans_w, int nthreads) -> None:
+    # One BLAS call, then one parallel bias+activation pass. Interleaving BLAS with our OpenMP
+    # team block by block (to reuse the block in cache) was 10-40x slower here: OpenBLAS workers
+    # spin for a while after each call and fight the OpenMP threads for the same cores.
+    cdef int m = out.shape[0], n = out.shape[1], k = x.shape[1]
+    cdef Py_ssize_t i
+    cdef const float *bptr = &bias[0] if bias is not None else NULL
+    with nogil:
+        _sgemm_rowmajor(&x[0, 0], &w[0, 0], &out[0, 0], m, n, k, trans_w, 1.0, 0.0)
+        if bptr != NULL or act != 0:
+            for i in prange(m, schedule='static', num_threads=nthreads):
+                vtpu_bias_act(&out[i, 0], bptr, n, act)
+
+
+def bias_act(float[:, ::1] y, const float[::1] bias, int act, int nthreads) -> None:
+    cdef Py_ssize_t i, m = y.shape[0], n = y.shape[1]
+    cdef const float *bptr = &bias[0] if bias is not None else NULL
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            vtpu_bias_act(&y[i, 0], bptr, n, act)
+
+
+def layer_norm(const float[:, ::1] x, const float[::1] gamma, const float[::1] beta, float eps,
+               float[:, ::1] out, int nthreads) -> None:
+    cdef Py_ssize_t i, j, m = x.shape[0], n = x.shape[1]
+    cdef float mean, rstd
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            mean = vtpu_sum(&x[i, 0], n) / n
+            # two-pass variance: no cancellation when |mean| >> std
+            rstd = 1.0 / sqrtf(vtpu_sumsq_centered(&x[i, 0], mean, n) / n + eps)
+            for j in range(n):
+                out[i, j] = (x[i, j] - mean) * rstd * gamma[j] + beta[j]
+
+
+def rms_norm(const float[:, ::1] x, const float[::1] gamma, float eps, float[:, ::1] out,
+             int nthreads) -> None:
+    cdef Py_ssize_t i, j, m = x.shape[0], n = x.shape[1]
+    cdef float rstd
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            rstd = 1.0 / sqrtf(vtpu_dot(&x[i, 0], &x[i, 0], n) / n + eps)
+            for j in range(n):
+                out[i, j] = x[i, j] * rstd * gamma[j]
+
+
+cdef inline void _softmax_row(const float *x, float *y, long n) noexcept nogil:
+    cdef float mx = vtpu_max(x, n)
+    cdef float s
+    if mx == -INFINITY:
+        # every entry masked out: no distribution to form; zeros make the row contribute nothing
+        memset(y, 0, n * sizeof(float))
+        return
+    s = vtpu_exp_shift_sum(x, y, mx, n)
+    vtpu_scale(y, 1.0 / s, n)
+
+
+def softmax(const float[:, ::1] x, float[:, ::1] out, int nthreads) -> None:
+    cdef Py_ssize_t i, m = x.shape[0], n = x.shape[1]
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            _softmax_row(&x[i, 0], &out[i, 0], n)
+
+
+def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
+              const int[::1] key_lengths, Py_ssize_t batch, Py_ssize_t heads,
+              Py_ssize_t kv_heads, Py_ssize_t sq, Py_ssize_t sk, bint causal, float scale,
+              float[:, ::1] out, int nthreads) -> None:
+    """One (batch, head) per work item. Its keys are transposed once into a per-thread buffer so
+    each query's scores are a vectorised sweep across keys; scores, softmax and the weighted sum
+    of V stay in that thread's cache, and nothing of size sq x sk is ever materialised."""
+    cdef Py_ssize_t d = q.shape[1], group = heads // kv_heads
+    cdef Py_ssize_t bh, b, i, j, t, r, klen, limit, kv_base
+    cdef float *scores = NULL
+    cdef float *kt = NULL
+    cdef float mx, s
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        scores = <float *>malloc((sk if sk > 0 else 1) * sizeof(float))
+        kt = <float *>malloc((sk * d if sk * d > 0 else 1) * sizeof(float))
+        for bh in prange(batch * heads, schedule='static'):
+            if scores == NULL or kt == NULL:
+                failed += 1
+                continue
+            b = bh // heads
+            kv_base = (b * kv_heads + (bh % heads) // group) * sk
+            klen = key_lengths[b]
+            for j in range(klen):
+                for t in range(d):
+                    kt[t * klen + j] = k[kv_base + j, t]
+            for i in range(sq):
+                r = bh * sq + i
+                limit = klen
+                if causal and i + (sk - sq) + 1 < limit:
+                    # queries are the last sq positions of the sk keys (a KV cache before them)
+                    limit = i + (sk - sq) + 1
+                if limit <= 0:
+                    memset(&out[r, 0], 0, d * sizeof(float))
+                    continue
+                vtpu_qk(&q[r, 0], kt, klen, limit, d, scale, scores)
+                mx = vtpu_max(scores, limit)
+                s = vtpu_exp_shift_sum(scores, scores, mx, limit)
+                vtpu_pv(scores, &v[kv_base, 0], limit, d, &out[r, 0])
+                vtpu_scale(&out[r, 0], 1.0 / s, d)
+        free(scores)
+        free(kt)
+    if failed:
+        raise MemoryError(f"attention: no memory for a {sk} x {d} per-thread key buffer")
+
+
+def gemm_int8(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, ::1] out,
+              int nthreads) -> None:
+    cdef Py_ssize_t m = a.shape[0], k = a.shape[1], n = bt.shape[0]
+    cdef Py_ssize_t blocks = (m + INT8_ROW_BLOCK - 1) // INT8_ROW_BLOCK
+    cdef Py_ssize_t blk, i0, i1
+    with nogil:
+        for blk in prange(blocks, schedule='static', num_threads=nthreads):
+            i0 = blk * INT8_ROW_BLOCK
+            i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < m else m
+            vtpu_gemm_s8_rows(&a[0, 0], &bt[0, 0], &out[0, 0], i0, i1, n, k)
+
+
+def topk_similarity(const float[:, ::1] queries, const float[:, ::1] keys,
+                    const float[::1] q_inv_norm, const float[::1] k_inv_norm,
+                    float[:, ::1] scratch, float[:, ::1] best_s, long long[:, ::1] best_i,
+                    int nthreads) -> None:
+    """Scores are made a block of keys at a time with one BLAS call into `scratch` (rows =
+    queries), then each thread folds its queries' scores into a sorted top-k list. Equal scores
+    keep the lower key index first. best_s must start at -inf and best_i at -1."""
+    cdef Py_ssize_t nq = queries.shape[0], nk = keys.shape[0], d = queries.shape[1]
+    cdef Py_ssize_t topk = best_s.shape[1], block = scratch.shape[1]
+    cdef Py_ssize_t j0, w, qi, j, pos
+    cdef bint cosine = q_inv_norm is not None
+    cdef float s
+    cdef float *row
+    with nogil:
+        j0 = 0
+        while j0 < nk:
+            w = block if j0 + block <= nk else nk - j0
+            _sgemm_rowmajor(&queries[0, 0], &keys[j0, 0], &scratch[0, 0], <int>nq, <int>w,
+                            <int>d, True, 1.0, 0.0)
+            for qi in prange(nq, schedule='static', num_threads=nthreads):
+                row = &scratch[0, 0] + qi * w
+                for j in range(w):
+                    s = row[j]
+                    if cosine:
+                        s = s * q_inv_norm[qi] * k_inv_norm[j0 + j]
+                    if s > best_s[qi, topk - 1]:
+                        pos = topk - 1
+                        while pos > 0 and best_s[qi, pos - 1] < s:
+                            best_s[qi, pos] = best_s[qi, pos - 1]
+                            best_i[qi, pos] = best_i[qi, pos - 1]
+                            pos = pos - 1
+                        best_s[qi, pos] = s
+                        best_i[qi, pos] = j0 + j
+            j0 = j0 + w
+
+
+def inverse_norms(const float[:, ::1] x, float[::1] out, int nthreads) -> None:
+    """1/||row||, with 0 for an all-zero row so its cosine similarity to anything is 0."""
+    cdef Py_ssize_t i, m = x.shape[0], d = x.shape[1]
+    cdef float nrm
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            nrm = sqrtf(vtpu_dot(&x[i, 0], &x[i, 0], d))
+            out[i] = 1.0 / nrm if nrm > 0 else 0.0

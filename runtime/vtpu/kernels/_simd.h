@@ -1,0 +1,521 @@
+/* CPU feature detection and the vector primitives the kernels are built from.
+ *
+ * The build passes no -march (the wheel must run on any x86-64), so every AVX2 routine carries a
+ * function-level target attribute and is chosen at run time through `vtpu_level`. Only paths we
+ * can test on our CI machines (AVX2 + FMA) are implemented; wider ISAs (AVX-512, VNNI, BF16, AMX)
+ * are detected and reported, not used. Each primitive has a portable scalar twin so a forced
+ * "generic" level exercises the same kernels on any machine, which is how the tests cover both.
+ */
+#ifndef VTPU_SIMD_H
+#define VTPU_SIMD_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <cpuid.h>
+#include <immintrin.h>
+
+enum { VTPU_LEVEL_GENERIC = 0, VTPU_LEVEL_AVX2 = 1 };
+
+/* Written once from Python (detection, or a forced level in tests); read by kernels. */
+static int vtpu_level = VTPU_LEVEL_GENERIC;
+
+/* ---- detection: CPUID plus XGETBV, so a feature counts only if the OS saves its registers. --- */
+
+typedef struct {
+    int avx2, fma, f16c, avx512f, avx512dq, avx512bw, avx512vl, avx512_vnni, avx512_bf16,
+        avx512_fp16, avx_vnni, amx_tile, amx_bf16, amx_int8;
+} vtpu_cpu_features;
+
+static uint64_t vtpu_xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static vtpu_cpu_features vtpu_detect(void) {
+    vtpu_cpu_features f;
+    unsigned a, b, c, d, max_leaf;
+    memset(&f, 0, sizeof f);
+    max_leaf = __get_cpuid_max(0, 0);
+    if (max_leaf < 1 || !__get_cpuid(1, &a, &b, &c, &d)) return f;
+    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !avx) return f;
+    uint64_t xcr0 = vtpu_xgetbv0();
+    int os_avx = (xcr0 & 0x6) == 0x6;                  /* XMM and YMM state */
+    int os_avx512 = os_avx && (xcr0 & 0xE0) == 0xE0;   /* opmask, ZMM_Hi256, Hi16_ZMM */
+    int os_amx = (xcr0 & 0x60000) == 0x60000;         /* XTILECFG and XTILEDATA */
+    if (!os_avx || max_leaf < 7) return f;
+    f.fma = fma;
+    f.f16c = f16c;
+    __cpuid_count(7, 0, a, b, c, d);
+    f.avx2 = (b >> 5) & 1;
+    if (os_avx512) {
+        f.avx512f = (b >> 16) & 1;
+        f.avx512dq = (b >> 17) & 1;
+        f.avx512bw = (b >> 30) & 1;
+        f.avx512vl = (b >> 31) & 1;
+        f.avx512_vnni = (c >> 11) & 1;
+        f.avx512_fp16 = (d >> 23) & 1;
+    }
+    if (os_amx) {
+        f.amx_bf16 = (d >> 22) & 1;
+        f.amx_tile = (d >> 24) & 1;
+        f.amx_int8 = (d >> 25) & 1;
+    }
+    unsigned sub1_a = 0;
+    if (a >= 1) { /* leaf 7 reports its highest subleaf in EAX */
+        unsigned b1, c1, d1;
+        __cpuid_count(7, 1, sub1_a, b1, c1, d1);
+        (void)b1; (void)c1; (void)d1;
+    }
+    f.avx_vnni = (sub1_a >> 4) & 1;
+    if (os_avx512) f.avx512_bf16 = (sub1_a >> 5) & 1;
+    return f;
+}
+
+/* ---- scalar twins ---------------------------------------------------------------------------- */
+
+static float vtpu_dot_generic(const float *a, const float *b, long n) {
+    double s = 0.0;  /* double keeps the scalar path a tight reference for the vector one */
+    for (long i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return (float)s;
+}
+
+static float vtpu_sum_generic(const float *a, long n) {
+    double s = 0.0;
+    for (long i = 0; i < n; i++) s += a[i];
+    return (float)s;
+}
+
+static float vtpu_sumsq_centered_generic(const float *a, float mean, long n) {
+    double s = 0.0;
+    for (long i = 0; i < n; i++) { double t = a[i] - mean; s += t * t; }
+    return (float)s;
+}
+
+static float vtpu_max_generic(const float *a, long n) {
+    float m = -INFINITY;
+    for (long i = 0; i < n; i++) m = a[i] > m ? a[i] : m;
+    return m;
+}
+
+/* y = exp(x - shift), returns sum(y) */
+static float vtpu_exp_shift_sum_generic(const float *x, float *y, float shift, long n) {
+    double s = 0.0;
+    for (long i = 0; i < n; i++) { y[i] = expf(x[i] - shift); s += y[i]; }
+    return (float)s;
+}
+
+static void vtpu_scale_generic(float *y, float alpha, long n) {
+    for (long i = 0; i < n; i++) y[i] *= alpha;
+}
+
+/* activation codes shared with the .pyx */
+enum { VTPU_ACT_NONE = 0, VTPU_ACT_RELU = 1, VTPU_ACT_GELU = 2, VTPU_ACT_GELU_TANH = 3,
+       VTPU_ACT_SILU = 4 };
+
+static inline float vtpu_act_scalar(float v, int act) {
+    switch (act) {
+    case VTPU_ACT_RELU: return v > 0.0f ? v : 0.0f;
+    case VTPU_ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case VTPU_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        return 0.5f * v * (1.0f + tanhf(u));
+    }
+    case VTPU_ACT_SILU: return v / (1.0f + expf(-v));
+    default: return v;
+    }
+}
+
+/* y[i] = act(y[i] + bias[i]); bias may be NULL */
+static void vtpu_bias_act_generic(float *y, const float *bias, long n, int act) {
+    for (long i = 0; i < n; i++) y[i] = vtpu_act_scalar(y[i] + (bias ? bias[i] : 0.0f), act);
+}
+
+/* ---- AVX2 + FMA ------------------------------------------------------------------------------ */
+
+#define VTPU_AVX2 __attribute__((target("avx2,fma")))
+
+VTPU_AVX2 static inline float vtpu_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+VTPU_AVX2 static inline float vtpu_hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp with round-to-nearest range reduction and a degree-5 polynomial (Cephes coefficients):
+ * relative error ~2 ulp on [-87, 88]; underflows to 0 below -87.3, saturates at +88.7. */
+VTPU_AVX2 static inline __m256 vtpu_exp256(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+    __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(below, y);
+}
+
+/* erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), odd symmetry restored by the sign bit. */
+VTPU_AVX2 static inline __m256 vtpu_erf256(__m256 x) {
+    const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+    __m256 sign = _mm256_and_ps(x, sign_mask);
+    __m256 ax = _mm256_andnot_ps(sign_mask, x);
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                             _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(1.061405429f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    p = _mm256_mul_ps(p, t);
+    __m256 e = vtpu_exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
+    __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
+    return _mm256_or_ps(y, sign);
+}
+
+VTPU_AVX2 static inline __m256 vtpu_act256(__m256 v, int act) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    switch (act) {
+    case VTPU_ACT_RELU: return _mm256_max_ps(v, _mm256_setzero_ps());
+    case VTPU_ACT_GELU:
+        return _mm256_mul_ps(_mm256_mul_ps(half, v),
+                             _mm256_add_ps(one, vtpu_erf256(_mm256_mul_ps(
+                                                    v, _mm256_set1_ps(0.70710678118654752f)))));
+    case VTPU_ACT_GELU_TANH: {
+        /* 0.5 v (1 + tanh u) = v * sigmoid(2u) = v / (1 + exp(-2u)) */
+        __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+        __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(-1.5957691216057308f),
+                                  _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
+        return _mm256_div_ps(v, _mm256_add_ps(one, vtpu_exp256(u2)));
+    }
+    case VTPU_ACT_SILU:
+        return _mm256_div_ps(v, _mm256_add_ps(one, vtpu_exp256(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    default: return v;
+    }
+}
+
+VTPU_AVX2 static void vtpu_bias_act_avx2(float *y, const float *bias, long n, int act) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(y + i);
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
+        _mm256_storeu_ps(y + i, vtpu_act256(v, act));
+    }
+    for (; i < n; i++) y[i] = vtpu_act_scalar(y[i] + (bias ? bias[i] : 0.0f), act);
+}
+
+VTPU_AVX2 static float vtpu_dot_avx2(const float *a, const float *b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = vtpu_hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+VTPU_AVX2 static float vtpu_sum_avx2(const float *a, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(a + i));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(a + i + 8));
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(a + i));
+    float s = vtpu_hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i];
+    return s;
+}
+
+VTPU_AVX2 static float vtpu_sumsq_centered_avx2(const float *a, float mean, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), m = _mm256_set1_ps(mean);
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(a + i), m);
+        __m256 t1 = _mm256_sub_ps(_mm256_loadu_ps(a + i + 8), m);
+        s0 = _mm256_fmadd_ps(t0, t0, s0);
+        s1 = _mm256_fmadd_ps(t1, t1, s1);
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(a + i), m);
+        s0 = _mm256_fmadd_ps(t0, t0, s0);
+    }
+    float s = vtpu_hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) { float t = a[i] - mean; s += t * t; }
+    return s;
+}
+
+VTPU_AVX2 static float vtpu_max_avx2(const float *a, long n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(a + i));
+    float s = vtpu_hmax256(m);
+    for (; i < n; i++) s = a[i] > s ? a[i] : s;
+    return s;
+}
+
+VTPU_AVX2 static float vtpu_exp_shift_sum_avx2(const float *x, float *y, float shift, long n) {
+    __m256 s = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = vtpu_exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+        _mm256_storeu_ps(y + i, e);
+        s = _mm256_add_ps(s, e);
+    }
+    float t = vtpu_hsum256(s);
+    for (; i < n; i++) { y[i] = expf(x[i] - shift); t += y[i]; }
+    return t;
+}
+
+VTPU_AVX2 static void vtpu_scale_avx2(float *y, float alpha, long n) {
+    __m256 a = _mm256_set1_ps(alpha);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] *= alpha;
+}
+
+/* ---- int8 GEMM: C[m,n] = sum_k A[m,k] * BT[n,k], exact in int32 -------------------------------
+ * Signed bytes are widened to int16 and multiplied pairwise with vpmaddwd; unlike vpmaddubsw this
+ * never saturates, so the result equals the integer reference for every input. K is limited by
+ * the Python layer so int32 accumulators cannot overflow. */
+
+static void vtpu_gemm_s8_generic(const int8_t *A, const int8_t *BT, int32_t *C, long M, long N,
+                                 long K) {
+    for (long i = 0; i < M; i++)
+        for (long j = 0; j < N; j++) {
+            int32_t s = 0;
+            const int8_t *a = A + i * K, *b = BT + j * K;
+            for (long k = 0; k < K; k++) s += (int32_t)a[k] * (int32_t)b[k];
+            C[i * N + j] = s;
+        }
+}
+
+VTPU_AVX2 static inline int32_t vtpu_hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+VTPU_AVX2 static inline __m256i vtpu_load_s8_as_s16(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+
+static inline int32_t vtpu_dot_s8_tail(const int8_t *a, const int8_t *b, long k0, long K) {
+    int32_t s = 0;
+    for (long k = k0; k < K; k++) s += (int32_t)a[k] * (int32_t)b[k];
+    return s;
+}
+
+/* Rows [i0, i1) of C. A 4x2 register block: each widened A/B load feeds 2 or 4 multiplies. */
+VTPU_AVX2 static void vtpu_gemm_s8_rows_avx2(const int8_t *A, const int8_t *BT, int32_t *C,
+                                            long i0, long i1, long N, long K) {
+    long K16 = K & ~15L;
+    long i = i0;
+    for (; i + 4 <= i1; i += 4) {
+        const int8_t *a0 = A + i * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
+        long j = 0;
+        for (; j + 2 <= N; j += 2) {
+            const int8_t *b0 = BT + j * K, *b1 = b0 + K;
+            __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                    c21 = c00, c30 = c00, c31 = c00;
+            for (long k = 0; k < K16; k += 16) {
+                __m256i vb0 = vtpu_load_s8_as_s16(b0 + k), vb1 = vtpu_load_s8_as_s16(b1 + k);
+                __m256i va = vtpu_load_s8_as_s16(a0 + k);
+                c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(va, vb0));
+                c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(va, vb1));
+                va = vtpu_load_s8_as_s16(a1 + k);
+                c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(va, vb0));
+                c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(va, vb1));
+                va = vtpu_load_s8_as_s16(a2 + k);
+                c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(va, vb0));
+                c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(va, vb1));
+                va = vtpu_load_s8_as_s16(a3 + k);
+                c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(va, vb0));
+                c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(va, vb1));
+            }
+            C[i * N + j] = vtpu_hsum_epi32(c00) + vtpu_dot_s8_tail(a0, b0, K16, K);
+            C[i * N + j + 1] = vtpu_hsum_epi32(c01) + vtpu_dot_s8_tail(a0, b1, K16, K);
+            C[(i + 1) * N + j] = vtpu_hsum_epi32(c10) + vtpu_dot_s8_tail(a1, b0, K16, K);
+            C[(i + 1) * N + j + 1] = vtpu_hsum_epi32(c11) + vtpu_dot_s8_tail(a1, b1, K16, K);
+            C[(i + 2) * N + j] = vtpu_hsum_epi32(c20) + vtpu_dot_s8_tail(a2, b0, K16, K);
+            C[(i + 2) * N + j + 1] = vtpu_hsum_epi32(c21) + vtpu_dot_s8_tail(a2, b1, K16, K);
+            C[(i + 3) * N + j] = vtpu_hsum_epi32(c30) + vtpu_dot_s8_tail(a3, b0, K16, K);
+            C[(i + 3) * N + j + 1] = vtpu_hsum_epi32(c31) + vtpu_dot_s8_tail(a3, b1, K16, K);
+        }
+        for (; j < N; j++)
+            for (long r = 0; r < 4; r++) {
+                const int8_t *a = A + (i + r) * K, *b = BT + j * K;
+                __m256i c = _mm256_setzero_si256();
+                for (long k = 0; k < K16; k += 16)
+                    c = _mm256_add_epi32(c, _mm256_madd_epi16(vtpu_load_s8_as_s16(a + k),
+                                                              vtpu_load_s8_as_s16(b + k)));
+                C[(i + r) * N + j] = vtpu_hsum_epi32(c) + vtpu_dot_s8_tail(a, b, K16, K);
+            }
+    }
+    for (; i < i1; i++)
+        for (long j = 0; j < N; j++) {
+            const int8_t *a = A + i * K, *b = BT + j * K;
+            __m256i c = _mm256_setzero_si256();
+            for (long k = 0; k < K16; k += 16)
+                c = _mm256_add_epi32(c, _mm256_madd_epi16(vtpu_load_s8_as_s16(a + k),
+                                                          vtpu_load_s8_as_s16(b + k)));
+            C[i * N + j] = vtpu_hsum_epi32(c) + vtpu_dot_s8_tail(a, b, K16, K);
+        }
+}
+
+static void vtpu_gemm_s8_rows_generic(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
+                                      long i1, long N, long K) {
+    vtpu_gemm_s8_generic(A + i0 * K, BT, C + i0 * N, i1 - i0, N, K);
+}
+
+/* ---- dispatchers: one branch per call, predictable, costs nothing next to the work ---------- */
+
+static inline float vtpu_dot(const float *a, const float *b, long n) {
+    return vtpu_level >= VTPU_LEVEL_AVX2 ? vtpu_dot_avx2(a, b, n) : vtpu_dot_generic(a, b, n);
+}
+static inline float vtpu_sum(const float *a, long n) {
+    return vtpu_level >= VTPU_LEVEL_AVX2 ? vtpu_sum_avx2(a, n) : vtpu_sum_generic(a, n);
+}
+static inline float vtpu_sumsq_centered(const float *a, float mean, long n) {
+    return vtpu_level >= VTPU_LEVEL_AVX2 ? vtpu_sumsq_centered_avx2(a, mean, n)
+                                         : vtpu_sumsq_centered_generic(a, mean, n);
+}
+static inline float vtpu_max(const float *a, long n) {
+    return vtpu_level >= VTPU_LEVEL_AVX2 ? vtpu_max_avx2(a, n) : vtpu_max_generic(a, n);
+}
+static inline float vtpu_exp_shift_sum(const float *x, float *y, float shift, long n) {
+    return vtpu_level >= VTPU_LEVEL_AVX2 ? vtpu_exp_shift_sum_avx2(x, y, shift, n)
+                                         : vtpu_exp_shift_sum_generic(x, y, shift, n);
+}
+static inline void vtpu_scale(float *y, float alpha, long n) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_scale_avx2(y, alpha, n); else vtpu_scale_generic(y, alpha, n);
+}
+static inline void vtpu_bias_act(float *y, const float *bias, long n, int act) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_bias_act_avx2(y, bias, n, act);
+    else vtpu_bias_act_generic(y, bias, n, act);
+}
+static inline void vtpu_gemm_s8_rows(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
+                                     long i1, long N, long K) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_gemm_s8_rows_avx2(A, BT, C, i0, i1, N, K);
+    else vtpu_gemm_s8_rows_generic(A, BT, C, i0, i1, N, K);
+}
+
+/* ---- attention pieces: both loops vectorise across keys or features, so neither needs a
+ * horizontal sum per score (the cost of a dot product per key when the head size is small). */
+
+/* s[j] = scale * sum_t q[t] * KT[t * ld + j] for j < n: scores against keys stored transposed */
+static void vtpu_qk_generic(const float *q, const float *KT, long ld, long n, long d, float scale,
+                            float *s) {
+    for (long j = 0; j < n; j++) s[j] = 0.0f;
+    for (long t = 0; t < d; t++) {
+        const float *kr = KT + t * ld;
+        for (long j = 0; j < n; j++) s[j] += q[t] * kr[j];
+    }
+    for (long j = 0; j < n; j++) s[j] *= scale;
+}
+
+VTPU_AVX2 static void vtpu_qk_avx2(const float *q, const float *KT, long ld, long n, long d,
+                                   float scale, float *s) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long t = 0; t < d; t++) {
+            const float *kr = KT + t * ld + j;
+            __m256 qt = _mm256_broadcast_ss(q + t);
+            a0 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kr), a0);
+            a1 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kr + 8), a1);
+            a2 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kr + 16), a2);
+            a3 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kr + 24), a3);
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(a0, sc));
+        _mm256_storeu_ps(s + j + 8, _mm256_mul_ps(a1, sc));
+        _mm256_storeu_ps(s + j + 16, _mm256_mul_ps(a2, sc));
+        _mm256_storeu_ps(s + j + 24, _mm256_mul_ps(a3, sc));
+    }
+    for (; j + 8 <= n; j += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (long t = 0; t < d; t++)
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q + t), _mm256_loadu_ps(KT + t * ld + j), a0);
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(a0, sc));
+    }
+    for (; j < n; j++) {
+        float a = 0.0f;
+        for (long t = 0; t < d; t++) a += q[t] * KT[t * ld + j];
+        s[j] = a * scale;
+    }
+}
+
+/* out[0:d] = sum_{j<n} p[j] * V[j * d : j * d + d] */
+static void vtpu_pv_generic(const float *p, const float *V, long n, long d, float *out) {
+    for (long t = 0; t < d; t++) out[t] = 0.0f;
+    for (long j = 0; j < n; j++)
+        for (long t = 0; t < d; t++) out[t] += p[j] * V[j * d + t];
+}
+
+VTPU_AVX2 static void vtpu_pv_avx2(const float *p, const float *V, long n, long d, float *out) {
+    long c = 0;
+    for (; c + 32 <= d; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long j = 0; j < n; j++) {
+            const float *vr = V + j * d + c;
+            __m256 pj = _mm256_broadcast_ss(p + j);
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 24), a3);
+        }
+        _mm256_storeu_ps(out + c, a0);
+        _mm256_storeu_ps(out + c + 8, a1);
+        _mm256_storeu_ps(out + c + 16, a2);
+        _mm256_storeu_ps(out + c + 24, a3);
+    }
+    for (; c + 8 <= d; c += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (long j = 0; j < n; j++)
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(V + j * d + c), a0);
+        _mm256_storeu_ps(out + c, a0);
+    }
+    for (; c < d; c++) {
+        float a = 0.0f;
+        for (long j = 0; j < n; j++) a += p[j] * V[j * d + c];
+        out[c] = a;
+    }
+}
+
+static inline void vtpu_qk(const float *q, const float *KT, long ld, long n, long d, float scale,
+                           float *s) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_qk_avx2(q, KT, ld, n, d, scale, s);
+    else vtpu_qk_generic(q, KT, ld, n, d, scale, s);
+}
+static inline void vtpu_pv(const float *p, const float *V, long n, long d, float *out) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_pv_avx2(p, V, n, d, out);
+    else vtpu_pv_generic(p, V, n, d, out);
+}
+
+static inline void vtpu_set_level(int level) { vtpu_level = level; }
+static inline int vtpu_get_level(void) { return vtpu_level; }
+
+#endif

@@ -1,0 +1,27 @@
+# Declarations of the vector primitives in _simd.h, shared by the kernel modules.
+from libc.stdint cimport int8_t, int32_t
+
+
+cdef extern from "_simd.h" nogil:
+    ctypedef struct vtpu_cpu_features:
+        int avx2, fma, f16c, avx512f, avx512dq, avx512bw, avx512vl, avx512_vnni, avx512_bf16
+        int avx512_fp16, avx_vnni, amx_tile, amx_bf16, amx_int8
+
+    int VTPU_LEVEL_GENERIC, VTPU_LEVEL_AVX2
+    int VTPU_ACT_NONE, VTPU_ACT_RELU, VTPU_ACT_GELU, VTPU_ACT_GELU_TANH, VTPU_ACT_SILU
+
+    vtpu_cpu_features vtpu_detect()
+    void vtpu_set_level(int level)
+    int vtpu_get_level()
+
+    float vtpu_dot(const float *a, const float *b, long n)
+    float vtpu_sum(const float *a, long n)
+    float vtpu_sumsq_centered(const float *a, float mean, long n)
+    float vtpu_max(const float *a, long n)
+    float vtpu_exp_shift_sum(const float *x, float *y, float shift, long n)
+    void vtpu_scale(float *y, float alpha, long n)
+    void vtpu_bias_act(float *y, const float *bias, long n, int act)
+    void vtpu_qk(const float *q, const float *KT, long ld, long n, long d, float scale, float *s)
+    void vtpu_pv(const float *p, const float *V, long n, long d, float *out)
+    void vtpu_gemm_s8_rows(const int8_t *A, const int8_t *BT, int32_t *C, long i0, long i1,
+                           long N, long K)

@@ -1,0 +1,691 @@
+"""The sentron: the executor that issues SIW programs, one word at a time, in order.
+
+Within a word the S slot runs on the sentron's own S-pipe worker thread while the D slot runs on
+the sentron's thread; the kernels and numpy copies release the GIL, so the two really overlap,
+which is double buffering: S loads tile i+1 while D computes on tile i. The C slot runs after
+both (barrier, sync, loop, halt). The order within a word comes from siw.issue_order (dependency
+bits, else the tensors the slots touch).
+
+A program is validated (siw.validate) and its tensors fit into the arena before anything is
+allocated; each word is then turned into a ready-to-call closure once, so issuing a word is a
+tuple unpack and a call. Busy time is taken per slot with perf_counter_ns.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import vtpu.kernels as K
+from vtpu import siw
+from vtpu.arena import Arena, ArenaFull, bytes_needed
+from vtpu.counters import COUNTERS, PIPES, kernel_scope
+from vtpu.siw import COp, DOp, Limits, Program, ProgramError, SOp
+
+__all__ = [
+    "ArenaFull",
+    "ProgramError",
+    "RunError",
+    "RunResult",
+    "Sentron",
+    "SentronCounters",
+    "issue_overhead_ns",
+    "measure_overlap",
+    "run_parallel",
+    "tiled_gemm_inputs",
+    "tiled_gemm_program",
+]
+
+
+class RunError(ValueError):
+    """A program could not run: bad inputs, a full arena, or a slot that failed at word `index`."""
+
+    def __init__(self, message: str, index: int | None = None):
+        self.index = index
+        super().__init__(message if index is None else f"word {index}: {message}")
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, np.ndarray]
+    words_issued: int
+    loops_taken: int  # back-jumps taken by C.loop
+    busy_ns: dict[str, int]  # per pipe
+    wall_ns: int  # issuing, from the first word to halt
+    setup_ns: int  # validation, allocation, initialisation
+    ops: int  # counted from shapes by the kernels' rules
+    sentron_id: int = 0
+    intervals: list[tuple[str, int, int, int]] | None = None  # (pipe, word, start_ns, end_ns)
+
+
+@dataclass
+class SentronCounters:
+    """One sentron's own record (the node-wide one is vtpu.counters.COUNTERS)."""
+
+    siw_issued: int = 0
+    programs_run: int = 0
+    errors: int = 0
+    ops: int = 0
+    pipe_busy_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PIPES, 0))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_run(self, result: RunResult) -> None:
+        with self._lock:
+            self.siw_issued += result.words_issued
+            self.programs_run += 1
+            self.ops += result.ops
+            for pipe, ns in result.busy_ns.items():
+                self.pipe_busy_ns[pipe] += ns
+
+    def add_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "siw_issued": self.siw_issued,
+                "programs_run": self.programs_run,
+                "errors": self.errors,
+                "ops": self.ops,
+                "pipe_busy_ns": dict(self.pipe_busy_ns),
+            }
+
+
+class _PipeWorker:
+    """A thread that runs one slot at a time and reports (start_ns, end_ns, error)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        perf = time.perf_counter_ns
+        while True:
+            fn = self._jobs.get()
+            if fn is None:
+                return
+            start = perf()
+            try:
+                fn()
+                error = None
+            except BaseException as exc:  # handed to the issuing thread, which re-raises
+                error = exc
+            self._done.put((start, perf(), error))
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        self._jobs.put(fn)
+
+    def result(self) -> tuple[int, int, BaseException | None]:
+        return self._done.get()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------- kernels
+
+
+def _elementwise(name: str, ufunc: np.ufunc) -> Callable:
+    """K.add / K.mul when the kernels provide them, else the numpy ufunc, counted alike."""
+    kernel = getattr(K, name, None)
+    if kernel is not None:
+        return kernel
+
+    def run(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        with kernel_scope(out.size):
+            return ufunc(a, b, out=out)
+
+    return run
+
+
+_ADD = _elementwise("add", np.add)
+_MUL = _elementwise("mul", np.multiply)
+_ACT_NAMES = ("none", "relu", "gelu", "silu")
+
+
+def _prefetch(tile: np.ndarray) -> None:
+    # One byte per 64-byte line brings the tile into cache; numpy reduces without the GIL.
+    np.bitwise_or.reduce(tile.reshape(-1).view(np.uint8)[::64])
+
+
+def _word_ops(program: Program, w: dict) -> int:
+    """Ops of a D slot, by the rules the kernels count with (vtpu.kernels docstring)."""
+    t = program.tensors
+    op = w["d_op"]
+    if op in (DOp.GEMM, DOp.GEMM_I8, DOp.LINEAR):
+        (m, k), n = t[w["d_a"]].shape, t[w["d_b"]].shape[1]
+        ops = 2 * m * n * k
+        if op == DOp.LINEAR:
+            ops += m * n * ((w["d_c"] != siw.NONE) + bool(w["d_flags"] & 3))
+        return ops
+    size = t[w["d_dst"]].size if op else 0
+    per_element = {DOp.ADD: 1, DOp.MUL: 1, DOp.LAYERNORM: 8, DOp.RMSNORM: 4, DOp.SOFTMAX: 5}
+    if op in per_element:
+        return per_element[op] * size
+    if op == DOp.ATTENTION:
+        h, sq, d = t[w["d_a"]].shape
+        sk = t[w["d_b"]].shape[1]
+        visible = np.full(sq, sk)
+        if w["d_flags"] & siw.FLAG_CAUSAL:
+            visible = np.clip(np.arange(sq) + (sk - sq) + 1, 0, sk)
+        return int(visible.sum()) * h * (4 * d + 5) + h * sq * d
+    return 0
+
+
+def _imm(w: dict) -> float | None:
+    value = float(np.uint32(w["d_imm"]).view(np.float32))
+    return value if w["d_imm"] else None
+
+
+def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
+    op, dst, a, b, c = w["d_op"], w["d_dst"], w["d_a"], w["d_b"], w["d_c"]
+    if op == DOp.NOP:
+        return None
+    if op == DOp.GEMM:
+        if w["d_flags"] & siw.FLAG_ACC:
+            return lambda: K.gemm(v[a], v[b], beta=1.0, out=v[dst])
+        return lambda: K.gemm(v[a], v[b], out=v[dst])
+    if op == DOp.LINEAR:
+        act = _ACT_NAMES[w["d_flags"] & 3]
+        if c == siw.NONE:
+            return lambda: K.linear(v[a], v[b], None, act, out=v[dst])
+        return lambda: K.linear(v[a], v[b], v[c], act, out=v[dst])
+    if op == DOp.ADD:
+        return lambda: _ADD(v[a], v[b], out=v[dst])
+    if op == DOp.MUL:
+        return lambda: _MUL(v[a], v[b], out=v[dst])
+    if op == DOp.LAYERNORM:
+        eps = _imm(w) or 1e-5
+        return lambda: K.layer_norm(v[a], v[b], v[c], eps, out=v[dst])
+    if op == DOp.RMSNORM:
+        eps = _imm(w) or 1e-6
+        return lambda: K.rms_norm(v[a], v[b], eps, out=v[dst])
+    if op == DOp.SOFTMAX:
+        return lambda: K.softmax(v[a], out=v[dst])
+    if op == DOp.ATTENTION:
+        causal, scale = bool(w["d_flags"] & siw.FLAG_CAUSAL), _imm(w)
+        return lambda: K.attention(
+            v[a][None], v[b][None], v[c][None], causal=causal, scale=scale, out=v[dst][None]
+        )
+    if op == DOp.GEMM_I8:
+        return lambda: K.gemm_int8(v[a], v[b], out=v[dst])
+    raise AssertionError(f"validated program has D opcode {op}")
+
+
+def _s_slot(
+    program: Program, w: dict, v: list, arena: Arena, index: int
+) -> Callable[[], object] | None:
+    op, dst, src, idx = w["s_op"], w["s_dst"], w["s_src"], w["s_idx"]
+    lo, hi = w["s_tile"] * w["s_rows"], (w["s_tile"] + 1) * w["s_rows"]
+    rows = w["s_rows"]
+    if op == SOp.NOP:
+        return None
+    if op == SOp.LOAD:
+        return lambda: np.copyto(v[dst][:rows], v[src][lo:hi])
+    if op == SOp.STORE:
+        return lambda: np.copyto(v[dst][lo:hi], v[src][:rows])
+    if op == SOp.GATHER:
+        return lambda: K.gather_rows(v[src], v[idx], out=v[dst])
+    if op == SOp.SCATTER:
+        return lambda: K.scatter_rows(v[dst], v[idx], v[src])
+    if op == SOp.PREFETCH:
+        return lambda: _prefetch(v[src][lo:hi])
+    spec = program.tensors[dst]
+    if op == SOp.ALLOC:
+
+        def alloc() -> None:
+            if v[dst] is not None:
+                raise RunError(f"S.alloc {spec.name!r}: already allocated; S.free it first", index)
+            v[dst] = arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
+            v[dst].fill(0)
+
+        return alloc
+    if op == SOp.FREE:
+
+        def free() -> None:
+            if v[dst] is None:
+                raise RunError(f"S.free {spec.name!r}: it is not allocated", index)
+            arena.release(v[dst])
+            v[dst] = None
+
+        return free
+    raise AssertionError(f"validated program has S opcode {op}")
+
+
+def _guard_scratch(fn, ids: set[int], program: Program, v: list, index: int, pipe: str):
+    """Wrap a slot that reads scratch tensors so an unallocated one is a clear error."""
+    scratch = [t for t in ids if program.tensors[t].init == "scratch"]
+    if fn is None or not scratch:
+        return fn
+
+    def guarded():
+        for t in scratch:
+            if v[t] is None:
+                raise RunError(
+                    f"{pipe} slot uses scratch tensor {program.tensors[t].name!r}, which is not"
+                    " allocated here: S.alloc it in an earlier word",
+                    index,
+                )
+        return fn()
+
+    return guarded
+
+
+# ---------------------------------------------------------------------------------- sentron
+
+
+def _as_program(program: Program | bytes | str, limits: Limits, check: bool) -> Program:
+    if isinstance(program, bytes | bytearray | memoryview):
+        return siw.decode(bytes(program), limits, check=check)
+    if isinstance(program, str):
+        return siw.assemble(program, limits, check=check)
+    if check:
+        siw.validate(program, limits)
+    return program
+
+
+def arena_bytes_for(program: Program) -> int:
+    """Arena bytes a program needs with every tensor, scratch included, live at once."""
+    return bytes_needed([(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in program.tensors])
+
+
+class Sentron:
+    """Issues SIW programs over tensors in its arena; D on this thread, S on its own worker."""
+
+    def __init__(self, arena: Arena, *, sentron_id: int = 0, overlap: bool = True) -> None:
+        self.arena = arena
+        self.sentron_id = sentron_id
+        self.overlap = overlap
+        self.counters = SentronCounters()
+        self._s_pipe: _PipeWorker | None = None
+
+    def close(self) -> None:
+        if self._s_pipe is not None:
+            self._s_pipe.close()
+            self._s_pipe = None
+
+    def __enter__(self) -> Sentron:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the daemon thread dies with it
+            pass
+
+    def run(
+        self,
+        program: Program | bytes | str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        *,
+        limits: Limits = siw.DEFAULT_LIMITS,
+        validate: bool = True,
+        trace: bool = False,
+    ) -> RunResult:
+        """Validate, bind `inputs` by name, run to C.halt, return copies of the outputs.
+
+        validate=False skips siw.validate for a Program already validated (benchmarks)."""
+        try:
+            return self._run(program, inputs or {}, limits, validate, trace)
+        except Exception:
+            self.counters.add_error()
+            COUNTERS.add(errors=1)
+            raise
+
+    def _run(self, program, inputs, limits, validate, trace) -> RunResult:
+        t_setup = time.perf_counter_ns()
+        program = _as_program(program, limits, validate)
+        _check_inputs(program, inputs)
+        resident = [t for t in program.tensors if t.init != "scratch"]
+        need = bytes_needed([(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in resident])
+        if need > self.arena.free_bytes:
+            raise ArenaFull(
+                f"the program's tensors need {need} bytes; the arena has {self.arena.free_bytes}"
+                f" of {self.arena.capacity} free. Give the sentron a larger arena (at least"
+                f" {need + self.arena.used} bytes)"
+            )
+        views: list[np.ndarray | None] = [None] * len(program.tensors)
+        try:
+            for i, spec in enumerate(program.tensors):
+                if spec.init != "scratch":
+                    views[i] = self.arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
+                    _initialise(views[i], spec, inputs)
+            plan = self._plan(program, views)
+            if self.overlap and self._s_pipe is None and any(p[1] for p in plan):
+                self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
+            setup_ns = time.perf_counter_ns() - t_setup
+            result = self._issue(program, plan, trace)
+            result.setup_ns = setup_ns
+            result.outputs = {
+                spec.name: views[i].copy()
+                for i, spec in enumerate(program.tensors)
+                if spec.output and views[i] is not None
+            }
+        finally:
+            for view in views:
+                if view is not None:
+                    self.arena.release(view)
+        self.counters.add_run(result)
+        COUNTERS.add(siw_issued=result.words_issued, programs_run=1)
+        for pipe, ns in result.busy_ns.items():
+            COUNTERS.add_pipe_busy(pipe, ns)
+        return result
+
+    def _plan(self, program: Program, views: list) -> list[tuple]:
+        plan = []
+        for i, row in enumerate(program.words.tolist()):
+            w = dict(zip(siw.SIW_DTYPE.names, row, strict=True))
+            d_reads, d_writes, s_reads, s_writes = siw._rw_sets(w)
+            d = _guard_scratch(
+                _d_slot(program, w, views), d_reads | d_writes, program, views, i, "D"
+            )
+            s = _s_slot(program, w, views, self.arena, i)
+            if w["s_op"] not in (SOp.ALLOC, SOp.FREE):
+                s = _guard_scratch(s, s_reads | s_writes, program, views, i, "S")
+            order = siw.issue_order(program, i, w) if d and s else siw.ORDER_PARALLEL
+            plan.append(
+                (d, s, w["c_op"], w["c_target"], w["c_count"], order, _word_ops(program, w))
+            )
+        return plan
+
+    def _issue(self, program: Program, plan: list[tuple], trace: bool) -> RunResult:
+        perf = time.perf_counter_ns
+        worker = self._s_pipe if self.overlap else None
+        intervals: list[tuple[str, int, int, int]] | None = [] if trace else None
+        loop_left = [-1] * len(plan)  # back-jumps still to take per LOOP word; -1 = not entered
+        busy_d = busy_s = busy_c = 0
+        issued = loops = ops = 0
+        pc = 0
+        start = perf()
+        try:
+            while True:
+                d, s, c, target, count, order, word_ops = plan[pc]
+                issued += 1
+                if s is None:
+                    if d is not None:
+                        t0 = perf()
+                        d()
+                        t1 = perf()
+                        busy_d += t1 - t0
+                        ops += word_ops
+                        if trace:
+                            intervals.append(("D", pc, t0, t1))
+                elif d is None:
+                    t0 = perf()
+                    s()
+                    t1 = perf()
+                    busy_s += t1 - t0
+                    if trace:
+                        intervals.append(("S", pc, t0, t1))
+                elif order == siw.ORDER_PARALLEL and worker is not None:
+                    worker.submit(s)
+                    t0 = perf()
+                    try:
+                        d()
+                    finally:
+                        t1 = perf()
+                        s0, s1, error = worker.result()
+                    if error is not None:
+                        raise error
+                    busy_d += t1 - t0
+                    busy_s += s1 - s0
+                    ops += word_ops
+                    if trace:
+                        intervals.append(("D", pc, t0, t1))
+                        intervals.append(("S", pc, s0, s1))
+                else:
+                    first, second = (d, s) if order == siw.ORDER_D_FIRST else (s, d)
+                    t0 = perf()
+                    first()
+                    t1 = perf()
+                    second()
+                    t2 = perf()
+                    d_ns, s_ns = (t1 - t0, t2 - t1) if first is d else (t2 - t1, t1 - t0)
+                    busy_d += d_ns
+                    busy_s += s_ns
+                    ops += word_ops
+                    if trace:
+                        d_iv, s_iv = ((t0, t1), (t1, t2)) if first is d else ((t1, t2), (t0, t1))
+                        intervals.append(("D", pc, *d_iv))
+                        intervals.append(("S", pc, *s_iv))
+                if c:
+                    if c == COp.HALT:
+                        break
+                    if c == COp.LOOP:
+                        t0 = perf()
+                        left = loop_left[pc]
+                        if left < 0:
+                            left = count
+                        if left > 0:
+                            loop_left[pc] = left - 1
+                            loops += 1
+                            busy_c += perf() - t0
+                            pc = target
+                            continue
+                        loop_left[pc] = -1  # leaving: an enclosing loop re-enters it afresh
+                        busy_c += perf() - t0
+                    # BARRIER and SYNC: every word already ends with D and S drained.
+                pc += 1
+        except RunError:
+            raise
+        except Exception as exc:
+            raise RunError(f"{siw.word_text(program, pc)} failed: {exc}", pc) from exc
+        wall = perf() - start
+        return RunResult(
+            outputs={},
+            words_issued=issued,
+            loops_taken=loops,
+            busy_ns={"D": busy_d, "S": busy_s, "C": busy_c},
+            wall_ns=wall,
+            setup_ns=0,
+            ops=ops,
+            sentron_id=self.sentron_id,
+            intervals=intervals,
+        )
+
+
+def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
+    declared = {t.name: t for t in program.tensors if t.init == "input"}
+    missing = sorted(set(declared) - set(inputs))
+    if missing:
+        raise RunError(f"missing input(s) {', '.join(missing)}: pass them by name in `inputs`")
+    unknown = sorted(set(inputs) - set(declared))
+    if unknown:
+        raise RunError(
+            f"unknown input(s) {', '.join(unknown)}; the program's inputs are"
+            f" {', '.join(sorted(declared)) or 'none'}"
+        )
+    for name, spec in declared.items():
+        value = inputs[name]
+        want = np.dtype(siw.NUMPY_DTYPES[spec.dtype])
+        if not isinstance(value, np.ndarray):
+            raise RunError(f"input {name!r} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != want or value.shape != spec.shape:
+            raise RunError(
+                f"input {name!r} is {value.dtype}{list(value.shape)}; the program declares"
+                f" {spec.dtype}{list(spec.shape)}: pass an array of that shape, e.g."
+                f" x.astype(np.{want.name})"
+            )
+
+
+def _initialise(view: np.ndarray, spec: siw.TensorSpec, inputs: Mapping[str, np.ndarray]) -> None:
+    if spec.init == "input":
+        np.copyto(view, inputs[spec.name])
+    elif spec.init == "zeros":
+        view.fill(0)
+    elif spec.init == "ones":
+        view.fill(1)
+    elif spec.init == "random":
+        view[...] = random_tensor(spec)
+
+
+def random_tensor(spec: siw.TensorSpec) -> np.ndarray:
+    """The values a `random(seed)` tensor starts with (documented in siw)."""
+    rng = np.random.default_rng(spec.seed)
+    if spec.dtype == "f32":
+        return rng.random(spec.shape, dtype=np.float32) * 2 - 1
+    if spec.dtype == "i8":
+        return rng.integers(-127, 128, spec.shape, dtype=np.int8)
+    return rng.integers(0, 100, spec.shape, dtype=siw.NUMPY_DTYPES[spec.dtype])
+
+
+# ---------------------------------------------------------------------------------- parallel
+
+
+def run_parallel(
+    programs_and_inputs: Iterable[tuple[Program | bytes | str, Mapping[str, np.ndarray]]],
+    n_sentrons: int,
+    *,
+    arena_bytes: int | None = None,
+    overlap: bool = True,
+    limits: Limits = siw.DEFAULT_LIMITS,
+) -> list[RunResult]:
+    """Run programs on n_sentrons sentrons, one per worker thread pinned to a CPU where the OS
+    allows; sentron j takes programs j, j + n, ... Results come back in the programs' order."""
+    if n_sentrons < 1:
+        raise ValueError(f"n_sentrons must be >= 1, got {n_sentrons}")
+    items = [(_as_program(p, limits, True), dict(inp)) for p, inp in programs_and_inputs]
+    results: list[RunResult | None] = [None] * len(items)
+    errors: list[BaseException | None] = [None] * len(items)
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = []
+
+    def work(j: int) -> None:
+        if cpus:
+            try:
+                os.sched_setaffinity(0, {cpus[j % len(cpus)]})  # 0 = this thread on Linux
+            except OSError:
+                pass
+        mine = range(j, len(items), n_sentrons)
+        capacity = arena_bytes or max(arena_bytes_for(items[i][0]) for i in mine)
+        with Sentron(Arena(capacity), sentron_id=j, overlap=overlap) as sentron:
+            for i in mine:
+                try:
+                    results[i] = sentron.run(items[i][0], items[i][1], validate=False)
+                except Exception as exc:
+                    errors[i] = exc
+
+    threads = [
+        threading.Thread(target=work, args=(j,), name=f"sentron{j}")
+        for j in range(min(n_sentrons, len(items)))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, error in enumerate(errors):
+        if error is not None:
+            raise RunError(f"program {i} failed: {error}") from error
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------- builders
+
+
+def tiled_gemm_program(m: int, k: int, n: int, tile_rows: int) -> Program:
+    """C(m,n) = A(m,k) @ B(k,n), streaming B through a double buffer of `tile_rows` rows.
+
+    B (input "b") is read tile by tile: word t+1 computes C += A_t @ buf[t % 2] on D while S loads
+    tile t+1 of B into buf[(t+1) % 2]. A arrives as column panels a0, a1, ... (m, tile_rows), the
+    operand each tile multiplies (see tiled_gemm_inputs)."""
+    if min(m, k, n, tile_rows) < 1 or k % tile_rows:
+        raise ValueError(f"tile_rows={tile_rows} must divide k={k} (and all sizes be >= 1)")
+    tiles = k // tile_rows
+    lines = [f".tensor a{t} f32[{m},{tile_rows}] input" for t in range(tiles)]
+    lines += [
+        f".tensor b f32[{k},{n}] input",
+        f".tensor buf0 f32[{tile_rows},{n}]",
+        f".tensor buf1 f32[{tile_rows},{n}]",
+        f".tensor c f32[{m},{n}] output",
+        f"S.load buf0, b tile=0 rows={tile_rows}",
+    ]
+    for t in range(tiles):
+        word = f"D.gemm c, a{t}, buf{t % 2}" + (" acc" if t else "")
+        if t + 1 < tiles:
+            word += f" | S.load buf{(t + 1) % 2}, b tile={t + 1} rows={tile_rows}"
+        lines.append(word + (" | C.halt" if t + 1 == tiles else ""))
+    return siw.assemble("\n".join(lines))
+
+
+def tiled_gemm_inputs(
+    m: int, k: int, n: int, tile_rows: int, seed: int = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Inputs for tiled_gemm_program and the product they should give (float64 reference)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    inputs = {
+        f"a{t}": np.ascontiguousarray(a[:, t * tile_rows : (t + 1) * tile_rows])
+        for t in range(k // tile_rows)
+    }
+    inputs["b"] = b
+    return inputs, a.astype(np.float64) @ b.astype(np.float64)
+
+
+def measure_overlap(
+    m: int = 32, k: int = 16384, n: int = 1024, tile_rows: int = 1024, repeats: int = 5
+) -> dict:
+    """Run the tiled GEMM with overlap on and off, interleaved in one process; medians.
+
+    overlap_fraction = (D + S - wall) / min(D, S): 1 when the shorter pipe hides entirely under
+    the longer, 0 when they run back to back."""
+    program = tiled_gemm_program(m, k, n, tile_rows)
+    inputs, _ = tiled_gemm_inputs(m, k, n, tile_rows)
+    capacity = arena_bytes_for(program)
+    modes = {"overlap": True, "serial": False}
+    runs: dict[str, list[RunResult]] = {name: [] for name in modes}
+    sentrons = {name: Sentron(Arena(capacity), overlap=on) for name, on in modes.items()}
+    try:
+        for _ in range(repeats):
+            for name, sentron in sentrons.items():
+                runs[name].append(sentron.run(program, inputs, validate=False))
+    finally:
+        for sentron in sentrons.values():
+            sentron.close()
+    report: dict = {"shape": {"m": m, "k": k, "n": n, "tile_rows": tile_rows}, "repeats": repeats}
+    for name, results in runs.items():
+        d = statistics.median(r.busy_ns["D"] for r in results)
+        s = statistics.median(r.busy_ns["S"] for r in results)
+        wall = statistics.median(r.wall_ns for r in results)
+        fractions = [
+            (r.busy_ns["D"] + r.busy_ns["S"] - r.wall_ns) / min(r.busy_ns["D"], r.busy_ns["S"])
+            for r in results
+        ]
+        report[name] = {
+            "d_busy_ns": int(d),
+            "s_busy_ns": int(s),
+            "wall_ns": int(wall),
+            "overlap_fraction": round(statistics.median(fractions), 3),
+            "gflops": round(results[0].ops / wall, 2),
+        }
+    report["wall_speedup"] = round(report["serial"]["wall_ns"] / report["overlap"]["wall_ns"], 3)
+    return report
+
+
+def issue_overhead_ns(n_words: int = 100000, repeats: int = 5) -> float:
+    """Median ns to issue one NOP word (a program of n_words NOPs then C.halt)."""
+    words = siw.empty_words(n_words + 1)
+    words["c_op"][-1] = COp.HALT
+    program = Program([siw.TensorSpec("unused", "f32", (1,))], words)
+    siw.validate(program, Limits(max_words=n_words + 1))
+    times = []
+    with Sentron(Arena(1 << 12)) as sentron:
+        for _ in range(repeats):
+            times.append(sentron.run(program, validate=False).wall_ns / (n_words + 1))
+    return statistics.median(times)

@@ -1,0 +1,1004 @@
+"""SIW, the Sentron Instruction Word: binary encoding, text assembly, validation.
+
+A program is a tensor table plus a list of 64-byte words. Each word carries one slot per pipe:
+**D** (dense math), **S** (sparse/memory) and **C** (coordination), a phext address and dependency
+bits. The executor (sentron.py) runs the D and S slots of a word concurrently and the C slot
+after both; see "Issue order" below.
+
+Word layout (64 bytes, little-endian; every reserved byte must be zero)::
+
+    offset size field      meaning
+    ------ ---- ---------- -----------------------------------------------------------------
+     0     1    format     SIW format, must be 1
+     1     1    deps       bit0 D>D, bit1 S>S, bit2 C>C (wait on the previous word's pipe),
+                           bit3 D<S (D needs this word's S), bit4 S<D (S needs D),
+                           bit5 C<D (C needs D); bits 6-7 reserved
+     2     2    reserved
+     4     16   D slot     op u8 | flags u8 | dst u16 | a u16 | b u16 | c u16 | imm f32 | rsv u16
+    20     16   S slot     op u8 | flags u8 | dst u16 | src u16 | idx u16 | tile u16 | rows u16
+                           | rsv u32
+    36     8    C slot     op u8 | flags u8 | target u16 | count u32
+    44     18   phext      9 x u16: LB.SF.SR/CN.VM.BK/CH.SN.SC, each 1..999; all zero = none
+    62     2    reserved
+
+D flags: bits 0-1 activation of LINEAR (0 none, 1 relu, 2 gelu, 3 silu); bit 2 causal of
+ATTENTION; bit 3 acc of GEMM (dst += a @ b, accumulating as a systolic array does). D imm: eps of LAYERNORM/RMSNORM, scale of ATTENTION (0 = the default), else 0.
+Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF.
+
+    D ops  operands (text order)      rule
+    nop
+    gemm       dst, a, b  [acc]       f32 a(m,k) @ b(k,n) -> dst(m,n); acc adds to dst
+    linear     dst, x, w[, bias]      x(m,k) @ w(k,n) + bias(n), activation fused
+    add, mul   dst, a, b              b has a's shape or is a row vector (a.shape[-1],)
+    layernorm  dst, x, gamma, beta    normalise the last axis; gamma, beta (n,)
+    rmsnorm    dst, x, gamma
+    softmax    dst, x                 over the last axis
+    attention  dst, q, k, v [causal]  q(h,sq,d), k and v (hk,sk,d), h a multiple of hk
+                                      -> dst(h,sq,d); causal: query i sees keys <= i+sk-sq
+    gemm_i8    dst, a, b              i8 @ i8 -> i32 (k <= 131071, so int32 cannot overflow)
+
+    S ops  operands                   rule
+    load       dst, src  tile rows    dst[:rows] = src[tile*rows:(tile+1)*rows]
+    store      dst, src  tile rows    dst[tile*rows:(tile+1)*rows] = src[:rows]
+    gather     dst, table, idx        dst = table[idx]    (idx i32/i64, 1-D; any row dtype)
+    scatter    table, idx, values     table[idx] = values (encoded dst=table, src=values)
+    prefetch   src  tile rows         touch one row-tile so it is in cache
+    alloc, free  t                    give / take back arena memory of a `scratch` tensor
+
+    C ops: nop, barrier, sync, loop target count, halt. LOOP jumps back to word `target`
+    (<= its own index) `count` times, so its body runs count + 1 times; loops must nest.
+    Every program ends with a word whose C slot is HALT. BARRIER and SYNC wait for the D and S
+    pipes; on one sentron every word already ends that way, so they only order, never stall.
+
+Issue order within a word. Each slot reads its operands as they were before the word, unless a
+dependency bit says it consumes the other slot's result: D<S runs S first, S<D runs D first.
+Without either bit, D and S run concurrently; where they touch the same tensor the order is
+inferred (a slot that reads what the other writes must run first). A **cyclic dependency** is a
+word whose required order is contradictory:
+
+- D<S and S<D both set (each waits for the other);
+- no bit set, D writes a tensor S reads *and* S writes a tensor D reads: S must run before D and
+  D before S, which no issue order satisfies;
+- a bit that waits on a pipe that never produces: D<S or S<D or C<D where the awaited slot is
+  NOP, or D>D / S>S / C>C on word 0.
+
+Both slots writing one tensor with no bit to order them is a **data race**, also rejected.
+
+Container: ``b"SIW1"`` | version u16 | n_tensors u16 | n_words u32 | words_offset u32, then the
+tensor table (per tensor: id u16 | dtype u8 | init u8 | flags u8 (bit0 output) | ndim u8 |
+name_len u8 | reserved u8 | seed u64 | ndim x u32 dims | name utf-8), zero padding, then the
+words at ``words_offset``, the first multiple of 64 after the table.
+
+Text form, one word per line, ``#`` comments::
+
+    .tensor x f32[128,256] input
+    .tensor w f32[256,512] random(7)
+    .tensor y f32[128,512] output
+    D.linear y, x, w act=gelu | S.prefetch w tile=1 rows=64 @1.1.1/1.1.1/1.1.2 deps=D>D
+    C.halt
+
+Initialisers: zeros (the default), ones, random(seed) (f32 uniform [-1, 1), i8 [-127, 127],
+i32/i64 [0, 100)), input (bound at run time), scratch (no memory until S.alloc).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+MAGIC = b"SIW1"
+CONTAINER_VERSION = 1
+WORD_FORMAT = 1
+WORD_BYTES = 64
+NONE = 0xFFFF  # "no tensor" in an optional operand field
+MAX_NDIM = 4
+MAX_NAME = 64
+
+
+class DOp(IntEnum):
+    NOP = 0
+    GEMM = 1
+    LINEAR = 2
+    ADD = 3
+    MUL = 4
+    LAYERNORM = 5
+    RMSNORM = 6
+    SOFTMAX = 7
+    ATTENTION = 8
+    GEMM_I8 = 9
+
+
+class SOp(IntEnum):
+    NOP = 0
+    LOAD = 1
+    STORE = 2
+    GATHER = 3
+    SCATTER = 4
+    PREFETCH = 5
+    ALLOC = 6
+    FREE = 7
+
+
+class COp(IntEnum):
+    NOP = 0
+    BARRIER = 1
+    SYNC = 2
+    LOOP = 3
+    HALT = 4
+
+
+DEP_NAMES = ("D>D", "S>S", "C>C", "D<S", "S<D", "C<D")
+DEP_DD, DEP_SS, DEP_CC, DEP_D_NEEDS_S, DEP_S_NEEDS_D, DEP_C_NEEDS_D = (1 << i for i in range(6))
+ACTIVATIONS = (None, "relu", "gelu", "silu")
+FLAG_CAUSAL = 4
+FLAG_ACC = 8
+INT8_MAX_K = (2**31 - 1) // (128 * 128)
+
+DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64"}
+NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64}
+INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch"}
+_DTYPE_CODE = {v: k for k, v in DTYPES.items()}
+_INIT_CODE = {v: k for k, v in INITS.items()}
+
+# Issue orders of the D and S slots of one word.
+ORDER_PARALLEL, ORDER_S_FIRST, ORDER_D_FIRST = 0, 1, 2
+
+SIW_DTYPE = np.dtype(
+    {
+        "names": [
+            "fmt", "deps", "rsv0",
+            "d_op", "d_flags", "d_dst", "d_a", "d_b", "d_c", "d_imm", "d_rsv",
+            "s_op", "s_flags", "s_dst", "s_src", "s_idx", "s_tile", "s_rows", "s_rsv",
+            "c_op", "c_flags", "c_target", "c_count",
+            "phext", "rsv1",
+        ],
+        "formats": [
+            "u1", "u1", "<u2",
+            "u1", "u1", "<u2", "<u2", "<u2", "<u2", "<u4", "<u2",
+            "u1", "u1", "<u2", "<u2", "<u2", "<u2", "<u2", "<u4",
+            "u1", "u1", "<u2", "<u4",
+            ("<u2", (9,)), "<u2",
+        ],
+        "offsets": [0, 1, 2, 4, 5, 6, 8, 10, 12, 14, 18, 20, 21, 22, 24, 26, 28, 30, 32,
+                    36, 37, 38, 40, 44, 62],
+        "itemsize": WORD_BYTES,
+    }
+)  # fmt: skip
+
+_HEADER = struct.Struct("<4sHHII")
+_ENTRY = struct.Struct("<HBBBBBBQ")
+
+# Operand fields each opcode uses, in text order.
+_D_OPERANDS = {
+    DOp.NOP: (),
+    DOp.GEMM: ("d_dst", "d_a", "d_b"),
+    DOp.LINEAR: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.ADD: ("d_dst", "d_a", "d_b"),
+    DOp.MUL: ("d_dst", "d_a", "d_b"),
+    DOp.LAYERNORM: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.RMSNORM: ("d_dst", "d_a", "d_b"),
+    DOp.SOFTMAX: ("d_dst", "d_a"),
+    DOp.ATTENTION: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.GEMM_I8: ("d_dst", "d_a", "d_b"),
+}
+_S_OPERANDS = {
+    SOp.NOP: (),
+    SOp.LOAD: ("s_dst", "s_src"),
+    SOp.STORE: ("s_dst", "s_src"),
+    SOp.GATHER: ("s_dst", "s_src", "s_idx"),
+    SOp.SCATTER: ("s_dst", "s_idx", "s_src"),
+    SOp.PREFETCH: ("s_src",),
+    SOp.ALLOC: ("s_dst",),
+    SOp.FREE: ("s_dst",),
+}
+_S_TILED = (SOp.LOAD, SOp.STORE, SOp.PREFETCH)
+_D_IMM = {DOp.LAYERNORM: "eps", DOp.RMSNORM: "eps", DOp.ATTENTION: "scale"}
+_RESERVED_NAMES = {"causal", "acc"}
+_BARE_FLAGS = {"causal": (DOp.ATTENTION, FLAG_CAUSAL), "acc": (DOp.GEMM, FLAG_ACC)}
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class ProgramError(ValueError):
+    """A program was rejected: `reason` is a short category, `index` the offending word (None for
+    the header or tensor table), `detail` what exactly was wrong and what to do."""
+
+    def __init__(self, reason: str, index: int | None, detail: str, line: int | None = None):
+        self.reason = reason
+        self.index = index
+        self.detail = detail
+        self.line = line
+        where = "program header" if index is None else f"word {index}"
+        if line is not None:
+            where = f"line {line} ({where})"
+        super().__init__(f"{where}: {reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may ask of a node, so a client cannot make it allocate 100 GB or spin."""
+
+    max_words: int = 65536
+    max_tensors: int = 1024
+    max_tensor_elements: int = 1 << 28  # 1 GiB of f32
+    max_total_elements: int = 1 << 29
+    max_loop_iterations: int = 10_000_000  # back-jumps taken over the whole run, nesting included
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "f32" | "i8" | "i32" | "i64"
+    shape: tuple[int, ...]
+    init: str = "zeros"  # zeros | ones | random | input | scratch
+    seed: int = 0
+    output: bool = False
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
+
+    def text(self) -> str:
+        init = "" if self.init == "zeros" else f" {self.init}"
+        if self.init == "random":
+            init = f" random({self.seed})"
+        dims = ",".join(str(d) for d in self.shape)
+        return f".tensor {self.name} {self.dtype}[{dims}]{init}{' output' if self.output else ''}"
+
+
+@dataclass
+class Program:
+    tensors: list[TensorSpec]
+    words: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=SIW_DTYPE))
+
+    def tensor_id(self, name: str) -> int:
+        for i, t in enumerate(self.tensors):
+            if t.name == name:
+                return i
+        raise KeyError(f"no tensor named {name!r}")
+
+    def to_bytes(self) -> bytes:
+        return encode(self)
+
+    def to_text(self) -> str:
+        return to_text(self)
+
+
+def empty_words(n: int) -> np.ndarray:
+    words = np.zeros(n, dtype=SIW_DTYPE)
+    words["fmt"] = WORD_FORMAT
+    return words
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def encode(program: Program) -> bytes:
+    """Program -> container bytes (the canonical encoding; decode(encode(p)) gives p back)."""
+    parts = [b""]
+    for i, t in enumerate(program.tensors):
+        name = t.name.encode()
+        parts.append(
+            _ENTRY.pack(
+                i,
+                _DTYPE_CODE[t.dtype],
+                _INIT_CODE[t.init],
+                int(t.output),
+                len(t.shape),
+                len(name),
+                0,
+                t.seed,
+            )  # fmt: skip
+        )
+        parts.append(struct.pack(f"<{len(t.shape)}I", *t.shape))
+        parts.append(name)
+    table = b"".join(parts)
+    words_offset = _round_up(_HEADER.size + len(table), WORD_BYTES)
+    header = _HEADER.pack(
+        MAGIC, CONTAINER_VERSION, len(program.tensors), len(program.words), words_offset
+    )
+    pad = bytes(words_offset - _HEADER.size - len(table))
+    words = np.ascontiguousarray(program.words, dtype=SIW_DTYPE).tobytes()
+    return header + table + pad + words
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) -> Program:
+    """Container bytes -> Program; any malformed input raises ProgramError, never anything else.
+
+    With check=True (the default) the program is also validated against `limits`."""
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise ProgramError("truncated", None, f"{len(data)} bytes is shorter than the header")
+    magic, version, n_tensors, n_words, words_offset = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProgramError("bad magic", None, f"expected {MAGIC!r}, found {magic!r}")
+    if version != CONTAINER_VERSION:
+        raise ProgramError(
+            "bad version", None, f"container version {version}; this runtime reads version 1"
+        )
+    if n_tensors > limits.max_tensors:
+        raise ProgramError(
+            "limits", None, f"{n_tensors} tensors; at most {limits.max_tensors} allowed"
+        )
+    if n_words > limits.max_words:
+        raise ProgramError("limits", None, f"{n_words} words; at most {limits.max_words} allowed")
+    pos = _HEADER.size
+    tensors = []
+    for i in range(n_tensors):
+        if pos + _ENTRY.size > len(data):
+            raise ProgramError("truncated", None, f"tensor table ends inside entry {i}")
+        tid, dtype, init, flags, ndim, name_len, rsv, seed = _ENTRY.unpack_from(data, pos)
+        pos += _ENTRY.size
+        end = pos + 4 * ndim + name_len
+        if end > len(data):
+            raise ProgramError("truncated", None, f"tensor table ends inside entry {i}")
+        where = f"tensor entry {i}"
+        if tid != i:
+            raise ProgramError("bad tensor", None, f"{where} has id {tid}; ids must be 0..n-1")
+        if rsv or flags & ~1 or (seed and init != _INIT_CODE["random"]):
+            raise ProgramError("reserved bytes", None, f"{where} has non-zero reserved bits")
+        if dtype not in DTYPES:
+            raise ProgramError("bad tensor", None, f"{where} has unknown dtype code {dtype}")
+        if init not in INITS:
+            raise ProgramError("bad tensor", None, f"{where} has unknown initialiser {init}")
+        shape = struct.unpack_from(f"<{ndim}I", data, pos)
+        try:
+            name = data[pos + 4 * ndim : end].decode()
+        except UnicodeDecodeError:
+            raise ProgramError(
+                "bad tensor", None, f"{where} has a name that is not UTF-8"
+            ) from None
+        pos = end
+        tensors.append(TensorSpec(name, DTYPES[dtype], shape, INITS[init], seed, bool(flags)))
+    expected = _round_up(pos, WORD_BYTES)
+    if words_offset != expected:
+        raise ProgramError(
+            "bad header",
+            None,
+            f"words_offset {words_offset}; the table ends so it must be {expected}",
+        )
+    if len(data) < words_offset:
+        raise ProgramError("truncated", None, "data ends inside the table padding")
+    if any(data[pos:words_offset]):
+        raise ProgramError("reserved bytes", None, "padding after the tensor table is not zero")
+    needed = words_offset + WORD_BYTES * n_words
+    if len(data) != needed:
+        what = "truncated" if len(data) < needed else "trailing bytes"
+        raise ProgramError(
+            what, None, f"{n_words} words need {needed} bytes in all, found {len(data)}"
+        )
+    words = np.frombuffer(data, dtype=SIW_DTYPE, count=n_words, offset=words_offset).copy()
+    program = Program(tensors, words)
+    if check:
+        validate(program, limits)
+    return program
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_tensors(program: Program, limits: Limits) -> None:
+    n = len(program.tensors)
+    if n > limits.max_tensors:
+        raise ProgramError("limits", None, f"{n} tensors; at most {limits.max_tensors} allowed")
+    seen: set[str] = set()
+    total = 0
+    for i, t in enumerate(program.tensors):
+        where = f"tensor {i} ({t.name!r})"
+        if not _NAME_RE.match(t.name) or len(t.name) > MAX_NAME or t.name in _RESERVED_NAMES:
+            raise ProgramError(
+                "bad tensor", None,
+                f"{where}: a name is a letter or _ then letters, digits, _ (at most {MAX_NAME}),"
+                " and not 'causal' or 'acc'",
+            )  # fmt: skip
+        if t.name in seen:
+            raise ProgramError("bad tensor", None, f"{where}: name declared twice")
+        seen.add(t.name)
+        if t.dtype not in NUMPY_DTYPES or t.init not in _INIT_CODE:
+            raise ProgramError("bad tensor", None, f"{where}: unknown dtype or initialiser")
+        if not 1 <= len(t.shape) <= MAX_NDIM or any(d < 1 for d in t.shape):
+            raise ProgramError(
+                "bad tensor", None, f"{where}: shape {t.shape} needs 1..{MAX_NDIM} dims, each >= 1"
+            )
+        if not 0 <= t.seed < 1 << 64 or (t.seed and t.init != "random"):
+            raise ProgramError("bad tensor", None, f"{where}: seed only for random, 0..2**64-1")
+        if t.size > limits.max_tensor_elements:
+            raise ProgramError(
+                "limits", None,
+                f"{where} has {t.size} elements; at most {limits.max_tensor_elements} allowed",
+            )  # fmt: skip
+        total += t.size
+    if total > limits.max_total_elements:
+        raise ProgramError(
+            "limits", None,
+            f"tensors hold {total} elements in all; at most {limits.max_total_elements} allowed",
+        )  # fmt: skip
+
+
+def _reserved_check(words: np.ndarray) -> None:
+    """Vectorised structural checks: format byte, reserved bytes, opcode ranges, phext."""
+    checks = (
+        ("bad version", words["fmt"] != WORD_FORMAT, "the word's format byte must be 1"),
+        ("reserved bytes", (words["deps"] >> 6) != 0, "deps bits 6-7 are reserved"),
+        ("reserved bytes", words["rsv0"] != 0, "bytes 2-3 are reserved"),
+        ("reserved bytes", words["d_rsv"] != 0, "bytes 18-19 (D slot) are reserved"),
+        ("reserved bytes", words["s_rsv"] != 0, "bytes 32-35 (S slot) are reserved"),
+        ("reserved bytes", words["rsv1"] != 0, "bytes 62-63 are reserved"),
+        ("bad opcode", words["d_op"] > max(DOp), f"D opcodes are 0..{max(DOp)}"),
+        ("bad opcode", words["s_op"] > max(SOp), f"S opcodes are 0..{max(SOp)}"),
+        ("bad opcode", words["c_op"] > max(COp), f"C opcodes are 0..{max(COp)}"),
+        ("reserved bytes", words["s_flags"] != 0, "S flags are reserved"),
+        ("reserved bytes", words["c_flags"] != 0, "C flags are reserved"),
+    )
+    bad = np.zeros(len(words), dtype=bool)
+    for _, mask, _ in checks:
+        bad |= mask
+    phext = words["phext"]
+    nonzero = phext.any(axis=1)
+    bad_phext = nonzero & ((phext == 0) | (phext > 999)).any(axis=1)
+    bad |= bad_phext
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    for reason, mask, detail in checks:
+        if mask[first]:
+            raise ProgramError(reason, first, detail)
+    coords = format_phext(phext[first])
+    raise ProgramError(
+        "bad phext", first, f"address {coords}: every part must be 1..999 (or all 0 for none)"
+    )
+
+
+def validate(program: Program, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Reject a program that could crash, hang, race or overrun the node; see the module doc."""
+    _check_tensors(program, limits)
+    words = program.words
+    if words.dtype != SIW_DTYPE:
+        raise ProgramError("bad header", None, "words must be a SIW_DTYPE array")
+    n = len(words)
+    if n > limits.max_words:
+        raise ProgramError("limits", None, f"{n} words; at most {limits.max_words} allowed")
+    if n == 0 or words["c_op"][-1] != COp.HALT:
+        raise ProgramError(
+            "missing halt", n - 1 if n else None, "the last word's C slot must be C.halt"
+        )
+    _reserved_check(words)
+    # Words with nothing but a plain C op (NOP streams, halts) pass the vectorised checks alone.
+    plain = (words["d_op"] == 0) & (words["s_op"] == 0) & (words["deps"] == 0)
+    plain &= words["c_op"] != COp.LOOP
+    for f in ("d_flags", "d_dst", "d_a", "d_b", "d_c", "d_imm", "s_dst", "s_src", "s_idx",
+              "s_tile", "s_rows", "c_target", "c_count"):  # fmt: skip
+        plain &= words[f] == 0
+    names = SIW_DTYPE.names
+    for i in np.flatnonzero(~plain).tolist():
+        _check_word(program, i, dict(zip(names, words[i].tolist(), strict=True)))
+    _check_loops(words, limits)
+
+
+def _check_word(program: Program, i: int, w: dict) -> None:
+    tensors = program.tensors
+    d_op, s_op, c_op = DOp(w["d_op"]), SOp(w["s_op"]), COp(w["c_op"])
+
+    def operand(field_name: str, pipe: str) -> TensorSpec:
+        tid = w[field_name]
+        if tid >= len(tensors):
+            raise ProgramError(
+                "bad operand", i,
+                f"{pipe} slot field {field_name[2:]} names tensor {tid}; the program declares"
+                f" {len(tensors)} (ids 0..{len(tensors) - 1})",
+            )  # fmt: skip
+        return tensors[tid]
+
+    def reserved_fields(fields: tuple[str, ...], used: tuple[str, ...], pipe: str) -> None:
+        for f in fields:
+            if f not in used and w[f] != 0:
+                raise ProgramError(
+                    "reserved bytes", i, f"{pipe}.{name} does not use field {f[2:]}; it must be 0"
+                )
+
+    # D slot
+    name = d_op.name.lower()
+    used = _D_OPERANDS[d_op]
+    if d_op == DOp.LINEAR and w["d_c"] == NONE:
+        used = used[:3]
+    reserved_fields(("d_dst", "d_a", "d_b", "d_c"), _D_OPERANDS[d_op], "D")
+    flags_allowed = {DOp.LINEAR: 3, DOp.ATTENTION: FLAG_CAUSAL, DOp.GEMM: FLAG_ACC}.get(d_op, 0)
+    if w["d_flags"] & ~flags_allowed:
+        raise ProgramError("reserved bytes", i, f"D.{name} flags {w['d_flags']:#x} not defined")
+    imm = float(np.uint32(w["d_imm"]).view(np.float32))
+    if d_op in _D_IMM:
+        if w["d_imm"] and not (math.isfinite(imm) and imm > 0):
+            raise ProgramError("bad operand", i, f"D.{name} {_D_IMM[d_op]}={imm} must be > 0")
+    elif w["d_imm"]:
+        raise ProgramError("reserved bytes", i, f"D.{name} takes no immediate; it must be 0")
+    d_specs = [operand(f, "D") for f in used]
+    if d_op != DOp.NOP:
+        _check_d_shapes(i, name, d_op, d_specs, w)
+
+    # S slot
+    name = s_op.name.lower()
+    used = _S_OPERANDS[s_op]
+    reserved_fields(("s_dst", "s_src", "s_idx"), used, "S")
+    if s_op not in _S_TILED and (w["s_tile"] or w["s_rows"]):
+        raise ProgramError("reserved bytes", i, f"S.{name} takes no tile/rows; they must be 0")
+    s_specs = [operand(f, "S") for f in used]
+    if s_op != SOp.NOP:
+        _check_s_shapes(i, name, s_op, s_specs, w)
+
+    # C slot
+    if c_op != COp.LOOP and (w["c_target"] or w["c_count"]):
+        raise ProgramError(
+            "reserved bytes", i, f"C.{c_op.name.lower()} takes no target/count; they must be 0"
+        )
+    if c_op == COp.LOOP and w["c_target"] > i:
+        raise ProgramError(
+            "bad loop", i, f"C.loop target {w['c_target']} is forward; it must be <= {i}"
+        )
+    issue_order(program, i, w)
+
+
+def _shape_error(i: int, name: str, detail: str) -> ProgramError:
+    return ProgramError("shape mismatch", i, f"{name}: {detail}")
+
+
+def _need_dtype(i: int, name: str, specs: list[TensorSpec], dtypes: tuple[str, ...]) -> None:
+    for t, want in zip(specs, dtypes, strict=False):
+        if t.dtype != want:
+            raise ProgramError(
+                "wrong dtype", i, f"{name}: tensor {t.name!r} is {t.dtype}, needs {want}"
+            )
+
+
+def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) -> None:
+    name = f"D.{name}"
+    if op == DOp.GEMM_I8:
+        _need_dtype(i, name, t, ("i32", "i8", "i8"))
+    else:
+        _need_dtype(i, name, t, ("f32",) * 4)
+    s = [x.shape for x in t]
+    if op in (DOp.GEMM, DOp.GEMM_I8, DOp.LINEAR):
+        if len(s[1]) != 2 or len(s[2]) != 2 or len(s[0]) != 2:
+            raise _shape_error(i, name, f"needs 2-D operands, got {s[0]}, {s[1]}, {s[2]}")
+        (m, k), (k2, n) = s[1], s[2]
+        if k != k2:
+            raise _shape_error(i, name, f"inner dims differ: {s[1]} @ {s[2]} ({k} != {k2})")
+        if s[0] != (m, n):
+            raise _shape_error(i, name, f"dst {t[0].name!r} is {s[0]}, the product is {(m, n)}")
+        if op == DOp.GEMM_I8 and k > INT8_MAX_K:
+            raise _shape_error(i, name, f"k={k} could overflow int32; split it (k <= {INT8_MAX_K})")
+        if len(s) == 4 and s[3] != (n,):
+            raise _shape_error(i, name, f"bias {t[3].name!r} is {s[3]}, needs ({n},)")
+    elif op in (DOp.ADD, DOp.MUL):
+        if s[2] != s[1] and s[2] != (s[1][-1],):
+            raise _shape_error(
+                i, name, f"b {s[2]} must equal a {s[1]} or be a row vector ({s[1][-1]},)"
+            )
+        if s[0] != s[1]:
+            raise _shape_error(i, name, f"dst is {s[0]}, a is {s[1]}")
+    elif op in (DOp.LAYERNORM, DOp.RMSNORM, DOp.SOFTMAX):
+        if s[0] != s[1]:
+            raise _shape_error(i, name, f"dst is {s[0]}, x is {s[1]}")
+        for extra in s[2:]:
+            if extra != (s[1][-1],):
+                raise _shape_error(i, name, f"gamma/beta is {extra}, needs ({s[1][-1]},)")
+    elif op == DOp.ATTENTION:
+        if any(len(x) != 3 for x in s):
+            raise _shape_error(i, name, f"needs 3-D (heads, seq, d) operands, got {s}")
+        (h, _, d), (hk, _, dk) = s[1], s[2]
+        if s[2] != s[3] or d != dk or h % hk:
+            raise _shape_error(
+                i, name, f"q {s[1]}, k {s[2]}, v {s[3]}: k and v must match, with q's head size"
+                " and a head count that divides q's",
+            )  # fmt: skip
+        if s[0] != s[1]:
+            raise _shape_error(i, name, f"dst is {s[0]}, needs q's shape {s[1]}")
+    if op in (DOp.GEMM, DOp.GEMM_I8, DOp.LINEAR, DOp.ATTENTION):
+        fields = _D_OPERANDS[op][1:]
+        if any(w[f] == w["d_dst"] for f in fields):
+            raise ProgramError("bad operand", i, f"{name}: dst must not also be a source")
+
+
+def _check_s_shapes(i: int, name: str, op: SOp, t: list[TensorSpec], w: dict) -> None:
+    name = f"S.{name}"
+    if op in (SOp.LOAD, SOp.STORE, SOp.PREFETCH):
+        tile, rows = w["s_tile"], w["s_rows"]
+        if rows < 1:
+            raise ProgramError("bad operand", i, f"{name}: rows must be >= 1")
+        if op == SOp.PREFETCH:
+            tiled, other = t[0], None
+        else:
+            dst, src = t
+            tiled, other = (src, dst) if op == SOp.LOAD else (dst, src)
+            if w["s_dst"] == w["s_src"]:
+                raise ProgramError("bad operand", i, f"{name}: dst and src are the same tensor")
+            if dst.dtype != src.dtype:
+                raise ProgramError(
+                    "wrong dtype", i, f"{name}: {dst.name!r} is {dst.dtype}, {src.name!r} is"
+                    f" {src.dtype}",
+                )  # fmt: skip
+            if dst.shape[1:] != src.shape[1:]:
+                raise _shape_error(i, name, f"rows of {dst.shape} and {src.shape} differ")
+            if rows > other.shape[0]:
+                raise ProgramError(
+                    "out of range", i, f"{name}: {rows} rows, {other.name!r} has {other.shape[0]}"
+                )
+        if (tile + 1) * rows > tiled.shape[0]:
+            raise ProgramError(
+                "out of range", i,
+                f"{name}: tile {tile} of {rows} rows ends at row {(tile + 1) * rows};"
+                f" {tiled.name!r} has {tiled.shape[0]}",
+            )  # fmt: skip
+    elif op in (SOp.GATHER, SOp.SCATTER):
+        if op == SOp.GATHER:
+            dst, table, idx = t
+        else:
+            table, idx, dst = t
+        if idx.dtype not in ("i32", "i64") or len(idx.shape) != 1:
+            raise ProgramError(
+                "wrong dtype", i, f"{name}: index {idx.name!r} must be 1-D i32 or i64"
+            )
+        if table.dtype != dst.dtype:
+            raise ProgramError(
+                "wrong dtype", i, f"{name}: table is {table.dtype} but rows are {dst.dtype}"
+            )
+        if dst.shape != idx.shape + table.shape[1:]:
+            raise _shape_error(
+                i, name, f"rows {dst.shape} must be {idx.shape + table.shape[1:]} for that index"
+            )
+        if idx.init == "ones" and table.shape[0] < 2:
+            raise ProgramError("out of range", i, f"{name}: index 1 beyond a 1-row table")
+    elif op in (SOp.ALLOC, SOp.FREE):
+        if t[0].init != "scratch":
+            raise ProgramError("bad operand", i, f"{name}: {t[0].name!r} is not declared scratch")
+
+
+def _rw_sets(w: dict) -> tuple[set[int], set[int], set[int], set[int]]:
+    d_op, s_op = w["d_op"], w["s_op"]
+    d_reads = {w[f] for f in _D_OPERANDS[d_op][1:] if w[f] != NONE}
+    d_writes = {w["d_dst"]} if d_op else set()
+    if w["d_flags"] & FLAG_ACC:
+        d_reads.add(w["d_dst"])
+    s_fields = _S_OPERANDS[s_op]
+    s_writes = {w["s_dst"]} if "s_dst" in s_fields else set()
+    s_reads = {w[f] for f in s_fields if f != "s_dst"}
+    return d_reads, d_writes, s_reads, s_writes
+
+
+def issue_order(program: Program, i: int, w: dict | None = None) -> int:
+    """ORDER_PARALLEL / ORDER_S_FIRST / ORDER_D_FIRST for word i, or ProgramError if cyclic."""
+    if w is None:
+        w = dict(zip(SIW_DTYPE.names, program.words[i].tolist(), strict=True))
+    deps, d_op, s_op = w["deps"], w["d_op"], w["s_op"]
+    waits = (
+        (DEP_D_NEEDS_S, s_op, "D<S waits on the S slot, which is a nop"),
+        (DEP_S_NEEDS_D, d_op, "S<D waits on the D slot, which is a nop"),
+        (DEP_C_NEEDS_D, d_op, "C<D waits on the D slot, which is a nop"),
+    )
+    for bit, producer, detail in waits:
+        if deps & bit and not producer:
+            raise ProgramError("cyclic dependency", i, f"{detail}; it would never be satisfied")
+    if i == 0 and deps & (DEP_DD | DEP_SS | DEP_CC):
+        raise ProgramError(
+            "cyclic dependency", i, "word 0 waits on a previous word (D>D/S>S/C>C); there is none"
+        )
+    if deps & DEP_D_NEEDS_S and deps & DEP_S_NEEDS_D:
+        raise ProgramError("cyclic dependency", i, "D<S and S<D: each slot waits for the other")
+    if deps & DEP_D_NEEDS_S:
+        return ORDER_S_FIRST
+    if deps & DEP_S_NEEDS_D:
+        return ORDER_D_FIRST
+    d_reads, d_writes, s_reads, s_writes = _rw_sets(w)
+    names = [t.name for t in program.tensors]
+
+    def show(ids: set[int]) -> str:
+        return ", ".join(repr(names[t]) if t < len(names) else str(t) for t in sorted(ids))
+
+    s_must_go_first = d_writes & s_reads
+    d_must_go_first = s_writes & d_reads
+    if s_must_go_first and d_must_go_first:
+        raise ProgramError(
+            "cyclic dependency", i,
+            f"D writes {show(s_must_go_first)} which S reads, and S writes"
+            f" {show(d_must_go_first)} which D reads; no issue order gives both their old"
+            " values: split the word in two",
+        )  # fmt: skip
+    if d_writes & s_writes:
+        raise ProgramError(
+            "data race", i,
+            f"D and S both write {show(d_writes & s_writes)}; set D<S or S<D to order them",
+        )  # fmt: skip
+    if s_must_go_first:
+        return ORDER_S_FIRST
+    if d_must_go_first:
+        return ORDER_D_FIRST
+    return ORDER_PARALLEL
+
+
+def _check_loops(words: np.ndarray, limits: Limits) -> None:
+    idx = np.flatnonzero(words["c_op"] == COp.LOOP)
+    loops = sorted(
+        ((int(words["c_target"][j]), int(j), int(words["c_count"][j])) for j in idx),
+        key=lambda x: (x[0], -x[1]),
+    )
+    stack: list[tuple[int, int]] = []  # (end, multiplicity of one pass of this loop's body)
+    jumps = 0
+    for target, end, count in loops:
+        while stack and stack[-1][0] < target:
+            stack.pop()
+        if stack and end > stack[-1][0]:
+            raise ProgramError(
+                "bad loop", end,
+                f"loop {target}..{end} crosses the loop ending at word {stack[-1][0]};"
+                " loops must nest",
+            )  # fmt: skip
+        outer = stack[-1][1] if stack else 1
+        jumps += count * outer
+        if jumps > limits.max_loop_iterations:
+            raise ProgramError(
+                "limits", end,
+                f"loops take more than {limits.max_loop_iterations} back-jumps in all",
+            )  # fmt: skip
+        stack.append((end, outer * (count + 1)))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def format_phext(parts) -> str:
+    p = [int(x) for x in parts]
+    return f"{p[0]}.{p[1]}.{p[2]}/{p[3]}.{p[4]}.{p[5]}/{p[6]}.{p[7]}.{p[8]}"
+
+
+_PHEXT_RE = re.compile(r"@(\d+)\.(\d+)\.(\d+)/(\d+)\.(\d+)\.(\d+)/(\d+)\.(\d+)\.(\d+)\Z")
+
+
+def _float_text(bits: int) -> str:
+    return str(np.uint32(bits).view(np.float32))
+
+
+def word_text(program: Program, i: int) -> str:
+    w = dict(zip(SIW_DTYPE.names, program.words[i].tolist(), strict=True))
+    names = [t.name for t in program.tensors]
+
+    def tname(tid: int) -> str:
+        return names[tid] if tid < len(names) else f"%{tid}"
+
+    slots = []
+    d_op = DOp(w["d_op"])
+    if d_op:
+        ops = [tname(w[f]) for f in _D_OPERANDS[d_op] if not (f == "d_c" and w[f] == NONE)]
+        text = f"D.{d_op.name.lower()} " + ", ".join(ops)
+        if d_op == DOp.LINEAR and w["d_flags"] & 3:
+            text += f" act={ACTIVATIONS[w['d_flags'] & 3]}"
+        if w["d_flags"] & FLAG_CAUSAL:
+            text += " causal"
+        if w["d_flags"] & FLAG_ACC:
+            text += " acc"
+        if d_op in _D_IMM and w["d_imm"]:
+            text += f" {_D_IMM[d_op]}={_float_text(w['d_imm'])}"
+        slots.append(text)
+    s_op = SOp(w["s_op"])
+    if s_op:
+        text = f"S.{s_op.name.lower()} " + ", ".join(tname(w[f]) for f in _S_OPERANDS[s_op])
+        if s_op in _S_TILED:
+            text += f" tile={w['s_tile']} rows={w['s_rows']}"
+        slots.append(text)
+    c_op = COp(w["c_op"])
+    if c_op:
+        text = f"C.{c_op.name.lower()}"
+        if c_op == COp.LOOP:
+            text += f" {w['c_target']} count={w['c_count']}"
+        slots.append(text)
+    line = " | ".join(slots) if slots else "nop"
+    if any(w["phext"]):
+        line += " @" + format_phext(w["phext"])
+    if w["deps"]:
+        line += " deps=" + ",".join(n for b, n in enumerate(DEP_NAMES) if w["deps"] >> b & 1)
+    return line
+
+
+def to_text(program: Program) -> str:
+    """Canonical assembly: tensors, then one word per line. assemble(to_text(p)) encodes as p."""
+    lines = [t.text() for t in program.tensors]
+    lines += [word_text(program, i) for i in range(len(program.words))]
+    return "\n".join(lines) + "\n"
+
+
+def disassemble(data: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
+    return to_text(decode(data, limits))
+
+
+_TENSOR_RE = re.compile(
+    r"\.tensor\s+(\S+)\s+(f32|i8|i32|i64)\[([0-9,\s]*)\]((?:\s+\S+)*)\s*\Z"
+)  # fmt: skip
+_OPS_BY_PIPE = {"D": DOp, "S": SOp, "C": COp}
+
+
+def assemble(text: str, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) -> Program:
+    """Assembly text -> Program (validated unless check=False). Errors name the line and word."""
+    tensors: list[TensorSpec] = []
+    rows: list[dict] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith(".tensor"):
+            tensors.append(_parse_tensor(line, lineno))
+        else:
+            rows.append({"line": lineno, "text": line})
+    names = {t.name: i for i, t in enumerate(tensors)}
+    if len(names) != len(tensors):
+        dup = next(t.name for t in tensors if sum(u.name == t.name for u in tensors) > 1)
+        raise ProgramError("bad tensor", None, f"tensor {dup!r} is declared twice")
+    if len(rows) > limits.max_words:
+        raise ProgramError("limits", None, f"{len(rows)} words; at most {limits.max_words}")
+    words = empty_words(len(rows))
+    for i, row in enumerate(rows):
+        _parse_word(row["text"], words, i, names, row["line"])
+    program = Program(tensors, words)
+    if check:
+        validate(program, limits)
+    return program
+
+
+def _parse_tensor(line: str, lineno: int) -> TensorSpec:
+    m = _TENSOR_RE.match(line)
+    if not m:
+        raise ProgramError(
+            "syntax", None, f"{line!r}: expected '.tensor NAME f32[4,8] [init] [output]'", lineno
+        )
+    name, dtype, dims, rest = m.groups()
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+    except ValueError:
+        raise ProgramError("syntax", None, f"bad dims [{dims}] in {line!r}", lineno) from None
+    init, seed, output = "zeros", 0, False
+    for tok in rest.split():
+        rm = re.fullmatch(r"random\((\d+)\)", tok)
+        if tok == "output":
+            output = True
+        elif tok in ("zeros", "ones", "input", "scratch"):
+            init = tok
+        elif rm:
+            init, seed = "random", int(rm.group(1))
+        else:
+            raise ProgramError(
+                "syntax", None,
+                f"{tok!r} in {line!r}: expected zeros, ones, random(SEED), input, scratch, output",
+                lineno,
+            )  # fmt: skip
+    return TensorSpec(name, dtype, shape, init, seed, output)
+
+
+def _parse_word(text: str, words: np.ndarray, i: int, names: dict[str, int], lineno: int) -> None:
+    def fail(detail: str) -> ProgramError:
+        return ProgramError("syntax", i, detail, lineno)
+
+    w = words[i]
+    segments = [s.strip() for s in text.split("|")]
+    seen: set[str] = set()
+    for seg in segments:
+        spaced = seg.split()
+        word_level = [t for t in spaced if t.startswith("@") or t.startswith("deps=")]
+        rest = " ".join(t for t in spaced if t not in word_level)
+        tokens = [t for t in re.split(r"[,\s]+", rest) if t]
+        for t in word_level:
+            if t.startswith("@"):
+                m = _PHEXT_RE.match(t)
+                if not m:
+                    raise fail(f"phext address {t!r}: expected @LB.SF.SR/CN.VM.BK/CH.SN.SC")
+                parts = [int(x) for x in m.groups()]
+                if any(p > 0xFFFF for p in parts):
+                    raise ProgramError("bad phext", i, f"{t}: parts must be 1..999", lineno)
+                w["phext"] = parts
+            else:
+                for dep in t[5:].split(","):
+                    if dep not in DEP_NAMES:
+                        raise fail(f"dependency {dep!r}: known {', '.join(DEP_NAMES)}")
+                    w["deps"] |= 1 << DEP_NAMES.index(dep)
+        if not tokens:
+            continue
+        head, args = tokens[0], tokens[1:]
+        if head.lower() == "nop" and not args and len(segments) == 1:
+            continue
+        pipe, _, opname = head.partition(".")
+        pipe = pipe.upper()
+        ops = _OPS_BY_PIPE.get(pipe)
+        if ops is None or opname.upper() not in ops.__members__:
+            known = ", ".join(f"{pipe}.{o.lower()}" for o in ops.__members__) if ops else "D/S/C"
+            raise ProgramError("bad opcode", i, f"{head!r}: known: {known}", lineno)
+        if pipe in seen:
+            raise fail(f"two {pipe} slots in one word")
+        seen.add(pipe)
+        op = ops[opname.upper()]
+        positional = [a for a in args if "=" not in a and a not in _BARE_FLAGS]
+        keywords = dict(a.split("=", 1) for a in args if "=" in a)
+        flags = [a for a in args if a in _BARE_FLAGS]
+        _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
+
+
+def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno) -> None:
+    label = f"{pipe}.{op.name.lower()}"
+
+    def tensor(name: str) -> int:
+        if name not in names:
+            raise ProgramError(
+                "bad operand", i, f"{label}: no tensor named {name!r} (declare it with .tensor)",
+                lineno,
+            )  # fmt: skip
+        return names[name]
+
+    def integer(key: str, value: str, hi: int) -> int:
+        if not value.isdigit() or int(value) > hi:
+            raise fail(f"{label}: {key}={value!r} must be an integer 0..{hi}")
+        return int(value)
+
+    allowed: set[str] = set()
+    if pipe == "D":
+        fields = list(_D_OPERANDS[op])
+        if op == DOp.LINEAR and len(positional) == 3:
+            fields = fields[:3]
+            w["d_c"] = NONE
+        if op == DOp.LINEAR:
+            allowed.add("act")
+            act = keywords.get("act", "none")
+            if act not in ("none", "relu", "gelu", "silu"):
+                raise fail(f"{label}: act={act!r}; use none, relu, gelu or silu")
+            w["d_flags"] |= ACTIVATIONS.index(None if act == "none" else act)
+        if op in _D_IMM:
+            key = _D_IMM[op]
+            allowed.add(key)
+            if key in keywords:
+                try:
+                    value = np.float32(float(keywords[key]))
+                except (ValueError, OverflowError):
+                    raise fail(f"{label}: {key}={keywords[key]!r} is not a number") from None
+                w["d_imm"] = int(value.view(np.uint32))
+        for flag in flags:
+            flag_op, bit = _BARE_FLAGS[flag]
+            if op != flag_op:
+                raise fail(f"{label} takes no {flag!r}")
+            w["d_flags"] |= bit
+    elif pipe == "S":
+        fields = list(_S_OPERANDS[op])
+        if op in _S_TILED:
+            allowed |= {"tile", "rows"}
+            for key in ("tile", "rows"):
+                if key not in keywords:
+                    raise fail(f"{label} needs {key}=N")
+                w[f"s_{key}"] = integer(key, keywords[key], 0xFFFF)
+    else:
+        fields = []
+        if op == COp.LOOP:
+            allowed.add("count")
+            if len(positional) != 1 or "count" not in keywords:
+                raise fail("C.loop needs a target word and count=N, e.g. 'C.loop 3 count=10'")
+            w["c_target"] = integer("target", positional[0], 0xFFFF)
+            w["c_count"] = integer("count", keywords["count"], 0xFFFFFFFF)
+            positional = []
+    if flags and pipe != "D":
+        raise fail(f"{label} takes no {flags[0]!r}")
+    extra = set(keywords) - allowed
+    if extra:
+        raise fail(f"{label} takes no {', '.join(sorted(extra))}=")
+    if len(positional) != len(fields):
+        want = len(fields)
+        raise fail(f"{label} takes {want} tensor operand{'s' * (want != 1)}, got {len(positional)}")
+    w[f"{pipe.lower()}_op"] = int(op)
+    for f, name in zip(fields, positional, strict=True):
+        w[f] = tensor(name)

@@ -1,0 +1,47 @@
+"""The node wheel holds the `vtpu` package alone, compiled, and depends on nothing from the platform."""
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import REPO
+
+PLATFORM_ONLY = ("django", "celery", "stripe", "ansible", "redis", "psycopg", "torch")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (path,) = out.glob("vtpu-*.whl")
+    return zipfile.ZipFile(path)
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_only_the_vtpu_package_with_compiled_extensions(wheel):
+    top_level = {name.split("/")[0] for name in wheel.namelist()}
+    assert top_level == {"vtpu", next(t for t in top_level if t.endswith(".dist-info"))}
+    names = wheel.namelist()
+    assert any(n.startswith("vtpu/kernels/") and n.endswith(".so") for n in names), names
+    assert not any(n.endswith((".pyx", ".c")) for n in names)
+
+
+@pytest.mark.slow
+def test_the_wheel_depends_on_numpy_and_scipy_only(wheel):
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in wheel.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    assert sorted(r.split("==")[0] for r in requires) == ["numpy", "scipy"]
+    assert all("==" in r for r in requires), "runtime dependencies are pinned"
+    assert not any(r.lower().startswith(PLATFORM_ONLY) for r in requires)
