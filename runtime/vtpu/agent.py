@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import dataclasses
 import hashlib
 import hmac
@@ -384,11 +383,6 @@ def _program_error(exc: Exception) -> HTTPError:
     return HTTPError(400, message, extra=extra)
 
 
-class RunCancelled(BaseException):
-    """Raised inside a run's thread to stop it between words. A BaseException, like
-    KeyboardInterrupt, so the sentron's `except Exception` handlers let it through."""
-
-
 class SentronPool:
     """A fixed set of sentrons; a request takes one or gets 503 (no queueing inside the agent:
     the caller decides whether to retry, and a flood cannot pile up threads here)."""
@@ -422,18 +416,10 @@ class SentronPool:
         return run
 
     def finished(self, run: ProgramRun) -> None:
-        """A run's thread ended: its sentron goes back, or a fresh one if it was interrupted
-        (an interrupted sentron may have been stopped half-way through its own bookkeeping)."""
+        """A run's thread ended: its sentron goes back to the pool."""
         with self._lock:
             self._runs.discard(run)
-        sentron = run.sentron
-        if run.interrupted:
-            try:
-                sentron.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away; the log says why
-                log.exception("closing an interrupted sentron failed")
-            sentron = self._new(sentron.sentron_id)
-        self._idle.put(sentron)
+        self._idle.put(run.sentron)
 
     def cancel_all(self) -> None:
         with self._lock:
@@ -445,9 +431,8 @@ class SentronPool:
 class ProgramRun:
     """One program on one sentron, in a thread of its own so the request can stop waiting.
 
-    Sentron has no cancel hook, so cancel() raises RunCancelled in the run's thread
-    (PyThreadState_SetAsyncExc): Python delivers it at its next bytecode, which in the issue
-    loop is between words (a kernel in progress finishes first; kernels run nogil in C)."""
+    cancel() asks the sentron to stop before its next word (a kernel already running
+    finishes first: kernels run nogil in C); the run then ends with RunCancelled."""
 
     def __init__(self, pool: SentronPool, sentron: Any, program: Any, inputs: dict) -> None:
         self.pool = pool
@@ -457,41 +442,22 @@ class ProgramRun:
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self.interrupted = False
-        self._state = threading.Lock()
-        self._running = True
         self.thread = threading.Thread(target=self._work, name="vtpu-run", daemon=True)
 
     def _work(self) -> None:
         try:
-            try:
-                self.result = self.sentron.run(self.program, self.inputs)
-            finally:
-                with self._state:
-                    self._running = False  # from here on cancel() sends nothing...
-                    if self.interrupted:  # ...and one sent but not yet delivered is dropped
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                            ctypes.c_ulong(self.thread.ident), None
-                        )
-        except BaseException as exc:  # handed to the request thread
+            self.result = self.sentron.run(self.program, self.inputs)
+        except Exception as exc:  # handed to the request thread
             self.error = exc
         self.pool.finished(self)
         self.done.set()
 
     def cancel(self) -> bool:
         """Stop the run at its next word; False when it had already ended."""
-        with self._state:
-            if not self._running or self.interrupted:
-                return False
-            cancel = getattr(self.sentron, "cancel", None)
-            if callable(cancel):  # a sentron that can stop itself cleanly, when it learns to
-                cancel()
-                return True
-            self.interrupted = True
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self.thread.ident), ctypes.py_object(RunCancelled)
-            )
-            return True
+        if self.done.is_set():
+            return False
+        self.sentron.cancel()
+        return True
 
 
 class Agent:
@@ -695,7 +661,7 @@ class Agent:
     def _run_with_deadline(self, program: Any, inputs: dict) -> dict[str, Any]:
         from vtpu import siw
         from vtpu.arena import ArenaFull
-        from vtpu.sentron import RunError
+        from vtpu.sentron import RunCancelled, RunError
 
         run = self.pool.start(program, inputs)
         if run is None:
@@ -717,10 +683,10 @@ class Agent:
             raise _program_error(error)
         if isinstance(error, ArenaFull):
             raise HTTPError(413, str(error))
-        if isinstance(error, RunError):
-            raise HTTPError(400, str(error), extra={"word": error.index})
         if isinstance(error, RunCancelled):
             raise HTTPError(503, "the run was stopped because the agent is shutting down")
+        if isinstance(error, RunError):
+            raise HTTPError(400, str(error), extra={"word": error.index})
         if error is not None:
             raise error
         result = run.result

@@ -26,7 +26,7 @@ import numpy as np
 import vtpu.kernels as K
 from vtpu import siw
 from vtpu.arena import Arena, ArenaFull, bytes_needed
-from vtpu.counters import COUNTERS, PIPES, kernel_scope
+from vtpu.counters import COUNTERS, PIPES
 from vtpu.siw import COp, DOp, Limits, Program, ProgramError, SOp
 
 __all__ = [
@@ -50,6 +50,10 @@ class RunError(ValueError):
     def __init__(self, message: str, index: int | None = None):
         self.index = index
         super().__init__(message if index is None else f"word {index}: {message}")
+
+
+class RunCancelled(RunError):
+    """The run was stopped by Sentron.cancel() (a deadline, a shutdown) between two words."""
 
 
 @dataclass
@@ -136,21 +140,6 @@ class _PipeWorker:
 # ---------------------------------------------------------------------------------- kernels
 
 
-def _elementwise(name: str, ufunc: np.ufunc) -> Callable:
-    """K.add / K.mul when the kernels provide them, else the numpy ufunc, counted alike."""
-    kernel = getattr(K, name, None)
-    if kernel is not None:
-        return kernel
-
-    def run(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-        with kernel_scope(out.size):
-            return ufunc(a, b, out=out)
-
-    return run
-
-
-_ADD = _elementwise("add", np.add)
-_MUL = _elementwise("mul", np.multiply)
 _ACT_NAMES = ("none", "relu", "gelu", "silu")
 
 
@@ -202,9 +191,9 @@ def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
             return lambda: K.linear(v[a], v[b], None, act, out=v[dst])
         return lambda: K.linear(v[a], v[b], v[c], act, out=v[dst])
     if op == DOp.ADD:
-        return lambda: _ADD(v[a], v[b], out=v[dst])
+        return lambda: K.add(v[a], v[b], out=v[dst])
     if op == DOp.MUL:
-        return lambda: _MUL(v[a], v[b], out=v[dst])
+        return lambda: K.mul(v[a], v[b], out=v[dst])
     if op == DOp.LAYERNORM:
         eps = _imm(w) or 1e-5
         return lambda: K.layer_norm(v[a], v[b], v[c], eps, out=v[dst])
@@ -309,6 +298,13 @@ class Sentron:
         self.overlap = overlap
         self.counters = SentronCounters()
         self._s_pipe: _PipeWorker | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the current run before its next word (a kernel already running finishes).
+
+        Safe from any thread; the run raises RunCancelled and the sentron stays usable."""
+        self._cancelled = True
 
     def close(self) -> None:
         if self._s_pipe is not None:
@@ -348,6 +344,7 @@ class Sentron:
 
     def _run(self, program, inputs, limits, validate, trace) -> RunResult:
         t_setup = time.perf_counter_ns()
+        self._cancelled = False
         program = _as_program(program, limits, validate)
         _check_inputs(program, inputs)
         resident = [t for t in program.tensors if t.init != "scratch"]
@@ -413,6 +410,8 @@ class Sentron:
         start = perf()
         try:
             while True:
+                if self._cancelled:
+                    raise RunCancelled(f"word {pc}: run cancelled", pc)
                 d, s, c, target, count, order, word_ops = plan[pc]
                 issued += 1
                 if s is None:

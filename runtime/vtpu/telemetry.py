@@ -539,10 +539,7 @@ def _kernel_dispatch() -> dict | str:
         from vtpu import kernels
     except ImportError as exc:
         return f"vtpu.kernels not importable: {exc}"
-    dispatch_info = getattr(kernels, "dispatch_info", None)
-    if dispatch_info is None:
-        return "vtpu.kernels has no dispatch_info()"
-    return dispatch_info()
+    return kernels.dispatch_info()
 
 
 def info_report(telemetry: Telemetry | None = None) -> dict:

@@ -617,17 +617,29 @@ def test_benchmark_runs_named_workloads_one_run_at_a_time(agent: RunningAgent) -
     results: dict = {}
 
     def run_all() -> None:
-        results["all"] = call_json(agent, "POST", "/vTPU/benchmark", {"size": "tiny", "repeats": 1})
+        results["all"] = call_json(
+            agent, "POST", "/vTPU/benchmark", {"size": "tiny", "repeats": 40}
+        )
 
     runner = threading.Thread(target=run_all)
     runner.start()
-    time.sleep(0.3)
-    status, doc = call_json(
-        agent, "POST", "/vTPU/benchmark", {"workloads": [first], "size": "tiny"}
-    )
-    runner.join(120)
-    assert status == 409 and "already running" in doc["error"]
+    # Ask again while the first run is in flight (however fast this machine is right now). Which
+    # of two racing requests takes the node is up to the scheduler: the other must get a 409.
+    statuses = []
+    while runner.is_alive():
+        status, doc = call_json(
+            agent, "POST", "/vTPU/benchmark", {"workloads": [first], "size": "tiny"}
+        )
+        statuses.append((status, doc))
+        time.sleep(0.02)
+    runner.join(300)
+    statuses.append(results["all"])
+    refused = [doc for status, doc in statuses if status == 409]
+    assert refused and all("already running" in doc["error"] for doc in refused)
+    assert {status for status, _ in statuses} <= {200, 409}
     status, doc = results["all"]
+    if status == 409:  # the first lost the race: run the whole suite again, alone
+        status, doc = call_json(agent, "POST", "/vTPU/benchmark", {"size": "tiny", "repeats": 1})
     assert status == 200, doc
     assert [r["name"] for r in doc["results"]] == list(bench.WORKLOADS)
     status, doc = call_json(

@@ -507,3 +507,27 @@ def test_linear_int8_is_close_to_the_float_linear_layer(rng, isa):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     with pytest.raises(K.KernelInputError, match="w_scale has length 39"):
         K.linear_int8(xq, xs, wq, ws[:39])
+
+
+@pytest.mark.parametrize(("name", "ufunc"), [("add", np.add), ("mul", np.multiply)])
+def test_elementwise_kernels_match_numpy_with_row_broadcast_and_in_place(name, ufunc):
+    kernel = getattr(K, name)
+    a = np.random.default_rng(1).standard_normal((7, 13)).astype(np.float32)
+    b = np.random.default_rng(2).standard_normal((7, 13)).astype(np.float32)
+    row = b[0].copy()
+    np.testing.assert_array_equal(kernel(a, b), ufunc(a, b))
+    np.testing.assert_array_equal(kernel(a, row), ufunc(a, row))
+    np.testing.assert_array_equal(kernel(a[:, ::2], b[:, ::2]), ufunc(a[:, ::2], b[:, ::2]))
+    expected = ufunc(a, b)
+    assert kernel(a, b, out=a) is a
+    np.testing.assert_array_equal(a, expected)
+    with pytest.raises(K.KernelInputError, match="must have a's shape or be a row"):
+        kernel(a, b[:, :5])
+    with pytest.raises(K.KernelInputError, match="float32"):
+        kernel(a.astype(np.float64), b)
+
+
+def test_dispatch_info_names_the_path_of_every_kernel():
+    info = K.dispatch_info()
+    assert info["softmax"] == K.isa()
+    assert {"gemm", "gemm_int8", "attention", "layer_norm", "add"} <= set(info)

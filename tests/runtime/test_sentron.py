@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from vtpu import siw
 from vtpu.arena import Arena, ArenaFull
 from vtpu.counters import COUNTERS
 from vtpu.sentron import (
+    RunCancelled,
     RunError,
     Sentron,
     arena_bytes_for,
@@ -357,3 +361,25 @@ def test_arena_aligns_coalesces_and_tracks_peak():
         arena.tensor((1,), np.float32)
     with pytest.raises(ValueError, match="not a live allocation"):
         arena.free(64)
+
+
+def test_cancel_stops_a_long_run_between_words_and_the_sentron_stays_usable():
+    long_loop = """
+        .tensor one f32[4] ones
+        .tensor n f32[4] output
+        D.add n, n, one | C.loop 0 count=5000000
+        C.halt
+        """
+    with Sentron(Arena(1 << 20)) as sentron:
+        timer = threading.Timer(0.2, sentron.cancel)
+        timer.start()
+        started = time.perf_counter()
+        with pytest.raises(RunCancelled, match="run cancelled") as caught:
+            sentron.run(long_loop)
+        assert time.perf_counter() - started < 5
+        assert caught.value.index == 0
+        # The next run starts afresh: a cancel applies to the run it was meant for.
+        result = sentron.run(
+            ".tensor one f32[2] ones\n.tensor n f32[2] output\nD.add n, n, one | C.halt"
+        )
+        assert result.outputs["n"].tolist() == [1, 1]

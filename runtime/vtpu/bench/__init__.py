@@ -144,21 +144,12 @@ def machine_info() -> dict:
     try:
         from vtpu import kernels
 
-        info["threads"] = _first_attr(kernels, "num_threads", "get_num_threads")()
-        isa = getattr(kernels, "isa", None) or getattr(kernels, "dispatch_info", None)
-        info["kernel_isa"] = isa() if isa else None
+        info["threads"] = kernels.num_threads()
+        info["kernel_isa"] = kernels.isa()
     except Exception as exc:
         info.update(threads=None, kernel_isa=None, kernels_error=f"vtpu.kernels failed: {exc}")
     info["numpy"] = np.__version__
     return info
-
-
-def _first_attr(module: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(module, name, None)
-        if value is not None:
-            return value
-    raise AttributeError(f"{module.__name__} has none of {', '.join(names)}")
 
 
 # ---- hardware counters, power -----------------------------------------------------------------

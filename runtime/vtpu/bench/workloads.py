@@ -388,7 +388,7 @@ class TopkCosine(Workload):
 
     def build(self, n: int, d: int, queries: int, k: int) -> Case:
         kern = _kernels()
-        topk = getattr(kern, "topk_cosine", None) or kern.topk_similarity
+        topk = kern.topk_similarity
         rng = _rng(15)
         store = _uniform(rng, (n, d))
         qs = _uniform(rng, (queries, d))
@@ -450,7 +450,7 @@ class Gather(Workload):
 
     def build(self, rows: int, cols: int, picks: int) -> Case:
         kern = _kernels()
-        gather = getattr(kern, "gather", None) or kern.gather_rows
+        gather = kern.gather_rows
         rng = _rng(16)
         table = rng.random((rows, cols), dtype=np.float32)
         index = rng.integers(0, rows, picks, dtype=np.int64)

@@ -14,7 +14,7 @@ the portable path (tests compare both). GEMM goes through the BLAS that scipy li
 Ops counted per call (`vtpu.counters`, a multiply-add is 2; a transcendental counts 1):
 gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per element; rms_norm 4;
 softmax 5; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
-topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); quantize_int8 3 per element; linear_int8 is
+topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); add/mul 1 per element; quantize_int8 3 per element; linear_int8 is
 its int8 GEMM plus bias/activation (the float rescale is not counted). gather/scatter move bytes
 and count 0 ops.
 """
@@ -31,9 +31,11 @@ from vtpu.kernels import _dense, _sparse
 __all__ = [
     "ACTIVATIONS",
     "KernelInputError",
+    "add",
     "attention",
     "bias_activation",
     "cpu_features",
+    "dispatch_info",
     "gather_rows",
     "gemm",
     "gemm_int8",
@@ -41,6 +43,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_int8",
+    "mul",
     "num_threads",
     "quantize_int8",
     "rms_norm",
@@ -621,3 +624,50 @@ def scatter_rows(table: np.ndarray, index: np.ndarray, rows: np.ndarray) -> np.n
     with kernel_scope(0):
         _sparse.scatter_rows(_byte_rows(rows), idx, _byte_rows(table))
     return table
+
+
+def _elementwise(name: str, ufunc: np.ufunc, a: object, b: object, out: np.ndarray | None):
+    a = _array("a", a, np.float32, (1, 2))
+    b = _array("b", b, np.float32, (1, 2))
+    if b.shape != a.shape and not (a.ndim == 2 and b.shape == (a.shape[1],)):
+        raise KernelInputError(
+            f"{name}: b is {b.shape} but a is {a.shape}; b must have a's shape or be a row of "
+            f"{a.shape[-1]} values broadcast over a's rows"
+        )
+    y = _out(name, out, a.shape, np.float32)  # ufuncs handle out aliasing an input
+    # numpy's ufunc loops are already vectorised, GIL-free and memory-bound here: a Cython twin
+    # would add code, not speed.
+    with kernel_scope(a.size):
+        ufunc(a, b, out=y)
+    return y
+
+
+def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """a + b for float32 arrays of one shape, or b a row vector added to every row of a."""
+    return _elementwise("add", np.add, a, b, out)
+
+
+def mul(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """a * b elementwise, with the same shapes as add()."""
+    return _elementwise("mul", np.multiply, a, b, out)
+
+
+def dispatch_info() -> dict[str, str]:
+    """Which implementation each kernel uses on this CPU (for `vtpu info` and the bench)."""
+    vector = isa()
+    return {
+        "gemm": "BLAS sgemm (scipy.linalg.cython_blas, OpenBLAS)",
+        "linear": f"BLAS sgemm + {vector} bias/activation pass",
+        "bias_activation": vector,
+        "layer_norm": vector,
+        "rms_norm": vector,
+        "softmax": vector,
+        "attention": f"BLAS sgemm per head block + {vector} softmax",
+        "gemm_int8": vector,
+        "topk_similarity": f"BLAS sgemm + {vector} selection",
+        "gather_rows": "memcpy rows (OpenMP)",
+        "scatter_rows": "memcpy rows",
+        "add": "numpy ufunc",
+        "mul": "numpy ufunc",
+        "threads": str(_NUM_THREADS),
+    }

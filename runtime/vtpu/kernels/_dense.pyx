@@ -4,7 +4,7 @@
 # contiguity, aliasing and limits. Each one releases the GIL for the whole computation.
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, sqrtf
-from libc.stdint cimport int8_t, int32_t
+from libc.stdint cimport int8_t, int16_t, int32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm
@@ -15,8 +15,12 @@ from ._simd cimport (
     vtpu_detect,
     vtpu_dot,
     vtpu_exp_shift_sum,
-    vtpu_gemm_s8_rows,
+    vtpu_gemm_s8_packed_rows,
+    vtpu_gemm_s8_rows_generic,
     vtpu_get_level,
+    VTPU_LEVEL_AVX2,
+    vtpu_pack_a_s8,
+    vtpu_pack_bt_s8,
     vtpu_max,
     vtpu_pv,
     vtpu_qk,
@@ -178,11 +182,33 @@ def gemm_int8(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, ::1] o
     cdef Py_ssize_t m = a.shape[0], k = a.shape[1], n = bt.shape[0]
     cdef Py_ssize_t blocks = (m + INT8_ROW_BLOCK - 1) // INT8_ROW_BLOCK
     cdef Py_ssize_t blk, i0, i1
-    with nogil:
-        for blk in prange(blocks, schedule='static', num_threads=nthreads):
+    cdef Py_ssize_t mp = (m + 3) // 4 * 4, kp = (k + 1) // 2, panels = (n + 7) // 8
+    cdef int32_t *ap
+    cdef int16_t *bp
+    if vtpu_get_level() < VTPU_LEVEL_AVX2:
+        with nogil:
+            for blk in prange(blocks, schedule='static', num_threads=nthreads):
+                i0 = blk * INT8_ROW_BLOCK
+                i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < m else m
+                vtpu_gemm_s8_rows_generic(&a[0, 0], &bt[0, 0], &out[0, 0], i0, i1, n, k)
+        return
+    ap = <int32_t *>malloc(mp * kp * sizeof(int32_t))
+    bp = <int16_t *>malloc(panels * kp * 16 * sizeof(int16_t))
+    if ap == NULL or bp == NULL:
+        free(ap)
+        free(bp)
+        raise MemoryError(f"gemm_int8: no memory to pack {m}x{k} and {k}x{n} operands")
+    with nogil, parallel(num_threads=nthreads):
+        for blk in prange(panels, schedule='static'):
+            vtpu_pack_bt_s8(&bt[0, 0], n, k, kp, blk, blk + 1, bp)
+        for blk in prange(mp // 4, schedule='static'):
+            vtpu_pack_a_s8(&a[0, 0], m, k, kp, 4 * blk, 4 * blk + 4, ap)
+        for blk in prange(blocks, schedule='static'):
             i0 = blk * INT8_ROW_BLOCK
-            i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < m else m
-            vtpu_gemm_s8_rows(&a[0, 0], &bt[0, 0], &out[0, 0], i0, i1, n, k)
+            i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < mp else mp
+            vtpu_gemm_s8_packed_rows(ap, bp, &out[0, 0], i0, i1, m, n, panels, kp)
+    free(ap)
+    free(bp)
 
 
 def topk_similarity(const float[:, ::1] queries, const float[:, ::1] keys,

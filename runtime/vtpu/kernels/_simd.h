@@ -300,9 +300,9 @@ VTPU_AVX2 static void vtpu_scale_avx2(float *y, float alpha, long n) {
  * never saturates, so the result equals the integer reference for every input. K is limited by
  * the Python layer so int32 accumulators cannot overflow. */
 
-static void vtpu_gemm_s8_generic(const int8_t *A, const int8_t *BT, int32_t *C, long M, long N,
-                                 long K) {
-    for (long i = 0; i < M; i++)
+static void vtpu_gemm_s8_rows_generic(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
+                                      long i1, long N, long K) {
+    for (long i = i0; i < i1; i++)
         for (long j = 0; j < N; j++) {
             int32_t s = 0;
             const int8_t *a = A + i * K, *b = BT + j * K;
@@ -311,83 +311,91 @@ static void vtpu_gemm_s8_generic(const int8_t *A, const int8_t *BT, int32_t *C, 
         }
 }
 
-VTPU_AVX2 static inline int32_t vtpu_hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
+/* Packed operands of the AVX2 path, so its inner loop is an outer product with no shuffles:
+ * A: Mp (M rounded up to 4) rows of Kp = ceil(K/2) int32, each the int16 pair (a[2p], a[2p+1]);
+ * B: panels of 8 columns; panel q, pair p is 8 columns x (b[2p], b[2p+1]) = 16 int16 = one ymm.
+ * Padding (odd K, ragged M and N) is zero, so it adds nothing to any sum. */
+static inline int32_t vtpu_s16_pair(int8_t lo, int8_t hi) {
+    return (int32_t)((uint32_t)(uint16_t)(int16_t)lo | ((uint32_t)(uint16_t)(int16_t)hi << 16));
 }
 
-VTPU_AVX2 static inline __m256i vtpu_load_s8_as_s16(const int8_t *p) {
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-}
-
-static inline int32_t vtpu_dot_s8_tail(const int8_t *a, const int8_t *b, long k0, long K) {
-    int32_t s = 0;
-    for (long k = k0; k < K; k++) s += (int32_t)a[k] * (int32_t)b[k];
-    return s;
-}
-
-/* Rows [i0, i1) of C. A 4x2 register block: each widened A/B load feeds 2 or 4 multiplies. */
-VTPU_AVX2 static void vtpu_gemm_s8_rows_avx2(const int8_t *A, const int8_t *BT, int32_t *C,
-                                            long i0, long i1, long N, long K) {
-    long K16 = K & ~15L;
-    long i = i0;
-    for (; i + 4 <= i1; i += 4) {
-        const int8_t *a0 = A + i * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
-        long j = 0;
-        for (; j + 2 <= N; j += 2) {
-            const int8_t *b0 = BT + j * K, *b1 = b0 + K;
-            __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
-                    c21 = c00, c30 = c00, c31 = c00;
-            for (long k = 0; k < K16; k += 16) {
-                __m256i vb0 = vtpu_load_s8_as_s16(b0 + k), vb1 = vtpu_load_s8_as_s16(b1 + k);
-                __m256i va = vtpu_load_s8_as_s16(a0 + k);
-                c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(va, vb0));
-                c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(va, vb1));
-                va = vtpu_load_s8_as_s16(a1 + k);
-                c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(va, vb0));
-                c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(va, vb1));
-                va = vtpu_load_s8_as_s16(a2 + k);
-                c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(va, vb0));
-                c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(va, vb1));
-                va = vtpu_load_s8_as_s16(a3 + k);
-                c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(va, vb0));
-                c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(va, vb1));
-            }
-            C[i * N + j] = vtpu_hsum_epi32(c00) + vtpu_dot_s8_tail(a0, b0, K16, K);
-            C[i * N + j + 1] = vtpu_hsum_epi32(c01) + vtpu_dot_s8_tail(a0, b1, K16, K);
-            C[(i + 1) * N + j] = vtpu_hsum_epi32(c10) + vtpu_dot_s8_tail(a1, b0, K16, K);
-            C[(i + 1) * N + j + 1] = vtpu_hsum_epi32(c11) + vtpu_dot_s8_tail(a1, b1, K16, K);
-            C[(i + 2) * N + j] = vtpu_hsum_epi32(c20) + vtpu_dot_s8_tail(a2, b0, K16, K);
-            C[(i + 2) * N + j + 1] = vtpu_hsum_epi32(c21) + vtpu_dot_s8_tail(a2, b1, K16, K);
-            C[(i + 3) * N + j] = vtpu_hsum_epi32(c30) + vtpu_dot_s8_tail(a3, b0, K16, K);
-            C[(i + 3) * N + j + 1] = vtpu_hsum_epi32(c31) + vtpu_dot_s8_tail(a3, b1, K16, K);
-        }
-        for (; j < N; j++)
-            for (long r = 0; r < 4; r++) {
-                const int8_t *a = A + (i + r) * K, *b = BT + j * K;
-                __m256i c = _mm256_setzero_si256();
-                for (long k = 0; k < K16; k += 16)
-                    c = _mm256_add_epi32(c, _mm256_madd_epi16(vtpu_load_s8_as_s16(a + k),
-                                                              vtpu_load_s8_as_s16(b + k)));
-                C[(i + r) * N + j] = vtpu_hsum_epi32(c) + vtpu_dot_s8_tail(a, b, K16, K);
-            }
+/* rows [i0, i1) of packed A; rows at or past M are zero */
+static void vtpu_pack_a_s8(const int8_t *A, long M, long K, long Kp, long i0, long i1,
+                           int32_t *Ap) {
+    for (long i = i0; i < i1; i++) {
+        int32_t *dst = Ap + i * Kp;
+        if (i >= M) { memset(dst, 0, Kp * sizeof(int32_t)); continue; }
+        const int8_t *src = A + i * K;
+        for (long p = 0; p < K / 2; p++) dst[p] = vtpu_s16_pair(src[2 * p], src[2 * p + 1]);
+        if (K & 1) dst[Kp - 1] = vtpu_s16_pair(src[K - 1], 0);
     }
-    for (; i < i1; i++)
-        for (long j = 0; j < N; j++) {
-            const int8_t *a = A + i * K, *b = BT + j * K;
-            __m256i c = _mm256_setzero_si256();
-            for (long k = 0; k < K16; k += 16)
-                c = _mm256_add_epi32(c, _mm256_madd_epi16(vtpu_load_s8_as_s16(a + k),
-                                                          vtpu_load_s8_as_s16(b + k)));
-            C[i * N + j] = vtpu_hsum_epi32(c) + vtpu_dot_s8_tail(a, b, K16, K);
-        }
 }
 
-static void vtpu_gemm_s8_rows_generic(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
-                                      long i1, long N, long K) {
-    vtpu_gemm_s8_generic(A + i0 * K, BT, C + i0 * N, i1 - i0, N, K);
+/* panels [q0, q1) of packed B; columns at or past N are zero */
+static void vtpu_pack_bt_s8(const int8_t *BT, long N, long K, long Kp, long q0, long q1,
+                            int16_t *Bp) {
+    for (long q = q0; q < q1; q++) {
+        int16_t *dst = Bp + q * Kp * 16;
+        memset(dst, 0, Kp * 16 * sizeof(int16_t));
+        for (long c = 0; c < 8 && q * 8 + c < N; c++) {
+            const int8_t *src = BT + (q * 8 + c) * K;
+            for (long k = 0; k < K; k++) dst[(k >> 1) * 16 + c * 2 + (k & 1)] = src[k];
+        }
+    }
+}
+
+/* 4 rows x (8 * NP) columns of C; NP = 3 uses 12 accumulators + 3 B + 1 A of the 16 ymm. */
+#define VTPU_S8_TILE(NP)                                                                         \
+    VTPU_AVX2 static void vtpu_s8_tile_4x##NP(const int32_t *Ap, const int16_t *Bp, long Kp,     \
+                                             int32_t *tile) {                                    \
+        __m256i acc[4][NP];                                                                      \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                     \
+        for (long p = 0; p < Kp; p++) {                                                          \
+            __m256i b[NP];                                                                       \
+            for (int c = 0; c < NP; c++)                                                         \
+                b[c] = _mm256_loadu_si256((const __m256i *)(Bp + (c * Kp + p) * 16));            \
+            for (int r = 0; r < 4; r++) {                                                        \
+                __m256i a = _mm256_set1_epi32(Ap[r * Kp + p]);                                   \
+                for (int c = 0; c < NP; c++)                                                     \
+                    acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(a, b[c]));         \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++)                                                         \
+                _mm256_storeu_si256((__m256i *)(tile + r * 8 * NP + c * 8), acc[r][c]);          \
+    }
+VTPU_S8_TILE(3)
+VTPU_S8_TILE(1)
+
+static inline void vtpu_s8_store(const int32_t *tile, long width, int32_t *C, long i, long j0,
+                                 long M, long N) {
+    for (long r = 0; r < 4 && i + r < M; r++)
+        for (long c = 0; c < width && j0 + c < N; c++) C[(i + r) * N + j0 + c] = tile[r * width + c];
+}
+
+/* Row quads [i0, i1) of C (i0, i1 multiples of 4). Columns go in blocks of packed B small enough
+ * (~256 KB) to stay in L2 while every row quad of the chunk passes over them. */
+VTPU_AVX2 static void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t *Bp, int32_t *C,
+                                               long i0, long i1, long M, long N, long panels,
+                                               long Kp) {
+    int32_t tile[4 * 24];
+    long block = 8192 / Kp;
+    if (block < 3) block = 3;
+    for (long q0 = 0; q0 < panels; q0 += block) {
+        long q1 = q0 + block < panels ? q0 + block : panels;
+        for (long i = i0; i < i1; i += 4) {
+            long q = q0;
+            for (; q + 3 <= q1; q += 3) {
+                vtpu_s8_tile_4x3(Ap + i * Kp, Bp + q * Kp * 16, Kp, tile);
+                vtpu_s8_store(tile, 24, C, i, q * 8, M, N);
+            }
+            for (; q < q1; q++) {
+                vtpu_s8_tile_4x1(Ap + i * Kp, Bp + q * Kp * 16, Kp, tile);
+                vtpu_s8_store(tile, 8, C, i, q * 8, M, N);
+            }
+        }
+    }
 }
 
 /* ---- dispatchers: one branch per call, predictable, costs nothing next to the work ---------- */
@@ -415,11 +423,6 @@ static inline void vtpu_scale(float *y, float alpha, long n) {
 static inline void vtpu_bias_act(float *y, const float *bias, long n, int act) {
     if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_bias_act_avx2(y, bias, n, act);
     else vtpu_bias_act_generic(y, bias, n, act);
-}
-static inline void vtpu_gemm_s8_rows(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
-                                     long i1, long N, long K) {
-    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_gemm_s8_rows_avx2(A, BT, C, i0, i1, N, K);
-    else vtpu_gemm_s8_rows_generic(A, BT, C, i0, i1, N, K);
 }
 
 /* ---- attention pieces: both loops vectorise across keys or features, so neither needs a

@@ -1,5 +1,5 @@
 # Declarations of the vector primitives in _simd.h, shared by the kernel modules.
-from libc.stdint cimport int8_t, int32_t
+from libc.stdint cimport int8_t, int16_t, int32_t
 
 
 cdef extern from "_simd.h" nogil:
@@ -23,5 +23,10 @@ cdef extern from "_simd.h" nogil:
     void vtpu_bias_act(float *y, const float *bias, long n, int act)
     void vtpu_qk(const float *q, const float *KT, long ld, long n, long d, float scale, float *s)
     void vtpu_pv(const float *p, const float *V, long n, long d, float *out)
-    void vtpu_gemm_s8_rows(const int8_t *A, const int8_t *BT, int32_t *C, long i0, long i1,
-                           long N, long K)
+    void vtpu_gemm_s8_rows_generic(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
+                                   long i1, long N, long K)
+    void vtpu_pack_a_s8(const int8_t *A, long M, long K, long Kp, long i0, long i1, int32_t *Ap)
+    void vtpu_pack_bt_s8(const int8_t *BT, long N, long K, long Kp, long q0, long q1,
+                         int16_t *Bp)
+    void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t *Bp, int32_t *C, long i0,
+                                  long i1, long M, long N, long panels, long Kp)
