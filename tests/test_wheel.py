@@ -1,28 +1,15 @@
 """The node wheel holds the `vtpu` package alone, compiled, and depends on nothing from the platform."""
 
-import subprocess
-import sys
 import zipfile
 
 import pytest
-
-from tests.conftest import REPO
 
 PLATFORM_ONLY = ("django", "celery", "stripe", "ansible", "redis", "psycopg", "torch")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    (path,) = out.glob("vtpu-*.whl")
-    return zipfile.ZipFile(path)
+def wheel(node_wheel):
+    return zipfile.ZipFile(node_wheel)
 
 
 @pytest.mark.slow

@@ -1,1 +1,5 @@
-"""The vTPU Cloud control plane's project package: settings, URLs, WSGI."""
+"""The vTPU Cloud control plane's project package: settings, URLs, Celery app, WSGI."""
+
+from controlplane.celery import app as celery_app
+
+__all__ = ["celery_app"]

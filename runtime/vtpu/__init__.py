@@ -14,3 +14,8 @@ import os as _os
 # here, it halved the MLP block and the encoder layer. Passive waiting must be set before
 # libgomp loads (it does so with the first kernel module); an explicit setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Likewise OpenBLAS's workers spin after each call, and a process here holds two OpenBLAS pools
+# (numpy's and scipy's, whose BLAS our GEMM calls): the pool that just ran starves the other.
+# A short timeout (2^4 cycles' worth of polling) halved GEMM 1024 and attention times in our
+# interleaved benchmarks. Read when each OpenBLAS initialises, so this must precede numpy.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
