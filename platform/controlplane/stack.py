@@ -1,0 +1,247 @@
+"""The whole platform on one machine: Redis, migrations, web, Celery worker and beat.
+
+Used by the README's run command (`python -m controlplane.stack`, via scripts/run) and by the
+end-to-end tests, so what a developer runs is what the tests exercise. Redis: REDIS_URL when
+set, else the one on 127.0.0.1:6379 when it answers, else a private redis-server started here.
+Database: DATABASE_URL when set, else SQLite under the var dir. Ctrl-C (or stop()) stops every
+process this started, gently first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+MANAGE = REPO / "manage.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _wait(predicate, what: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with code {process.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+
+
+class Stack:
+    """Processes of one control plane. start() returns once the web app answers."""
+
+    def __init__(
+        self,
+        var_dir: Path,
+        *,
+        port: int = 8000,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        log_to_files: bool = False,
+        worker_concurrency: int = 2,
+        beat: bool = True,
+    ) -> None:
+        self.var_dir = Path(var_dir)
+        self.port = port
+        self.host = host
+        self.url = f"http://{host}:{port}"
+        self.log_to_files = log_to_files
+        self.worker_concurrency = worker_concurrency
+        self.beat = beat
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {
+            **os.environ,
+            "VTPU_VAR_DIR": str(self.var_dir),
+            "PUBLIC_URL": self.url,
+            "PYTHONUNBUFFERED": "1",
+            # ansible-playbook and celery live next to this interpreter
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
+        }
+
+    # ---- processes -----------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        out = None
+        if self.log_to_files:
+            (self.var_dir / "logs").mkdir(parents=True, exist_ok=True)
+            out = open(self.var_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO / "platform",
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # stop() signals the whole group (ansible children too)
+        )
+        self.processes[name] = process
+        return process
+
+    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(MANAGE), *args],
+            cwd=REPO,
+            env=self.env,
+            check=check,
+            capture_output=True,
+            text=True,
+        )
+
+    def ensure_redis(self) -> str:
+        if self.env.get("REDIS_URL"):
+            return self.env["REDIS_URL"]
+        if _redis_answers("127.0.0.1", 6379):
+            self.env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
+            return self.env["REDIS_URL"]
+        return self.start_private_redis()
+
+    def start_private_redis(self) -> str:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("no Redis: set REDIS_URL or install redis-server")
+        port = free_port()
+        data = self.var_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        process = self._spawn(
+            "redis",
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(data)],
+        )  # fmt: skip
+        _wait(lambda: _redis_answers("127.0.0.1", port), "redis-server", 20, process)
+        self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        return self.env["REDIS_URL"]
+
+    def start(self) -> Stack:
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_redis()
+        migrate = self.manage("migrate", "--noinput", check=False)
+        if migrate.returncode != 0:
+            raise RuntimeError(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+        self.manage("collectstatic", "--noinput", check=False)
+        bin_dir = Path(sys.executable).parent
+        self._spawn(
+            "web",
+            [str(bin_dir / "gunicorn"), "controlplane.wsgi:application",
+             "--bind", f"{self.host}:{self.port}", "--workers", "2", "--threads", "4",
+             "--timeout", "120", "--access-logfile", "-"],
+        )  # fmt: skip
+        self.start_worker()
+        if self.beat:
+            self._spawn(
+                "beat",
+                [str(bin_dir / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO",
+                 "--schedule", str(self.var_dir / "celerybeat-schedule")],
+            )  # fmt: skip
+        _wait(self._web_answers, "web app", 60, self.processes["web"])
+        return self
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        bin_dir = Path(sys.executable).parent
+        return self._spawn(
+            name,
+            [str(bin_dir / "celery"), "-A", "controlplane", "worker", "--loglevel", "INFO",
+             "--concurrency", str(self.worker_concurrency), "--hostname", f"{name}@%h",
+             "--without-mingle", "--without-gossip"],
+        )  # fmt: skip
+
+    def _web_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/schema/", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process's whole group (a worker and its ansible children)."""
+        process = self.processes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(30)
+
+    def stop(self, timeout: float = 20) -> None:
+        for process in reversed(list(self.processes.values())):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self.processes.clear()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Stack]:
+        try:
+            yield self.start()
+        finally:
+            self.stop()
+
+
+def main() -> int:
+    port = int(os.environ.get("PORT", "8000"))
+    stack = Stack(Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port)
+    print(f"==> starting the control plane on {stack.url} (Ctrl-C stops everything)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+        demo = stack.manage("bootstrap_demo", check=False)
+        print(demo.stdout, end="", flush=True)
+        if demo.returncode != 0:
+            print(demo.stderr, file=sys.stderr)
+            raise RuntimeError("bootstrap_demo failed")
+        print(f"==> the platform is up: {stack.url}/admin/  API {stack.url}/api/v1/", flush=True)
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        dead = [n for n, p in stack.processes.items() if p.poll() is not None]
+        print(f"error: {', '.join(dead)} stopped; shutting down", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n==> stopping", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+        stop_local_agents(stack.var_dir / "nodes")
+
+
+def stop_local_agents(nodes_dir: Path) -> None:
+    """The demo's local node agents run as daemons; the run command stops them with the rest
+    (the next start provisions them again: the playbook is idempotent)."""
+    for pid_file in nodes_dir.glob("*/agent.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            print(f"==> stopped node agent {pid_file.parent.name} (pid {pid})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
