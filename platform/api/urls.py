@@ -1,1 +1,34 @@
-urlpatterns: list = []
+"""Included at the site root: full paths here (/api/v1/..., /enroll/...)."""
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
+
+from api import views
+
+urlpatterns = [
+    path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/v1/nodes", views.NodeListView.as_view(), name="node-list"),
+    path("api/v1/nodes/<uuid:node_id>", views.NodeDetailView.as_view(), name="node-detail"),
+    path("api/v1/nodes/<uuid:node_id>/retry", views.NodeRetryView.as_view(), name="node-retry"),
+    path("api/v1/nodes/<uuid:node_id>/jobs", views.NodeJobsView.as_view(), name="node-jobs"),
+    path(
+        "api/v1/nodes/<uuid:node_id>/telemetry",
+        views.NodeTelemetryView.as_view(),
+        name="node-telemetry",
+    ),
+    path(
+        "api/v1/nodes/<uuid:node_id>/credentials",
+        views.NodeCredentialsView.as_view(),
+        name="node-credentials",
+    ),
+    path("api/v1/jobs/<int:job_id>", views.JobDetailView.as_view(), name="job-detail"),
+    path("api/v1/jobs/<int:job_id>/events", views.JobEventsView.as_view(), name="job-events"),
+    path("api/v1/jobs/<int:job_id>/cancel", views.JobCancelView.as_view(), name="job-cancel"),
+    path("api/v1/tokens", views.TokenListView.as_view(), name="token-list"),
+    path("api/v1/tokens/<int:token_id>", views.TokenDetailView.as_view(), name="token-detail"),
+    path("api/v1/enrollments", views.EnrollmentCreateView.as_view(), name="enrollment-create"),
+    path("api/v1/enroll", views.EnrollView.as_view(), name="enroll"),
+    path("api/v1/agent/heartbeat", views.HeartbeatView.as_view(), name="agent-heartbeat"),
+    path("enroll/<str:secret>/install.sh", views.install_script, name="enroll-install"),
+    path("enroll/<str:secret>/<str:filename>", views.wheel_download, name="enroll-wheel"),
+]

@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "controlplane",  # operator commands: create_customer, create_host, bootstrap_demo
     "accounts",
     "fleet",
     "api",

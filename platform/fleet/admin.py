@@ -1,0 +1,188 @@
+"""Staff's view of the fleet. Secrets (SSH keys, node tokens) are write-only or hidden."""
+
+from django import forms
+from django.contrib import admin
+
+from fleet.models import (
+    Enrollment,
+    Host,
+    JobEvent,
+    Node,
+    NodeAction,
+    NodeTransition,
+    ProvisioningJob,
+    TelemetrySample,
+)
+
+
+class HostForm(forms.ModelForm):
+    ssh_private_key = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4, "placeholder": "(unchanged when left empty)"}),
+        help_text="PEM text. Stored encrypted; never shown again. Leave empty to keep the key.",
+    )
+
+    class Meta:
+        model = Host
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial["ssh_private_key"] = ""
+
+    def clean_ssh_private_key(self) -> str:
+        new = self.cleaned_data.get("ssh_private_key", "")
+        return new if new else (self.instance.ssh_private_key if self.instance.pk else "")
+
+    def clean(self):
+        data = super().clean()
+        if data.get("kind") == Host.Kind.SSH and not data.get("address"):
+            self.add_error("address", "An SSH host needs an address.")
+        if data.get("kind") == Host.Kind.SSH and not data.get("base_dir"):
+            self.add_error("base_dir", "Say where node directories go on this host.")
+        return data
+
+
+@admin.register(Host)
+class HostAdmin(admin.ModelAdmin):
+    form = HostForm
+    list_display = ["name", "kind", "address", "ssh_user", "is_active", "capacity", "live_nodes"]
+    list_filter = ["kind", "is_active"]
+    search_fields = ["name", "address"]
+
+    @admin.display(description="live nodes")
+    def live_nodes(self, host: Host) -> int:
+        return host.nodes.exclude(state="terminated").count()
+
+
+class TransitionInline(admin.TabularInline):
+    model = NodeTransition
+    extra = 0
+    can_delete = False
+    readonly_fields = ["created", "from_state", "to_state", "cause"]
+    fields = readonly_fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class JobInline(admin.TabularInline):
+    model = ProvisioningJob
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = ["kind", "state", "created", "started_at", "finished_at", "explanation"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "customer",
+        "kind",
+        "state",
+        "host",
+        "agent_port",
+        "last_heartbeat_at",
+        "version",
+        "created",
+    ]
+    list_filter = ["state", "kind", "host"]
+    search_fields = ["name", "id", "customer__username", "customer__email", "agent_url"]
+    # State changes go through the services (so every one is recorded), never a form field.
+    readonly_fields = [
+        "id",
+        "customer",
+        "kind",
+        "host",
+        "state",
+        "node_dir",
+        "agent_port",
+        "agent_url",
+        "last_heartbeat_at",
+        "last_seen_at",
+        "last_telemetry",
+        "version",
+        "created",
+        "updated",
+    ]
+    exclude = ["token"]
+    inlines = [TransitionInline, JobInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+class EventInline(admin.TabularInline):
+    model = JobEvent
+    extra = 0
+    can_delete = False
+    fields = ["counter", "created", "event", "host", "task", "failed", "changed", "stdout"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ProvisioningJob)
+class ProvisioningJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "node", "kind", "state", "worker", "created", "started_at", "finished_at"]
+    list_filter = ["state", "kind"]
+    search_fields = ["node__name", "node__id", "node__customer__username", "explanation"]
+    readonly_fields = [
+        f.name for f in ProvisioningJob._meta.fields if f.name not in ("cancel_requested",)
+    ]
+    inlines = [EventInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(NodeTransition)
+class NodeTransitionAdmin(admin.ModelAdmin):
+    list_display = ["created", "node", "from_state", "to_state", "cause"]
+    list_filter = ["to_state", "from_state"]
+    search_fields = ["node__name", "node__id", "cause"]
+    readonly_fields = ["node", "from_state", "to_state", "cause", "created"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(TelemetrySample)
+class TelemetrySampleAdmin(admin.ModelAdmin):
+    list_display = [
+        "created",
+        "node",
+        "ops_per_cycle",
+        "throughput_gops",
+        "power_watts",
+        "mops_per_watt",
+        "cache_hit_rate",
+    ]
+    list_filter = ["node__state"]
+    search_fields = ["node__name", "node__id"]
+    readonly_fields = [f.name for f in TelemetrySample._meta.fields]
+
+
+@admin.register(NodeAction)
+class NodeActionAdmin(admin.ModelAdmin):
+    list_display = ["id", "node", "kind", "created", "delivered_at", "completed_at", "ok"]
+    list_filter = ["kind", "ok"]
+    search_fields = ["node__name", "node__id"]
+
+
+@admin.register(Enrollment)
+class EnrollmentAdmin(admin.ModelAdmin):
+    list_display = ["id", "customer", "created", "expires_at", "used_at", "node"]
+    list_filter = [("used_at", admin.EmptyFieldListFilter)]
+    search_fields = ["customer__username", "customer__email"]
+    exclude = ["secret_sha256"]
+    readonly_fields = ["customer", "created", "used_at", "node"]
+
+    def has_add_permission(self, request) -> bool:
+        return False

@@ -1,0 +1,262 @@
+"""The operator's hosts, customers' nodes, their state machine, provisioning jobs and telemetry.
+
+Business rules are in fleet.services; these classes only describe what is stored.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from fleet.crypto import EncryptedTextField
+
+
+class Host(models.Model):
+    """A machine of the operator's pool where nodes are provisioned (over SSH, or this one)."""
+
+    class Kind(models.TextChoices):
+        LOCAL = "local", "local (this machine)"
+        SSH = "ssh", "SSH"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.SSH)
+    address = models.CharField(max_length=255, blank=True, help_text="SSH host name or IP.")
+    ssh_port = models.PositiveIntegerField(default=22)
+    ssh_user = models.CharField(max_length=100, blank=True)
+    ssh_private_key = EncryptedTextField(
+        blank=True, help_text="PEM text; encrypted at rest, never shown again."
+    )
+    python = models.CharField(
+        max_length=255, default="python3", help_text="Interpreter on the host (Ansible, node venv)."
+    )
+    base_dir = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Where node directories go on the host; empty for local means NODES_DIR.",
+    )
+    agent_host = models.CharField(
+        max_length=255, default="127.0.0.1", help_text="Address the agents on this host bind to."
+    )
+    port_range_start = models.PositiveIntegerField(default=18000)
+    port_range_end = models.PositiveIntegerField(default=18999)
+    tdp_watts = models.FloatField(default=65.0, help_text="CPU TDP, for the agents' power model.")
+    capacity = models.PositiveIntegerField(default=4, help_text="Most live nodes at once.")
+    is_active = models.BooleanField(default=True, help_text="New nodes go only to active hosts.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(port_range_start__lte=models.F("port_range_end")),
+                name="host_port_range_ordered",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NodeState(models.TextChoices):
+    REQUESTED = "requested"
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    DEGRADED = "degraded"
+    SUSPENDED = "suspended"
+    DEPROVISIONING = "deprovisioning"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+
+
+class Node(models.Model):
+    """A customer's vTPU: provisioned by us on a Host, or enrolled from their own machine."""
+
+    class Kind(models.TextChoices):
+        PROVISIONED = "provisioned"
+        ENROLLED = "enrolled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    customer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="nodes"
+    )
+    name = models.CharField(max_length=63)
+    kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.PROVISIONED)
+    host = models.ForeignKey(
+        Host, on_delete=models.PROTECT, null=True, blank=True, related_name="nodes"
+    )
+    state = models.CharField(
+        max_length=16, choices=NodeState.choices, default=NodeState.REQUESTED, db_index=True
+    )
+    node_dir = models.CharField(max_length=500, blank=True)
+    agent_port = models.PositiveIntegerField(null=True, blank=True)
+    agent_url = models.CharField(max_length=255, blank=True)
+    token_sha256 = models.CharField(max_length=64, unique=True, editable=False)
+    token = EncryptedTextField(editable=False, help_text="The node token, encrypted at rest.")
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life: heartbeat, health check or poll."
+    )
+    last_telemetry = models.JSONField(null=True, blank=True)
+    version = models.CharField(max_length=50, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "agent_port"],
+                condition=~Q(state="terminated"),
+                name="node_unique_live_port_per_host",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({str(self.id)[:8]})"
+
+
+class NodeTransition(models.Model):
+    """One state change of a node, with why it happened."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="transitions")
+    from_state = models.CharField(max_length=16, choices=NodeState.choices, blank=True)
+    to_state = models.CharField(max_length=16, choices=NodeState.choices)
+    cause = models.TextField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_state} -> {self.to_state}: {self.cause}"
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESSFUL = "successful"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+ACTIVE_JOB_STATES = (JobState.PENDING, JobState.RUNNING)
+
+
+class ProvisioningJob(models.Model):
+    """One ansible-runner run against a node's host (AWX's job, in small)."""
+
+    class Kind(models.TextChoices):
+        PROVISION = "provision"
+        DEPROVISION = "deprovision"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.PROVISION)
+    state = models.CharField(
+        max_length=12, choices=JobState.choices, default=JobState.PENDING, db_index=True
+    )
+    explanation = models.TextField(blank=True)
+    stdout = models.TextField(blank=True)
+    rc = models.IntegerField(null=True, blank=True)
+    celery_task_id = models.CharField(max_length=255, blank=True)
+    worker = models.CharField(max_length=255, blank=True, help_text="Machine running the job.")
+    worker_pid = models.IntegerField(null=True, blank=True)
+    runner_pid = models.IntegerField(null=True, blank=True, help_text="ansible-playbook's pid.")
+    cancel_requested = models.BooleanField(default=False)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node"],
+                condition=Q(state__in=["pending", "running"]),
+                name="job_one_active_per_node",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} {self.kind} {self.state}"
+
+
+class JobEvent(models.Model):
+    """One Ansible event, stored once per counter (a retried batch inserts nothing twice)."""
+
+    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="events")
+    counter = models.PositiveIntegerField()
+    event = models.CharField(max_length=100)
+    host = models.CharField(max_length=255, blank=True)
+    task = models.CharField(max_length=500, blank=True)
+    stdout = models.TextField(blank=True)
+    failed = models.BooleanField(default=False)
+    changed = models.BooleanField(default=False)
+    created = models.DateTimeField()
+
+    class Meta:
+        ordering = ["counter"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "counter"], name="jobevent_unique_counter")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.counter} {self.event}"
+
+
+class TelemetrySample(models.Model):
+    """A node's telemetry at one moment: the headline figures as columns, the rest as JSON."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="samples")
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    ops_per_cycle = models.FloatField(null=True, blank=True)
+    throughput_gops = models.FloatField(null=True, blank=True)
+    power_watts = models.FloatField(null=True, blank=True)
+    mops_per_watt = models.FloatField(null=True, blank=True)
+    cache_hit_rate = models.FloatField(null=True, blank=True)
+    data = models.JSONField(default=dict)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["node", "-created"], name="sample_node_recent")]
+
+
+class NodeAction(models.Model):
+    """Work for a node's agent, delivered once in a heartbeat reply (works behind NAT)."""
+
+    class Kind(models.TextChoices):
+        BENCHMARK = "benchmark"
+        SUSPEND = "suspend"
+        RESUME = "resume"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="actions")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    payload = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    ok = models.BooleanField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created", "id"]
+
+
+class Enrollment(models.Model):
+    """A one-time link that turns a customer's own machine into a node of their account."""
+
+    customer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollments"
+    )
+    secret_sha256 = models.CharField(max_length=64, unique=True, editable=False)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    node = models.OneToOneField(
+        Node, on_delete=models.SET_NULL, null=True, blank=True, related_name="enrollment"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]

@@ -1,0 +1,110 @@
+"""End-to-end fixtures: the real control plane (gunicorn, Celery worker and beat over a private
+Redis, the test database), exactly as the run command starts it (controlplane.stack)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from controlplane.stack import Stack, free_port
+
+
+def _e2e_database_url(tmp: Path) -> str:
+    """A database of the end-to-end run's own: SQLite in tmp, or a fresh PostgreSQL database
+    next to DATABASE_URL's (dropped afterwards) when that is PostgreSQL."""
+    base = os.environ.get("DATABASE_URL", "")
+    if base.startswith(("postgres://", "postgresql://")):
+        import psycopg
+
+        name = f"vtpu_e2e_{os.getpid()}"
+        admin_url = base.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return base.rsplit("/", 1)[0] + f"/{name}"
+    return f"sqlite:///{tmp / 'e2e.sqlite3'}"
+
+
+@dataclass
+class Api:
+    url: str
+    token: str
+
+    def call(self, method: str, path: str, body: dict | None = None, token: str | None = ...):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        token = self.token if token is ... else token
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                return error.code, json.loads(raw)
+            except ValueError:
+                return error.code, raw.decode(errors="replace")
+
+    def wait_for_state(self, node_id: str, states: set[str], timeout: float = 420) -> dict:
+        deadline = time.monotonic() + timeout
+        node: dict = {}
+        while time.monotonic() < deadline:
+            status, node = self.call("GET", f"/api/v1/nodes/{node_id}")
+            assert status == 200, node
+            if node["state"] in states:
+                return node
+            time.sleep(1)
+        raise AssertionError(f"node {node_id} stayed {node.get('state')}, wanted {states}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, node_wheel) -> Stack:
+    var = tmp_path_factory.mktemp("e2e-var")
+    wheels = var / "wheels"
+    wheels.mkdir()
+    (wheels / node_wheel.name).write_bytes(node_wheel.read_bytes())
+    port = free_port()
+    stack = Stack(
+        var,
+        port=port,
+        log_to_files=True,
+        env={
+            "DATABASE_URL": _e2e_database_url(var),
+            "REDIS_URL": "",  # always a private Redis: tests never touch a shared one
+            "CELERY_VISIBILITY_TIMEOUT": "30",  # a killed worker's task comes back quickly
+            "HEARTBEAT_SECONDS": "2",
+            "PROVISIONING_JOB_TIMEOUT": "600",
+        },
+    )
+    stack.env.pop("REDIS_URL")
+    stack.start_private_redis()
+    with stack.running():
+        yield stack
+    for log in sorted((var / "logs").glob("*.log")):
+        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
+
+
+def _customer(stack: Stack, username: str) -> Api:
+    done = stack.manage("create_customer", username, "--token", "e2e")
+    token = done.stdout.strip().splitlines()[-1].split()[-1]
+    return Api(stack.url, token)
+
+
+@pytest.fixture(scope="session")
+def alice(stack) -> Api:
+    return _customer(stack, "alice")
+
+
+@pytest.fixture(scope="session")
+def bob(stack) -> Api:
+    return _customer(stack, "bob")

@@ -1,0 +1,274 @@
+"""Requesting, provisioning, canceling, retrying and deprovisioning nodes (fake runner)."""
+
+import subprocess
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+
+from fleet import services
+from fleet.models import Host, JobEvent, Node, ProvisioningJob
+from fleet.services import (
+    WORKER_DIED,
+    Conflict,
+    NoCapacity,
+    job_cancel,
+    node_deprovision,
+    node_provision,
+    node_request,
+    node_retry,
+)
+
+pytestmark = pytest.mark.django_db
+
+EVENTS = [
+    {
+        "counter": 1,
+        "event": "playbook_on_start",
+        "host": None,
+        "task": None,
+        "stdout": "",
+        "created": "2025-01-01T00:00:00.000001",
+        "failed": False,
+        "changed": False,
+    },
+    {
+        "counter": 2,
+        "event": "runner_on_ok",
+        "host": "node-x",
+        "task": "install wheel",
+        "stdout": "ok: [node-x]",
+        "created": "2025-01-01T00:00:01",
+        "failed": False,
+        "changed": True,
+    },
+]
+
+
+def test_a_request_places_the_node_and_queues_its_job_on_commit(
+    alice, local_host, django_capture_on_commit_callbacks, queued
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        requested = node_request(customer=alice, name="alpha")
+    node = requested.node
+    assert node.state == "requested" and node.host == local_host and node.agent_port == 18000
+    assert node.agent_url == "http://127.0.0.1:18000"
+    assert queued["provision_node"] == [requested.job.pk]
+    assert requested.job.state == "pending"
+
+
+def test_the_node_token_is_hashed_and_encrypted_at_rest(alice_node):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT token, token_sha256 FROM fleet_node")
+        stored, digest = cursor.fetchone()
+    assert alice_node.token and alice_node.token not in stored
+    assert digest == services.hash_token(alice_node.token)
+    assert Node.objects.get(pk=alice_node.pk).token == alice_node.token
+
+
+def test_ports_are_unique_and_capacity_is_respected(alice, bob, local_host):
+    local_host.capacity = 2
+    local_host.save()
+    a = node_request(customer=alice, name="a").node
+    b = node_request(customer=bob, name="b").node
+    assert {a.agent_port, b.agent_port} == {18000, 18001}
+    with pytest.raises(NoCapacity):
+        node_request(customer=alice, name="c")
+
+
+def test_only_staff_choose_a_host_and_names_are_unique_per_customer(alice, bob, local_host):
+    with pytest.raises(services.InvalidInput, match="staff"):
+        node_request(customer=alice, name="x", host=local_host)
+    node_request(customer=alice, name="x")
+    node_request(customer=bob, name="x")
+    with pytest.raises(Conflict, match="already have"):
+        node_request(customer=alice, name="x")
+
+
+def test_a_successful_provision_stores_events_once_and_waits_for_the_agent(alice_node, fake_runner):
+    fake_runner.events = EVENTS
+    job = alice_node.jobs.get()
+    node_provision(job_id=job.pk)
+    job.refresh_from_db()
+    alice_node.refresh_from_db()
+    assert job.state == "successful" and job.stdout == "PLAY RECAP ok" and job.worker
+    assert list(JobEvent.objects.filter(job=job).values_list("counter", flat=True)) == [1, 2]
+    # No agent answers here: the node waits for its first heartbeat.
+    assert alice_node.state == "provisioning"
+    spec = fake_runner.specs[0]
+    assert spec.playbook == "provision.yml" and spec.target.connection == "local"
+    assert spec.extravars["node_token"] == alice_node.token
+    assert spec.secret_vars == frozenset({"node_token"})
+    assert spec.extravars["wheel_path"].endswith(".whl")
+    assert spec.extravars["node_dir"].endswith(str(alice_node.pk))
+
+
+def test_a_failing_playbook_fails_the_job_and_the_node_with_the_reason(alice_node, fake_runner):
+    fake_runner.status, fake_runner.explanation = "failed", "Host local is unreachable: refused."
+    job = alice_node.jobs.get()
+    node_provision(job_id=job.pk)
+    job.refresh_from_db()
+    alice_node.refresh_from_db()
+    assert job.state == "failed" and "unreachable" in job.explanation
+    assert alice_node.state == "failed"
+    assert "unreachable" in alice_node.transitions.last().cause
+
+
+def test_a_crash_around_the_runner_still_ends_the_job(alice_node, fake_runner):
+    fake_runner.raises = RuntimeError("disk full")
+    job = alice_node.jobs.get()
+    node_provision(job_id=job.pk)
+    job.refresh_from_db()
+    assert job.state == "failed" and "disk full" in job.explanation
+    assert Node.objects.get(pk=alice_node.pk).state == "failed"
+
+
+def test_claiming_a_job_twice_only_one_wins(alice_node, fake_runner):
+    job = alice_node.jobs.get()
+    assert services._claim_job(job.pk) is True
+    assert services._claim_job(job.pk) is False
+
+
+def test_a_finished_job_delivered_again_does_nothing(alice_node, fake_runner):
+    job = alice_node.jobs.get()
+    node_provision(job_id=job.pk)
+    node_provision(job_id=job.pk)
+    assert len(fake_runner.specs) == 1
+
+
+def test_one_active_job_per_node_is_a_database_constraint(alice_node):
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ProvisioningJob.objects.create(node=alice_node)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_redelivered_task_of_a_dead_worker_fails_the_job_without_rerunning(
+    alice_node, fake_runner
+):
+    job = alice_node.jobs.get()
+    services._claim_job(job.pk)
+    services._try_transition(alice_node, "provisioning", "job started")
+    ProvisioningJob.objects.filter(pk=job.pk).update(worker_pid=_dead_pid(), runner_pid=_dead_pid())
+    node_provision(job_id=job.pk)  # what the redelivered task calls
+    job.refresh_from_db()
+    alice_node.refresh_from_db()
+    assert job.state == "failed" and job.explanation.startswith(WORKER_DIED)
+    assert alice_node.state == "failed"
+    assert fake_runner.specs == []  # the playbook did not run again
+
+
+def test_recovery_kills_the_leftover_ansible_process_group(alice_node, fake_runner):
+    leftover = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        job = alice_node.jobs.get()
+        services._claim_job(job.pk)
+        ProvisioningJob.objects.filter(pk=job.pk).update(
+            worker_pid=_dead_pid(), runner_pid=leftover.pid
+        )
+        node_provision(job_id=job.pk)
+        assert leftover.wait(timeout=10) != 0
+        job.refresh_from_db()
+        assert job.state == "failed" and f"pid {leftover.pid}" in job.explanation
+    finally:
+        leftover.kill()
+
+
+def test_a_live_worker_keeps_its_job_on_a_duplicate_delivery(alice_node, fake_runner):
+    job = alice_node.jobs.get()
+    services._claim_job(job.pk)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        ProvisioningJob.objects.filter(pk=job.pk).update(worker_pid=sleeper.pid)
+        node_provision(job_id=job.pk)
+        job.refresh_from_db()
+        assert job.state == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_canceling_a_pending_job_fails_the_node_and_retry_starts_again(alice_node, queued):
+    job = job_cancel(job=alice_node.jobs.get())
+    assert job.state == "canceled"
+    alice_node.refresh_from_db()
+    assert alice_node.state == "failed"
+    retry = node_retry(node=alice_node)
+    assert retry.state == "pending" and retry.kind == "provision"
+    with pytest.raises(Conflict, match="pending or running"):
+        Node.objects.filter(pk=alice_node.pk).update(state="failed")
+        node_retry(node=alice_node)
+
+
+def test_canceling_a_running_job_asks_the_runner_to_stop(alice_node, fake_runner):
+    job = alice_node.jobs.get()
+    services._claim_job(job.pk)
+    job_cancel(job=job)
+    ProvisioningJob.objects.filter(pk=job.pk).update(state="pending")  # let it run
+    node_provision(job_id=job.pk)
+    job.refresh_from_db()
+    assert fake_runner.saw_cancel and job.state == "canceled"
+    assert Node.objects.get(pk=alice_node.pk).state == "failed"
+
+
+def test_canceling_a_finished_job_is_refused(alice_node, fake_runner):
+    job = alice_node.jobs.get()
+    node_provision(job_id=job.pk)
+    with pytest.raises(Conflict, match="already successful"):
+        job_cancel(job=job)
+
+
+def test_only_a_failed_node_can_be_retried(alice_node):
+    with pytest.raises(Conflict, match="Only a failed node"):
+        node_retry(node=alice_node)
+
+
+def test_deleting_a_ready_node_runs_the_deprovision_playbook(alice_node, fake_runner, queued):
+    node_provision(job_id=alice_node.jobs.get().pk)
+    services._try_transition(Node.objects.get(pk=alice_node.pk), "ready", "heartbeat")
+    job = node_deprovision(node=alice_node, cause="deleted by alice")
+    assert job.kind == "deprovision" and Node.objects.get(pk=alice_node.pk).state == (
+        "deprovisioning"
+    )
+    assert node_deprovision(node=alice_node, cause="again") == job  # idempotent
+    services.node_deprovision_run(job_id=job.pk)
+    assert fake_runner.specs[-1].playbook == "deprovision.yml"
+    assert Node.objects.get(pk=alice_node.pk).state == "terminated"
+
+
+def test_deleting_a_node_before_provisioning_started_needs_no_playbook(alice_node, queued):
+    assert node_deprovision(node=alice_node, cause="deleted by alice") is None
+    alice_node.refresh_from_db()
+    assert alice_node.state == "terminated"
+    assert alice_node.jobs.get().state == "canceled"
+    assert queued["deprovision_node"] == []
+
+
+def test_deleting_a_node_being_provisioned_is_refused(alice_node):
+    services._claim_job(alice_node.jobs.get().pk)
+    services._try_transition(alice_node, "provisioning", "started")
+    with pytest.raises(Conflict, match="being provisioned"):
+        node_deprovision(node=alice_node, cause="x")
+
+
+def test_ssh_targets_carry_the_decrypted_key(alice, staff, fake_runner):
+    host = Host.objects.create(
+        name="h1",
+        kind="ssh",
+        address="10.0.0.5",
+        ssh_user="ops",
+        ssh_private_key="-----BEGIN KEY-----\nabc",
+        base_dir="/srv/n",
+        agent_host="0.0.0.0",
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT ssh_private_key FROM fleet_host WHERE id = %s", [host.pk])
+        assert "BEGIN KEY" not in cursor.fetchone()[0]
+    node = node_request(customer=staff, name="s1", host=host).node
+    assert node.agent_url == "http://10.0.0.5:18000" and node.node_dir.startswith("/srv/n/")
+    node_provision(job_id=node.jobs.get().pk)
+    target = fake_runner.specs[0].target
+    assert target.connection == "ssh" and target.private_key.startswith("-----BEGIN KEY")

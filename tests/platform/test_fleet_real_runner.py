@@ -1,0 +1,30 @@
+"""node_provision with the real provisioning.runner, on the failure path that needs no node:
+an SSH host nobody listens on. (The lead's end-to-end tests provision for real.)"""
+
+import pytest
+
+from fleet.models import Host, JobEvent
+from fleet.services import node_provision, node_request
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+
+def test_an_unreachable_host_fails_the_job_and_the_node_with_a_reason(staff, settings):
+    settings.PROVISIONING_JOB_TIMEOUT = 60
+    host = Host.objects.create(
+        name="nowhere",
+        kind="ssh",
+        address="127.0.0.1",
+        ssh_port=1,
+        ssh_user="nobody",
+        base_dir="/tmp/vtpu-nodes",
+        ssh_private_key="not a key",
+    )
+    node = node_request(customer=staff, name="lost", host=host).node
+    job = node_provision(job_id=node.jobs.get().pk)
+    node.refresh_from_db()
+    assert job.state == "failed", job.explanation
+    assert job.explanation and job.finished_at and job.runner_pid
+    assert node.state == "failed" and job.explanation in node.transitions.last().cause
+    assert JobEvent.objects.filter(job=job).exists()
+    assert node.token not in job.stdout
