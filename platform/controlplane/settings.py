@@ -157,6 +157,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Nodes, provisioning jobs and API tokens of a vTPU Cloud account.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStateEnum": "fleet.models.NodeState",
+        "JobStateEnum": "fleet.models.JobState",
+        "NodeKindEnum": "fleet.models.Node.Kind",
+        "JobKindEnum": "fleet.models.ProvisioningJob.Kind",
+    },
 }
 
 LOGGING = {

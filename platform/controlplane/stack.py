@@ -211,11 +211,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
-        demo = stack.manage("bootstrap_demo", check=False)
-        print(demo.stdout, end="", flush=True)
+        demo = subprocess.run([sys.executable, str(MANAGE), "bootstrap_demo"], env=stack.env)
         if demo.returncode != 0:
-            print(demo.stderr, file=sys.stderr)
-            raise RuntimeError("bootstrap_demo failed")
+            raise RuntimeError("bootstrap_demo failed (its error is above)")
         print(f"==> the platform is up: {stack.url}/admin/  API {stack.url}/api/v1/", flush=True)
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(1)

@@ -1,0 +1,96 @@
+"""The run command's demo: an admin, a demo customer with a token, this machine as a host, and
+a demo node provisioned on it through the real Ansible path. Safe to run at every start."""
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from accounts.services import token_create
+from fleet.models import Host, Node, NodeState
+from fleet.services import node_request, node_retry
+from fleet.wheel import node_wheel_path
+
+DEMO_NODE = "demo-node"
+
+
+def _user(username: str, *, staff: bool) -> tuple[object, str | None]:
+    """The user, and a new password when it had none (printed once; kept in var/secrets)."""
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    password_file = settings.VAR_DIR / "secrets" / f"{username}_password"
+    password = None
+    if not password_file.exists() or not user.has_usable_password():
+        password = secrets.token_urlsafe(12)
+        user.set_password(password)
+        password_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        password_file.write_text(password)
+        password_file.chmod(0o600)
+    user.is_staff = user.is_superuser = staff
+    user.save()
+    return user, password or password_file.read_text()
+
+
+def _restart_local_agent(node: Node) -> bool:
+    """Start a local node's agent again the way its role does (the run command stops local
+    agents on Ctrl-C); False when it is already running or was never deployed."""
+    node_dir = Path(node.node_dir)
+    script = node_dir / "run-agent.sh"
+    if not script.exists():
+        return False
+    try:
+        os.kill(int((node_dir / "agent.pid").read_text().split()[0]), 0)
+        return False  # alive
+    except (OSError, ValueError):
+        pass
+    with open(node_dir / "agent.log", "ab") as log:
+        subprocess.Popen(
+            ["./run-agent.sh"],
+            cwd=node_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return True
+
+
+class Command(BaseCommand):
+    help = "Create the demo admin, customer, local host and node (idempotent)."
+
+    def handle(self, *args, **options) -> None:
+        out = self.stdout.write
+        admin, admin_password = _user("admin", staff=True)
+        demo, demo_password = _user("demo", staff=False)
+        token = token_create(user=demo, name="run command").secret
+        host, _ = Host.objects.get_or_create(
+            name="this-machine",
+            defaults={"kind": Host.Kind.LOCAL, "agent_host": "127.0.0.1", "python": "python3"},
+        )
+        out("==> building the node wheel (first start only)")
+        out(f"    {node_wheel_path()}")
+        node = (
+            Node.objects.filter(customer=demo, name=DEMO_NODE)
+            .exclude(state=NodeState.TERMINATED)
+            .first()
+        )
+        if node is None:
+            node = node_request(customer=demo, name=DEMO_NODE, host=None).node
+            out(f"==> demo node {node.id} requested: Ansible provisions it now")
+        elif node.state == NodeState.FAILED:
+            node_retry(node=node)
+            out(f"==> demo node {node.id} had failed: provisioning it again")
+        elif _restart_local_agent(node):
+            out(f"==> demo node {node.id}: agent started again; its heartbeat makes it ready")
+        url = settings.PUBLIC_URL
+        out("")
+        out(f"  admin (staff)     {url}/admin/    user admin  password {admin_password}")
+        out(f"  demo customer     user demo  password {demo_password}")
+        out(f"  demo API token    {token}")
+        out(f"  API               {url}/api/v1/nodes   (Authorization: Bearer <token>)")
+        out(f"  OpenAPI schema    {url}/api/v1/schema/")
+        out(f"  watch the node    curl -H 'Authorization: Bearer {token}' {url}/api/v1/nodes")
+        out("")
