@@ -45,6 +45,7 @@ MiB = 1024 * 1024
 CONFIG_FILE = "agent.json"
 PID_FILE = "agent.pid"
 COUNTERS_FILE = "counters"
+SUSPENDED_FILE = "suspended"  # present while the control plane has the node suspended
 # Seconds a client may take to send a whole request body, whatever its pace: the socket timeout
 # alone lets a client that trickles one byte per timeout hold a thread for ever.
 BODY_READ_SECONDS = 60.0
@@ -91,6 +92,12 @@ class AgentConfig:
     socket_timeout: float = 10.0
     max_connections: int = 64
     workers: int = 0  # sentrons in the pool; 0 = one per core
+    # The control channel (vtpu.heartbeat): heartbeats start when both are set.
+    control_plane: str | None = None
+    node_id: str | None = None
+    heartbeat_seconds: float = 15.0
+    public_url: str | None = None  # the agent_url reported; default http://host:port
+    token_file: str | None = None  # the node token in clear (0600), needed for heartbeats
 
     # Fields persisted in agent.json; state_dir is where the file is, so it is not among them.
     PERSISTED = (
@@ -104,6 +111,11 @@ class AgentConfig:
         "socket_timeout",
         "max_connections",
         "workers",
+        "control_plane",
+        "node_id",
+        "heartbeat_seconds",
+        "public_url",
+        "token_file",
     )
 
 
@@ -474,6 +486,9 @@ class Agent:
         workers = config.workers or os.cpu_count() or 1
         self.pool = SentronPool(workers, config.max_arena_bytes)
         self.benchmark_lock = threading.Lock()
+        self.heartbeat: Any = None  # a vtpu.heartbeat.HeartbeatClient once started
+        # Kept across restarts: a node suspended for non-payment stays suspended until resumed.
+        self._suspended = (config.state_dir / SUSPENDED_FILE).exists()
         self._active = 0
         self._active_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -495,6 +510,41 @@ class Agent:
         if scheme.lower() != "bearer" or not given.strip():
             return False
         return hmac.compare_digest(hash_token(given.strip()), self._token_hash)
+
+    @property
+    def reported_url(self) -> str | None:
+        """The agent_url told to the control plane: --public-url, else where it listens (None
+        when it listens on every address: which one reaches it is not known here)."""
+        if self.config.public_url:
+            return self.config.public_url
+        if self.config.host in ("0.0.0.0", "::", ""):
+            return None
+        return self.url
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    def set_suspended(self, suspended: bool) -> None:
+        if suspended == self._suspended:
+            return
+        marker = self.config.state_dir / SUSPENDED_FILE
+        if suspended:
+            _write_private(marker, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+        else:
+            marker.unlink(missing_ok=True)
+        self._suspended = suspended
+        log.warning(
+            "suspended by the control plane: programs and benchmarks are refused"
+            if suspended
+            else "resumed by the control plane"
+        )
+
+    def _refuse_if_suspended(self) -> None:
+        if self._suspended:
+            from vtpu.heartbeat import SUSPENDED_MESSAGE
+
+            raise HTTPError(503, SUSPENDED_MESSAGE)
 
     def request_started(self) -> None:
         with self._active_lock:
@@ -548,17 +598,28 @@ class Agent:
             "status": "ok",
             "version": vtpu.__version__,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "suspended": self._suspended,
+            "control_plane": self.heartbeat.status() if self.heartbeat else None,
         }
 
     def telemetry_snapshot(self, _request: AgentHandler) -> dict[str, Any]:
         return self.telemetry.snapshot()
 
     def metrics(self, _request: AgentHandler) -> tuple[str, str]:
-        return "text/plain; version=0.0.4; charset=utf-8", self.telemetry.prometheus_metrics()
+        lines = [
+            "# HELP vtpu_suspended 1 while the control plane has this node suspended",
+            "# TYPE vtpu_suspended gauge",
+            f"vtpu_suspended {int(self._suspended)}",
+        ]
+        if self.heartbeat:
+            lines += self.heartbeat.prometheus_lines()
+        text = self.telemetry.prometheus_metrics() + "\n".join(lines) + "\n"
+        return "text/plain; version=0.0.4; charset=utf-8", text
 
     def benchmark(self, request: AgentHandler) -> dict[str, Any]:
         from vtpu import bench
 
+        self._refuse_if_suspended()
         body = request.read_json_body()
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
@@ -596,6 +657,7 @@ class Agent:
     def run_program(self, request: AgentHandler) -> dict[str, Any]:
         from vtpu import siw
 
+        self._refuse_if_suspended()
         content_type = request.content_type()
         accepted = ("text/plain", "application/octet-stream", "application/json")
         if content_type not in accepted:
@@ -973,10 +1035,23 @@ def run_agent(
     # The pid file first: a second agent on this state dir must not touch its config or token.
     pid_file, pid_fd = claim_pid_file(config.state_dir)
     try:
+        token = os.environ.get("VTPU_TOKEN")
+        if token is None and config.token_file:
+            from vtpu.heartbeat import read_token_file
+
+            token = read_token_file(Path(config.token_file).expanduser())
+        if (config.control_plane is None) != (config.node_id is None):
+            raise ConfigError(
+                "heartbeats need both --control-plane and --node-id (or neither, for a "
+                "standalone node)"
+            )
+        if config.control_plane and token is None:
+            raise ConfigError(
+                "a node managed by a control plane needs its token in clear for heartbeats: "
+                "give --token-file (or VTPU_TOKEN)"
+            )
         token_hash, new_token = resolve_token(
-            load_saved_config(config.state_dir),
-            rotate_token=rotate_token,
-            env_token=os.environ.get("VTPU_TOKEN"),
+            load_saved_config(config.state_dir), rotate_token=rotate_token, env_token=token
         )
         try:
             agent = Agent(config, token_hash)
@@ -996,6 +1071,12 @@ def run_agent(
                 f"curl -H 'Authorization: Bearer {new_token}' {agent.url}/vTPU/telemetry)",
                 file=out,
             )
+        elif config.token_file and "VTPU_TOKEN" not in os.environ:
+            print(
+                f'  token: the one in {config.token_file}. Try: curl -H "Authorization: Bearer '
+                f'$(cat {config.token_file})" {agent.url}/vTPU/telemetry',
+                file=out,
+            )
         else:
             print(
                 f"  token: the one already configured. Try: curl -H 'Authorization: Bearer "
@@ -1003,7 +1084,23 @@ def run_agent(
                 file=out,
             )
         out.flush()
-        agent.serve()
+        if config.control_plane and config.node_id and token:
+            from vtpu.heartbeat import HeartbeatClient
+
+            agent.heartbeat = HeartbeatClient(
+                agent,
+                control_plane=config.control_plane,
+                node_id=config.node_id,
+                token=token,
+                heartbeat_seconds=config.heartbeat_seconds,
+                agent_url=agent.reported_url,
+            )
+            agent.heartbeat.start()
+        try:
+            agent.serve()
+        finally:
+            if agent.heartbeat:
+                agent.heartbeat.stop()
         log.info("stopped")
         return 0
     finally:

@@ -1,4 +1,4 @@
-"""`vtpu`: the node's command line (info, agent, bench, asm, disasm, run).
+"""`vtpu`: the node's command line (info, agent, enroll, bench, asm, disasm, run).
 
 Bad usage or a bad file gets one line on stderr (`error: ...`) and exit status 2, never a
 traceback; VTPU_DEBUG=1 shows the traceback of an unexpected failure.
@@ -62,6 +62,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         saved = load_saved_config(state_dir)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    if args.token_file:  # saved in agent.json: later starts may run from another directory
+        args.token_file = str(Path(args.token_file).expanduser().resolve())
     # Precedence: the command line, then agent.json (as provisioning writes it), then defaults.
     values: dict[str, Any] = {}
     for name in AgentConfig.PERSISTED:
@@ -92,6 +94,11 @@ def _check_agent_config(config: Any) -> None:
         ("socket_timeout", _positive(config.socket_timeout), "a positive number"),
         ("max_connections", _positive_int(config.max_connections), "a positive integer"),
         ("workers", isinstance(config.workers, int) and config.workers >= 0, "0 or more"),
+        ("heartbeat_seconds", _positive(config.heartbeat_seconds), "a positive number"),
+        ("control_plane", _optional_url(config.control_plane), "an http(s):// URL"),
+        ("public_url", _optional_url(config.public_url), "an http(s):// URL"),
+        ("node_id", _optional_word(config.node_id), "a node id without spaces or slashes"),
+        ("token_file", config.token_file is None or isinstance(config.token_file, str), "a path"),
     ]
     for name, ok, expected in checks:
         if not ok:
@@ -104,6 +111,57 @@ def _positive(value: Any) -> bool:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _optional_url(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, str) and value.startswith(("http://", "https://")) and " " not in value
+    )
+
+
+def _optional_word(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, str) and bool(value) and not any(c.isspace() or c == "/" for c in value)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# enroll
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Trade a one-time enrollment secret for this node's id and token (see vtpu.heartbeat)."""
+    from vtpu.heartbeat import EnrollError, enroll
+
+    if not _optional_url(args.control_plane):
+        raise CLIError(f"--control-plane must be an http(s):// URL, not {args.control_plane!r}")
+    if not 0 < args.port <= 65535:
+        raise CLIError(f"--port must be 1..65535, not {args.port}")
+    if args.public_url is not None and not _optional_url(args.public_url):
+        raise CLIError(f"--public-url must be an http(s):// URL, not {args.public_url!r}")
+    secret = args.secret
+    if secret is None:
+        secret = os.environ.get("VTPU_ENROLL_SECRET")
+    if not secret:
+        raise CLIError("give --secret (or VTPU_ENROLL_SECRET): the secret of the enrollment link")
+    try:
+        node_id, enrolled = enroll(
+            control_plane=args.control_plane,
+            secret=secret,
+            node_dir=Path(args.node_dir).expanduser(),
+            host=args.host,
+            port=args.port,
+            hostname=args.hostname,
+            public_url=args.public_url,
+        )
+    except EnrollError as exc:
+        raise CLIError(str(exc)) from None
+    if enrolled:
+        print(f"enrolled with {args.control_plane} as node {node_id}", file=sys.stderr)
+    else:
+        print(f"already enrolled as {node_id}", file=sys.stderr)
+    print(node_id)  # alone on stdout, for scripts
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-timeout", type=float, help="seconds a client may stay silent")
     p.add_argument("--max-connections", type=int, help="open connections at once (default 64)")
     p.add_argument("--workers", type=int, help="sentrons in the pool (default: one per core)")
+    p.add_argument(
+        "--token-file",
+        help="file holding the node token in clear (0600); used for auth and for heartbeats",
+    )
+    p.add_argument("--control-plane", help="control plane URL to send heartbeats to")
+    p.add_argument("--node-id", help="this node's id at the control plane")
+    p.add_argument(
+        "--heartbeat-seconds", type=float, help="seconds between heartbeats (default 15)"
+    )
+    p.add_argument(
+        "--public-url",
+        help="agent URL reported to the control plane (default http://HOST:PORT, none for 0.0.0.0)",
+    )
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "enroll",
+        help="enroll this node with a control plane (one-time secret)",
+        description="Trade a one-time enrollment secret for this node's id and token; writes "
+        "NODE_DIR/state/agent.json and NODE_DIR/state/token (0600) and prints the node id. "
+        "Does nothing when the node is already enrolled with that control plane.",
+    )
+    p.add_argument("--control-plane", required=True, help="control plane URL")
+    p.add_argument("--secret", help="the enrollment secret (or VTPU_ENROLL_SECRET)")
+    p.add_argument("--node-dir", required=True, help="the node's directory (state/ goes in it)")
+    p.add_argument("--port", type=int, default=8470, help="port the agent will listen on")
+    p.add_argument("--host", default="127.0.0.1", help="address the agent will listen on")
+    p.add_argument("--hostname", help="name shown in the portal (default: this host's name)")
+    p.add_argument(
+        "--public-url",
+        help="agent URL the control plane may use (default http://HOST:PORT, none for 0.0.0.0)",
+    )
+    p.set_defaults(func=cmd_enroll)
 
     # Parsed by vtpu.bench itself (see main); listed here for --help.
     sub.add_parser(

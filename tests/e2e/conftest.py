@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.stack import Stack, free_port
+from controlplane.stack import Stack, free_port, stop_local_agents
 
 
 def _e2e_database_url(tmp: Path) -> str:
@@ -90,6 +90,7 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
     stack.start_private_redis()
     with stack.running():
         yield stack
+    stop_local_agents(var / "nodes")  # agents of nodes a failed test left behind
     for log in sorted((var / "logs").glob("*.log")):
         print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
 
@@ -108,3 +109,39 @@ def alice(stack) -> Api:
 @pytest.fixture(scope="session")
 def bob(stack) -> Api:
     return _customer(stack, "bob")
+
+
+@pytest.fixture(scope="session")
+def staff(stack) -> Api:
+    """The operator: staff may choose the host of a node (customers get the pool's pick)."""
+    done = stack.manage("create_customer", "ops", "--staff", "--token", "e2e")
+    return Api(stack.url, done.stdout.strip().splitlines()[-1].split()[-1])
+
+
+def create_host(stack: Stack, name: str, *args: str) -> int:
+    done = stack.manage("create_host", name, *args)
+    return int(done.stdout.strip().rsplit("id=", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def local_host(stack) -> int:
+    return create_host(stack, "this-machine", "--local", "--ports", "19100-19199")
+
+
+def agent_get(url: str, path: str, token: str | None) -> tuple[int, dict]:
+    request = urllib.request.Request(url + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -24,6 +24,9 @@ class Command(BaseCommand):
         parser.add_argument("--ports", default="18000-18999", help="agent port range")
         parser.add_argument("--capacity", type=int, default=4)
         parser.add_argument("--tdp-watts", type=float, default=65.0)
+        parser.add_argument(
+            "--inactive", action="store_true", help="only staff-pinned nodes go here (maintenance)"
+        )
 
     def handle(self, *args, **o) -> None:
         try:
@@ -55,7 +58,8 @@ class Command(BaseCommand):
                 "port_range_end": end,
                 "capacity": o["capacity"],
                 "tdp_watts": o["tdp_watts"],
-                "is_active": True,
+                "is_active": not o["inactive"],
             },
         )
-        self.stdout.write(f"{'created' if created else 'updated'}: host {host.name} ({host.kind})")
+        verb = "created" if created else "updated"
+        self.stdout.write(f"{verb}: host {host.name} ({host.kind}) id={host.pk}")
