@@ -678,6 +678,12 @@ def node_deprovision(*, node: Node, cause: str) -> ProvisioningJob | None:
         node_transition(node=node, to_state=S.DEPROVISIONING, cause=cause)
         node_transition(node=node, to_state=S.TERMINATED, cause="nothing was installed yet")
         return None
+    if active is not None and active.kind == ProvisioningJob.Kind.PROVISION:
+        # Its first heartbeat made it ready while the playbook's last checks still run.
+        raise Conflict(
+            f"Node {node.name} is finishing its provisioning (job {active.pk}); delete it again"
+            " when that job has ended."
+        )
     if node.state != S.DEPROVISIONING:
         node_transition(node=node, to_state=S.DEPROVISIONING, cause=cause)
     if node.kind == Node.Kind.ENROLLED:

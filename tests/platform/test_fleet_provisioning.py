@@ -272,3 +272,14 @@ def test_ssh_targets_carry_the_decrypted_key(alice, staff, fake_runner):
     node_provision(job_id=node.jobs.get().pk)
     target = fake_runner.specs[0].target
     assert target.connection == "ssh" and target.private_key.startswith("-----BEGIN KEY")
+
+
+def test_deleting_a_node_made_ready_while_its_playbook_still_runs_is_refused(alice_node):
+    # The agent's first heartbeat can arrive before the playbook's last checks end.
+    services._claim_job(alice_node.jobs.get().pk)
+    services._try_transition(alice_node, "provisioning", "started")
+    services._try_transition(Node.objects.get(pk=alice_node.pk), "ready", "first heartbeat")
+    with pytest.raises(Conflict, match="finishing its provisioning"):
+        node_deprovision(node=alice_node, cause="deleted by alice")
+    assert Node.objects.get(pk=alice_node.pk).state == "ready"
+    assert not alice_node.jobs.filter(kind="deprovision").exists()

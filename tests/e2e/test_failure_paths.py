@@ -1,0 +1,73 @@
+"""Jobs that end early: a cancel, and a Celery worker killed in the middle of a provision."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests.e2e.conftest import Api
+
+
+def _job(api: Api, node_id: str) -> dict:
+    jobs = api.call("GET", f"/api/v1/nodes/{node_id}/jobs")[1]["results"]
+    return jobs[0]
+
+
+def _wait_job(api: Api, node_id: str, states: set[str], timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = _job(api, node_id)
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job stayed {job['state']}, wanted {states}")
+
+
+def _wait_events(api: Api, job_id: int, at_least: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = api.call("GET", f"/api/v1/jobs/{job_id}/events")[1]["events"]
+        if len(events) >= at_least:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stored no events in {timeout} s")
+
+
+def test_canceling_a_running_job_stops_ansible_and_fails_the_node(stack, staff, local_host):
+    status, node = staff.call("POST", "/api/v1/nodes", {"name": "e2e-cancel", "host": local_host})
+    assert status == 201, node
+    job = _wait_job(staff, node["id"], {"running"})
+    _wait_events(staff, job["id"])
+    status, body = staff.call("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    assert status == 202, body
+    job = _wait_job(staff, node["id"], {"canceled", "failed", "successful"}, timeout=60)
+    assert job["state"] == "canceled", job
+    assert staff.call("GET", f"/api/v1/nodes/{node['id']}")[1]["state"] == "failed"
+    # Canceling a finished job is refused with a reason.
+    status, body = staff.call("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    assert status == 409 and body
+
+
+def test_a_worker_killed_mid_provision_leaves_no_job_running_and_no_node_provisioned_twice(
+    stack, staff, local_host
+):
+    status, node = staff.call("POST", "/api/v1/nodes", {"name": "e2e-killed", "host": local_host})
+    assert status == 201, node
+    job = _wait_job(staff, node["id"], {"running"})
+    _wait_events(staff, job["id"], at_least=3)
+    stack.kill("worker", signal.SIGKILL)  # the worker and its pool; ansible-playbook survives
+    stack.start_worker("worker2")
+    # The task comes back (acks_late, visibility timeout) or the orphan sweep finds the job:
+    # either way it ends failed with an explanation, never running, and Ansible is not rerun.
+    job = _wait_job(staff, node["id"], {"failed", "successful", "canceled"}, timeout=240)
+    assert job["state"] == "failed" and "worker" in job["explanation"].lower(), job
+    assert staff.call("GET", f"/api/v1/nodes/{node['id']}")[1]["state"] == "failed"
+    # A retry provisions it once, through a new job.
+    status, body = staff.call("POST", f"/api/v1/nodes/{node['id']}/retry")
+    assert status in (201, 202), body
+    staff.wait_for_state(node["id"], {"ready"}, timeout=300)
+    _wait_job(staff, node["id"], {"successful", "failed"})
+    jobs = staff.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
+    assert sorted(j["state"] for j in jobs) == ["failed", "successful"]
+    assert staff.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
+    staff.wait_for_state(node["id"], {"terminated"}, timeout=180)

@@ -1,0 +1,82 @@
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from provisioning.runner import JobSpec, Target
+
+from . import netns
+
+TEST_PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+# The interpreter the node venv is made from: the base python, not the project's venv.
+NODE_PYTHON = getattr(sys, "_base_executable", sys.executable)
+NODE_TOKEN = "node-token-" + uuid.uuid4().hex
+UNREACHABLE_CONTROL_PLANE = "http://127.0.0.1:9"
+
+
+class Events:
+    """on_events for run_job: keeps every batch as it came."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict]] = []
+
+    def __call__(self, batch: list[dict]) -> None:
+        self.batches.append(list(batch))
+
+    @property
+    def all(self) -> list[dict]:
+        return [event for batch in self.batches for event in batch]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_target(name: str = "node-local") -> Target:
+    return Target(name=name, connection="local", python=NODE_PYTHON)
+
+
+def provision_vars(node_dir: Path, wheel: Path, port: int, host: str = "127.0.0.1") -> dict:
+    return {
+        "node_id": str(uuid.uuid4()),
+        "node_dir": str(node_dir),
+        "agent_host": host,
+        "agent_port": port,
+        "wheel_path": str(wheel),
+        "node_token": NODE_TOKEN,
+        "control_plane_url": UNREACHABLE_CONTROL_PLANE,
+        "heartbeat_seconds": 30,
+        "tdp_watts": 125.0,
+    }
+
+
+def provision_spec(target: Target, extravars: dict) -> JobSpec:
+    return JobSpec("provision.yml", target, extravars, frozenset({"node_token"}))
+
+
+def deprovision_spec(target: Target, extravars: dict) -> JobSpec:
+    keep = {k: extravars[k] for k in ("node_id", "node_dir", "agent_port")}
+    return JobSpec("deprovision.yml", target, keep, frozenset())
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def ssh_host(tmp_path_factory):
+    """An sshd in a fresh network namespace (see netns.py); skipped where that is impossible."""
+    workdir = tmp_path_factory.mktemp("sshhost")
+    try:
+        host = netns.start(workdir)
+    except netns.NetnsUnavailable as exc:
+        pytest.skip(f"no SSH test host: {exc}")
+    try:
+        yield host
+    finally:
+        netns.stop(host.namespace, host.sshd)
