@@ -22,3 +22,20 @@ def node_wheel(tmp_path_factory) -> Path:
     assert build.returncode == 0, build.stderr[-3000:]
     (path,) = out.glob("vtpu-*.whl")
     return path
+
+
+@pytest.fixture
+def ssh_host(tmp_path_factory):
+    """A second host reached over SSH: sshd in a network namespace of the test's own
+    (tests/provisioning/netns.py); skipped, with the reason, where that is impossible."""
+    from tests.provisioning import netns
+
+    workdir = tmp_path_factory.mktemp("sshhost")
+    try:
+        host = netns.start(workdir)
+    except netns.NetnsUnavailable as exc:
+        pytest.skip(f"no SSH test host: {exc}")
+    try:
+        yield host
+    finally:
+        netns.stop(host.namespace, host.sshd)

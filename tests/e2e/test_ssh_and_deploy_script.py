@@ -10,24 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from controlplane.stack import free_port
 from tests.e2e.conftest import agent_get, create_host, process_alive
-from tests.provisioning import netns
-
-
-@pytest.fixture
-def ssh_host(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e-sshhost")
-    try:
-        host = netns.start(workdir)
-    except netns.NetnsUnavailable as exc:
-        pytest.skip(f"no SSH test host: {exc}")
-    try:
-        yield host
-    finally:
-        netns.stop(host.namespace, host.sshd)
 
 
 def test_a_node_on_an_ssh_host_becomes_ready_and_is_deprovisioned(stack, staff, ssh_host, tmp_path):

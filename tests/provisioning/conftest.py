@@ -7,8 +7,6 @@ import pytest
 
 from provisioning.runner import JobSpec, Target
 
-from . import netns
-
 TEST_PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 # The interpreter the node venv is made from: the base python, not the project's venv.
 NODE_PYTHON = getattr(sys, "_base_executable", sys.executable)
@@ -66,17 +64,3 @@ def deprovision_spec(target: Target, extravars: dict) -> JobSpec:
 @pytest.fixture
 def events() -> Events:
     return Events()
-
-
-@pytest.fixture
-def ssh_host(tmp_path_factory):
-    """An sshd in a fresh network namespace (see netns.py); skipped where that is impossible."""
-    workdir = tmp_path_factory.mktemp("sshhost")
-    try:
-        host = netns.start(workdir)
-    except netns.NetnsUnavailable as exc:
-        pytest.skip(f"no SSH test host: {exc}")
-    try:
-        yield host
-    finally:
-        netns.stop(host.namespace, host.sshd)

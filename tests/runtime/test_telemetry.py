@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vtpu import perf
-from vtpu.counters import COUNTERS, PIPES, kernel_scope
+from vtpu.counters import COUNTERS, PIPES, SLOTS, kernel_scope
 from vtpu.cpu import cpu_info
 from vtpu.telemetry import Telemetry, format_info, info_report, parse_proc_stat
 
@@ -23,21 +23,7 @@ MAX_RANGE_UJ = 262143328850
 
 class FakeCounters:
     def __init__(self) -> None:
-        self.values = dict.fromkeys(
-            (
-                "ops",
-                "kernel_calls",
-                "runtime_cpu_ns",
-                "kernel_wall_ns",
-                "siw_issued",
-                "programs_run",
-                "errors",
-                "ppt_lookups",
-                "ppt_hits",
-                "runtime_cycles_hw",
-            ),
-            0,
-        )
+        self.values = dict.fromkeys((n for n in SLOTS if not n.startswith("pipe_")), 0)
         self.pipe_busy_ns = dict.fromkeys(PIPES, 0)
         self.started_at = time.time()
 
