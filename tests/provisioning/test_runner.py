@@ -265,4 +265,5 @@ def test_no_job_dir_is_left_behind(events, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", None)
     run_job(sleep_spec(job_timeout=1), on_events=events)
-    assert os.listdir(tmp_path) == []
+    # Ours only: a module killed by the timeout may leave Ansible's own payload dir behind.
+    assert [name for name in os.listdir(tmp_path) if name.startswith("vtpu-job-")] == []
