@@ -208,7 +208,10 @@ def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
     stack = Stack(Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port)
     print(f"==> starting the control plane on {stack.url} (Ctrl-C stops everything)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop everything, even when started from a shell that set SIGINT
+    # to be ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         stack.start()
         demo = subprocess.run([sys.executable, str(MANAGE), "bootstrap_demo"], env=stack.env)
