@@ -42,6 +42,22 @@ ensure_venv() {
             exit 1
         fi
     fi
-    echo "==> installing vtpu${extras:+[$extras]} into $VENV (builds the Cython runtime)" >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT${extras:+[$extras]}"
+    # The install is editable, so Python changes need nothing; reinstall (and recompile) only
+    # when the build inputs changed, or an extra is asked for that is not installed yet.
+    local inputs installed="" wanted
+    inputs="$(cd "$ROOT" && cat pyproject.toml setup.py \
+        $(find runtime -name '*.pyx' -o -name '*.pxd' -o -name '*.h' | sort) | sha256sum)"
+    if [ -f "$VENV/.vtpu-install" ] && [ "$(head -n 1 "$VENV/.vtpu-install")" = "$inputs" ]; then
+        installed="$(tail -n +2 "$VENV/.vtpu-install")"
+        local missing=0
+        for wanted in ${extras//,/ }; do
+            printf '%s\n' "$installed" | grep -qx "$wanted" || missing=1
+        done
+        [ "$missing" = 0 ] && return 0
+    fi
+    local all
+    all="$(printf '%s\n' $installed ${extras//,/ } | sort -u | paste -sd, -)"
+    echo "==> installing vtpu${all:+[$all]} into $VENV (builds the Cython runtime)" >&2
+    "$VENV/bin/python" -m pip install -q -e "$ROOT${all:+[$all]}"
+    printf '%s\n' "$inputs" ${all//,/ } > "$VENV/.vtpu-install"
 }
