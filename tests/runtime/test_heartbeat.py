@@ -87,7 +87,8 @@ def test_it_beats_as_often_as_the_reply_asks(plane: FakeControlPlane, agent: Run
     wait_for(lambda: len(plane.beats()) >= start + 4, timeout=5, what="4 more heartbeats")
     times = [b["at"] for b in plane.beats()[-4:]]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert all(0.15 < g < 1.5 for g in gaps), gaps
+    # The reply asks for a beat every 0.3 s (the default is 15 s); loose bounds for busy machines.
+    assert all(0.15 < g < 5 for g in gaps), gaps
 
 
 def test_health_and_metrics_show_the_channel(plane: FakeControlPlane, agent: RunningAgent) -> None:
