@@ -101,9 +101,6 @@ class RuntimeCounters:
             if delta:
                 self._slots.add(index, int(delta))
 
-    def add_ops(self, ops: int) -> None:
-        self.add(ops=ops, kernel_calls=1)
-
     def add_pipe_busy(self, pipe: str, ns: int) -> None:
         if pipe not in PIPES:
             raise ValueError(f"pipe must be one of {PIPES}, not {pipe!r}")

@@ -260,21 +260,3 @@ def task_clock_available() -> tuple[bool, str]:
     finally:
         os.close(fd)
     return value > 0, f"task-clock software event counts ({value} ns in a probe)"
-
-
-def attach_kernel_cycles() -> bool:
-    """Let kernel_scope count hardware cycles inside kernel calls (counter runtime_cycles_hw).
-
-    Needs open hardware counters and a `use_cycles_reader` hook in vtpu._counters; returns
-    whether both were there. Without it telemetry uses runtime CPU time x TSC frequency.
-    """
-    hw = hardware_counters()
-    if not hw or "cycles" not in hw.fds:
-        return False
-    from vtpu import _counters
-
-    use_cycles_reader = getattr(_counters, "use_cycles_reader", None)
-    if use_cycles_reader is None:
-        return False
-    use_cycles_reader(hw.cycles)
-    return True

@@ -449,8 +449,3 @@ def test_info_report_names_cpu_peak_tsc_and_sources() -> None:
     assert "TSC" in text and "peak fp32" in text and "telemetry sources:" in text
     if NO_PMU:
         assert "ENOENT" in text or "failed" in text
-
-
-@no_pmu_only
-def test_kernel_cycles_are_not_attached_without_a_pmu() -> None:
-    assert perf.attach_kernel_cycles() is False

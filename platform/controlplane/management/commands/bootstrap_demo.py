@@ -10,12 +10,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from accounts.services import token_create
+from accounts.models import ApiToken
+from accounts.services import token_create, token_revoke
 from fleet.models import Host, Node, NodeState
 from fleet.services import node_request, node_retry
 from fleet.wheel import node_wheel_path
 
 DEMO_NODE = "demo-node"
+RUN_TOKEN = "run command"
 
 
 def _user(username: str, *, staff: bool) -> tuple[object, str | None]:
@@ -65,7 +67,10 @@ class Command(BaseCommand):
         out = self.stdout.write
         admin, admin_password = _user("admin", staff=True)
         demo, demo_password = _user("demo", staff=False)
-        token = token_create(user=demo, name="run command").secret
+        # One live token for the demo at a time: each start prints a fresh one.
+        for stale in ApiToken.objects.filter(user=demo, name=RUN_TOKEN, revoked_at__isnull=True):
+            token_revoke(token=stale)
+        token = token_create(user=demo, name=RUN_TOKEN).secret
         host, _ = Host.objects.get_or_create(
             name="this-machine",
             defaults={"kind": Host.Kind.LOCAL, "agent_host": "127.0.0.1", "python": "python3"},
