@@ -1,4 +1,5 @@
-"""The node wheel holds the `vtpu` package alone, compiled, and depends on nothing from the platform."""
+"""The node wheel holds the `vtpu` package alone, compiled, and depends on nothing from the platform:
+numpy and scipy for the kernels, Starlette, uvicorn and prometheus-client for the agent."""
 
 import zipfile
 
@@ -22,13 +23,19 @@ def test_the_wheel_holds_only_the_vtpu_package_with_compiled_extensions(wheel):
 
 
 @pytest.mark.slow
-def test_the_wheel_depends_on_numpy_and_scipy_only(wheel):
+def test_the_wheel_depends_on_numpy_scipy_and_the_agents_http_stack_only(wheel):
     (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
     requires = [
         line.split(":", 1)[1].strip()
         for line in wheel.read(metadata).decode().splitlines()
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     ]
-    assert sorted(r.split("==")[0] for r in requires) == ["numpy", "scipy"]
+    assert sorted(r.split("==")[0] for r in requires) == [
+        "numpy",
+        "prometheus-client",
+        "scipy",
+        "starlette",
+        "uvicorn",
+    ]
     assert all("==" in r for r in requires), "runtime dependencies are pinned"
     assert not any(r.lower().startswith(PLATFORM_ONLY) for r in requires)

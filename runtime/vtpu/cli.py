@@ -1,4 +1,4 @@
-"""`vtpu`: the node's command line (info, agent, enroll, bench, asm, disasm, run).
+"""`vtpu`: the node's command line (info, agent, enroll, bench, bench-agent, asm, disasm, run).
 
 Bad usage or a bad file gets one line on stderr (`error: ...`) and exit status 2, never a
 traceback; VTPU_DEBUG=1 shows the traceback of an unexpected failure.
@@ -55,15 +55,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from vtpu.agent import AgentConfig, ConfigError, load_saved_config, run_agent
+    from vtpu.agent import run_agent
+    from vtpu.node_state import AgentConfig, ConfigError, load_saved_config
 
     state_dir = Path(args.state_dir).expanduser()
     try:
         saved = load_saved_config(state_dir)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    if args.token_file:  # saved in agent.json: later starts may run from another directory
-        args.token_file = str(Path(args.token_file).expanduser().resolve())
+    # Paths are saved in agent.json: later starts may run from another directory.
+    for name in ("token_file", "node_secret_file"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
     # Precedence: the command line, then agent.json (as provisioning writes it), then defaults.
     values: dict[str, Any] = {}
     for name in AgentConfig.PERSISTED:
@@ -86,7 +89,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def _check_agent_config(config: Any) -> None:
     checks = [
         ("port", isinstance(config.port, int) and 0 <= config.port <= 65535, "0..65535"),
-        ("tdp_watts", _positive(config.tdp_watts), "a positive number"),
+        ("tdp_watts", config.tdp_watts is None or _positive(config.tdp_watts), "a positive number"),
+        ("max_output_bytes", _positive_int(config.max_output_bytes), "a positive integer"),
+        ("max_queue", isinstance(config.max_queue, int) and config.max_queue >= 0, "0 or more"),
+        ("queue_wait_seconds", _positive(config.queue_wait_seconds), "a positive number"),
         ("max_body_bytes", _positive_int(config.max_body_bytes), "a positive integer"),
         ("max_run_seconds", _positive(config.max_run_seconds), "a positive number"),
         ("max_tensor_elements", _positive_int(config.max_tensor_elements), "a positive integer"),
@@ -99,6 +105,11 @@ def _check_agent_config(config: Any) -> None:
         ("public_url", _optional_url(config.public_url), "an http(s):// URL"),
         ("node_id", _optional_word(config.node_id), "a node id without spaces or slashes"),
         ("token_file", config.token_file is None or isinstance(config.token_file, str), "a path"),
+        (
+            "node_secret_file",
+            config.node_secret_file is None or isinstance(config.node_secret_file, str),
+            "a path",
+        ),
     ]
     for name, ok, expected in checks:
         if not ok:
@@ -130,7 +141,7 @@ def _optional_word(value: Any) -> bool:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    """Trade a one-time enrollment secret for this node's id and token (see vtpu.heartbeat)."""
+    """Trade a one-time enrollment secret for this node's id and secrets (see vtpu.heartbeat)."""
     from vtpu.heartbeat import EnrollError, enroll
 
     if not _optional_url(args.control_plane):
@@ -171,7 +182,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_bench(argv: list[str]) -> int:
     """Delegate to vtpu.bench.main after attaching the node-wide counters of the state dir, so a
     running agent's telemetry shows this run's work."""
-    from vtpu.agent import COUNTERS_FILE, default_state_dir
+    from vtpu.node_state import COUNTERS_FILE, default_state_dir
 
     state_dir: Path | None = None
     rest: list[str] = []
@@ -272,44 +283,19 @@ def _parse_inputs(specs: list[str]) -> dict[str, Any]:
     return inputs
 
 
-def _match_inputs(program: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Name every missing or unknown --input; cast arrays that convert without loss of kind
-    (np.save writes float64 by default, the program wants f32)."""
-    import numpy as np
-
-    from vtpu import siw
-
-    declared = {t.name: t for t in program.tensors if t.init == "input"}
-    missing = [
-        f"{t.name} ({t.dtype}{list(t.shape)})" for n, t in declared.items() if n not in inputs
-    ]
-    if missing:
-        raise CLIError(f"missing --input for {', '.join(missing)}")
-    unknown = [n for n in inputs if n not in declared]
-    if unknown:
-        raise CLIError(
-            f"--input {', '.join(unknown)}: not an input of the program; its inputs are "
-            f"{', '.join(declared) or '(none)'}"
-        )
-    matched = {}
-    for name, array in inputs.items():
-        want = np.dtype(siw.NUMPY_DTYPES[declared[name].dtype])
-        if array.dtype != want and np.can_cast(array.dtype, want, "same_kind"):
-            array = array.astype(want)
-        matched[name] = array
-    return matched
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vtpu import siw
-    from vtpu.agent import run_stats, tensor_to_json
+    from vtpu import jsonenc, siw
     from vtpu.arena import Arena, ArenaFull
+    from vtpu.binding import InputError, bind_inputs, run_stats, tensor_to_json
     from vtpu.sentron import RunError, Sentron, arena_bytes_for
 
     program = load_program(args.file)
-    inputs = _match_inputs(program, _parse_inputs(args.input))
+    try:
+        inputs = bind_inputs(program, _parse_inputs(args.input))
+    except InputError as exc:
+        raise CLIError(f"--input: {exc} ({args.file})") from None
     try:
         with Sentron(Arena(max(arena_bytes_for(program), 64))) as sentron:
             result = sentron.run(program, inputs)
@@ -320,19 +306,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats = run_stats(result)
     if args.json:
         outputs = {k: tensor_to_json(v) for k, v in result.outputs.items()}
-        print(json.dumps({"outputs": outputs, "stats": stats}, default=_json_default))
+        print(jsonenc.dumps({"outputs": outputs, "stats": stats}))
         return 0
     for name, value in result.outputs.items():
         print(f"{name}: shape {list(value.shape)} {value.dtype}")
         print(np.array2string(value, threshold=64, precision=6))
-    print("stats: " + json.dumps(stats, default=_json_default))
+    print("stats: " + jsonenc.dumps(stats))
     return 0
-
-
-def _json_default(value: Any) -> Any:
-    from vtpu.agent import _json_default as agent_default
-
-    return agent_default(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +324,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vtpu.agent import default_state_dir
+    from vtpu.node_state import default_state_dir
 
     parser = _Parser(prog="vtpu", description="vTPU: an x86-64 server as an AI accelerator.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -357,28 +337,44 @@ def build_parser() -> argparse.ArgumentParser:
         "agent",
         help="run the node agent (HTTP)",
         description="Run the node agent. Options given here are saved in STATE_DIR/agent.json "
-        "and used by later starts; VTPU_TOKEN sets the token (only its hash is stored).",
+        "and used by later starts. The access token (for every endpoint but health) comes from "
+        "--token-file, else VTPU_TOKEN, else STATE_DIR/access_token.sha256, else a new one is "
+        "printed; only its sha256 is stored. Heartbeats carry the node secret instead.",
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on, 0 for any free one (default 8470)")
     p.add_argument(
         "--state-dir",
         default=str(default_state_dir()),
-        help="config, token hash, counters and pid file (default $VTPU_STATE_DIR or "
+        help="config, credentials, counters and pid file (default $VTPU_STATE_DIR or "
         "~/.local/state/vtpu)",
     )
-    p.add_argument("--tdp-watts", type=float, help="node TDP for the power model (default 125)")
+    p.add_argument(
+        "--tdp-watts", type=float, help="node TDP for the power model (default 125, labelled so)"
+    )
     p.add_argument("--rotate-token", action="store_true", help="replace the token with a new one")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    p.add_argument(
+        "--max-output-bytes", type=int, help="largest program answer, estimated (default 16 MiB)"
+    )
+    p.add_argument("--max-queue", type=int, help="programs that may wait for a sentron (64)")
+    p.add_argument(
+        "--queue-wait-seconds", type=float, help="longest wait for a sentron (default 30)"
+    )
     p.add_argument("--max-run-seconds", type=float, help="deadline per program (default 30)")
     p.add_argument("--max-tensor-elements", type=int, help="largest tensor of a program")
     p.add_argument("--max-arena-bytes", type=int, help="all tensors of one program together")
     p.add_argument("--socket-timeout", type=float, help="seconds a client may stay silent")
-    p.add_argument("--max-connections", type=int, help="open connections at once (default 64)")
+    p.add_argument("--max-connections", type=int, help="open connections at once (default 256)")
     p.add_argument("--workers", type=int, help="sentrons in the pool (default: one per core)")
     p.add_argument(
         "--token-file",
-        help="file holding the node token in clear (0600); used for auth and for heartbeats",
+        help="file holding the customer access token in clear (0600); only its hash is kept",
+    )
+    p.add_argument(
+        "--node-secret-file",
+        help="file holding the node secret, the heartbeats' credential (default "
+        "STATE_DIR/node_secret)",
     )
     p.add_argument("--control-plane", help="control plane URL to send heartbeats to")
     p.add_argument("--node-id", help="this node's id at the control plane")
@@ -394,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "enroll",
         help="enroll this node with a control plane (one-time secret)",
-        description="Trade a one-time enrollment secret for this node's id and token; writes "
-        "NODE_DIR/state/agent.json and NODE_DIR/state/token (0600) and prints the node id. "
+        description="Trade a one-time enrollment secret for this node's id and secrets; writes "
+        "NODE_DIR/state/{agent.json,node_secret,access_token.sha256} (0600) and prints the "
+        "node id. "
         "Does nothing when the node is already enrolled with that control plane.",
     )
     p.add_argument("--control-plane", required=True, help="control plane URL")
@@ -414,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench",
         help="run the benchmark suite (see 'vtpu bench --help'); --state-dir as for agent",
+        add_help=False,
+    )
+
+    # Parsed by vtpu.bench.agent_load itself (see main); listed here for --help.
+    sub.add_parser(
+        "bench-agent",
+        help="load-test an agent: requests/s and latency for 4, 16, 64 keep-alive clients",
         add_help=False,
     )
 
@@ -445,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
+        if argv and argv[0] == "bench-agent":
+            from vtpu.bench import agent_load
+
+            return agent_load.main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):

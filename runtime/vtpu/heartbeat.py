@@ -2,17 +2,20 @@
 
 The node always calls out, so a customer's node behind NAT can be managed and the control plane
 never reaches into a customer's network. `vtpu enroll` trades a one-time enrollment secret for a
-node id and token; from then on the agent POSTs its telemetry and the results of finished actions
+node id, its node secret and its access token's hash; from then on the agent POSTs its telemetry and the results of finished actions
 to {control_plane}/api/v1/agent/heartbeat every `heartbeat_seconds` and takes the actions in the
-reply (benchmark, suspend, resume).
+reply (benchmark, suspend, resume, rotate_token). An action is done once: its id and result are
+kept in the state dir (vtpu.node_state.ActionStore), so an action delivered again, even after a
+restart, is not applied again; its stored result is reported again.
 
 Failures never stop the agent serving. An unreachable control plane (refused, timeout, 5xx, a
 reply that is not JSON) is retried with exponential backoff capped at a minute; a refused token
 or an unknown node (401, 404) is retried slowly with a log line that says what to check; 410 (the
 node is terminated or being deprovisioned) ends the heartbeats. Each change of state is logged
-once, not every beat. The token goes in the Authorization header only and is never logged.
+once, not every beat. Heartbeats carry the node secret (never the customer access token) in the
+Authorization header only, and it is never logged.
 
-Standard library only (urllib), like the agent. Contract: DESIGN.md, "Node agent contract".
+Standard library only (urllib). Contract: docs/architecture.md, "The node agent" and "Heartbeats and actions".
 """
 
 from __future__ import annotations
@@ -32,12 +35,24 @@ from pathlib import Path
 from typing import Any
 
 import vtpu
+from vtpu import jsonenc
+from vtpu.node_state import (
+    ACCESS_TOKEN_FILE,
+    CONFIG_FILE,
+    NODE_SECRET_FILE,
+    SHA256_HEX,
+    ActionStore,
+    ConfigError,
+    ensure_state_dir,
+    hash_token,
+    load_saved_config,
+    write_private,
+)
 
 log = logging.getLogger("vtpu.heartbeat")
 
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
 ENROLL_PATH = "/api/v1/enroll"
-TOKEN_FILE = "token"
 DEFAULT_HEARTBEAT_SECONDS = 15.0
 MIN_HEARTBEAT_SECONDS = 0.1  # what a reply may ask for; tests beat fast
 MAX_HEARTBEAT_SECONDS = 3600.0
@@ -48,21 +63,12 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_REPLY_BYTES = 1024 * 1024
 # Results the control plane has not acknowledged yet; past this the oldest are dropped.
 MAX_PENDING_RESULTS = 32
-ACTION_TYPES = ("benchmark", "suspend", "resume")
+ACTION_TYPES = ("benchmark", "suspend", "resume", "rotate_token")
 SUSPENDED_MESSAGE = "this node is suspended by the control plane"
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _to_json(value: Any) -> str:
-    from vtpu.agent import _json_default, _nan_to_none
-
-    try:
-        return json.dumps(value, default=_json_default, allow_nan=False)
-    except ValueError:  # NaN in telemetry or a benchmark result: null, as the agent answers
-        return json.dumps(_nan_to_none(value), default=_json_default, allow_nan=False)
 
 
 class ChannelError(Exception):
@@ -85,7 +91,7 @@ def post_json(url: str, body: dict, *, token: str | None = None, timeout: float)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        url, data=_to_json(body).encode("utf-8"), headers=headers, method="POST"
+        url, data=jsonenc.dumps(body).encode("utf-8"), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -140,8 +146,8 @@ class ActionError(Exception):
 class HeartbeatClient:
     """Two daemon threads: one beats, one runs benchmark actions one at a time.
 
-    suspend and resume take effect as soon as a reply brings them (they are instant), so a
-    suspension never waits behind a running benchmark."""
+    suspend, resume and rotate_token take effect as soon as a reply brings them (they are
+    instant), so a suspension never waits behind a running benchmark."""
 
     def __init__(
         self,
@@ -149,15 +155,17 @@ class HeartbeatClient:
         *,
         control_plane: str,
         node_id: str,
-        token: str,
+        node_secret: str,
         heartbeat_seconds: float,
         agent_url: str | None,
+        actions: ActionStore,
     ) -> None:
         self.agent = agent
         self.control_plane = control_plane.rstrip("/")
         self.endpoint = self.control_plane + HEARTBEAT_PATH
         self.node_id = node_id
-        self._token = token
+        self._node_secret = node_secret
+        self.actions = actions
         self.interval = float(heartbeat_seconds)
         self.agent_url = agent_url
         self.state = "starting"
@@ -168,7 +176,7 @@ class HeartbeatClient:
         self._failures = 0
         self._lock = threading.Lock()
         self._pending: collections.deque[dict] = collections.deque()
-        self._seen: collections.deque[str] = collections.deque(maxlen=512)
+        self._running: set[str] = set()  # action ids taken but not finished
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -201,14 +209,10 @@ class HeartbeatClient:
                 "pending_results": len(self._pending),
             }
 
-    def prometheus_lines(self) -> list[str]:
+    def beat_counts(self) -> dict[str, int]:
+        """Heartbeats sent, by outcome (for /metrics)."""
         with self._lock:
-            beats = dict(self.beats)
-        return [
-            "# HELP vtpu_heartbeats_total heartbeats sent to the control plane, by outcome",
-            "# TYPE vtpu_heartbeats_total counter",
-            *(f'vtpu_heartbeats_total{{outcome="{k}"}} {v}' for k, v in beats.items()),
-        ]
+            return dict(self.beats)
 
     # -- beating --------------------------------------------------------------------------
 
@@ -245,7 +249,7 @@ class HeartbeatClient:
         }
         try:
             status, reply = post_json(
-                self.endpoint, body, token=self._token, timeout=REQUEST_TIMEOUT_SECONDS
+                self.endpoint, body, token=self._node_secret, timeout=REQUEST_TIMEOUT_SECONDS
             )
         except ChannelError as exc:
             return self._refused(exc)
@@ -308,8 +312,8 @@ class HeartbeatClient:
             return None
         if exc.status in (401, 403):
             hint = (
-                f"{exc}: the control plane refused this node's token; check that the token file "
-                "holds the token from enrollment (re-enroll the node if it was replaced)"
+                f"{exc}: the control plane refused this node's secret; check that the node secret "
+                "file holds the secret from enrollment (re-enroll the node if it was replaced)"
             )
             return self._failed("rejected", hint)
         if exc.status == 404:
@@ -351,10 +355,14 @@ class HeartbeatClient:
             log.warning("ignoring an action without an id from the control plane")
             return
         action_id = str(action["id"])
+        done = self.actions.get(action_id)
+        if done is not None:  # done before (maybe before a restart): report it, do not redo it
+            self._report(done, again=True)
+            return
         with self._lock:
-            if action_id in self._seen:  # sent again before its result arrived: run it once
+            if action_id in self._running:  # sent again before its result arrived
                 return
-            self._seen.append(action_id)
+            self._running.add(action_id)
         kind = action.get("type")
         log.info("action %s from the control plane: %s", action_id, _short(kind))
         if kind == "suspend":
@@ -363,6 +371,23 @@ class HeartbeatClient:
         elif kind == "resume":
             self.agent.set_suspended(False)
             self._finish(action_id, True, {"suspended": False})
+        elif kind == "rotate_token":
+            token_hash = action.get("token_sha256")
+            if not isinstance(token_hash, str) or not SHA256_HEX.fullmatch(token_hash):
+                self._finish(
+                    action_id,
+                    False,
+                    error="rotate_token needs 'token_sha256': the new access token's sha256 as "
+                    "64 lowercase hex characters",
+                )
+                return
+            try:
+                self.agent.access.rotate(token_hash)
+            except OSError as exc:
+                self._finish(action_id, False, error=f"cannot store the new token hash: {exc}")
+                return
+            log.warning("the access token was rotated by the control plane")
+            self._finish(action_id, True, {"rotated": True})
         elif kind == "benchmark":
             self._work.put((action_id, action))
         else:
@@ -391,13 +416,12 @@ class HeartbeatClient:
 
     def _benchmark(self, action: dict) -> dict:
         from vtpu import bench
-        from vtpu.agent import _workload_names
 
         names = action.get("workloads")
         if names is not None:
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
                 raise ActionError("'workloads' must be a list of workload names or null")
-            valid = _workload_names(bench.WORKLOADS)
+            valid = list(bench.WORKLOADS)
             wrong = [n for n in names if n not in valid]
             if wrong:
                 raise ActionError(f"unknown workloads {wrong}; valid: {', '.join(valid)}")
@@ -422,10 +446,24 @@ class HeartbeatClient:
     def _finish(
         self, action_id: str, ok: bool, result: Any = None, error: str | None = None
     ) -> None:
+        """Remember the action as done (on disk, before it is reported), then report it."""
         record = json.loads(
-            _to_json({"action_id": action_id, "ok": ok, "result": result, "error": error})
+            jsonenc.dumps({"action_id": action_id, "ok": ok, "result": result, "error": error})
         )
+        try:
+            self.actions.record(record)
+        except OSError as exc:
+            log.error("cannot record action %s as done: %s", action_id, exc)
         with self._lock:
+            self._running.discard(action_id)
+        if not ok:
+            log.warning("action %s failed: %s", action_id, error)
+        self._report(record)
+
+    def _report(self, record: dict, *, again: bool = False) -> None:
+        with self._lock:
+            if again and any(r["action_id"] == record["action_id"] for r in self._pending):
+                return  # already waiting to be delivered
             if len(self._pending) >= MAX_PENDING_RESULTS:
                 dropped = self._pending.popleft()
                 log.warning(
@@ -435,8 +473,6 @@ class HeartbeatClient:
                 )
             self._pending.append(record)
             deliver_now = self.state == "ok"
-        if not ok:
-            log.warning("action %s failed: %s", action_id, error)
         if deliver_now:  # do not make the control plane wait a whole interval for a result
             self._wake.set()
 
@@ -465,21 +501,13 @@ def enroll(
     public_url: str | None = None,
     timeout: float = 30.0,
 ) -> tuple[str, bool]:
-    """Trade the one-time secret for a node id and token; write node_dir/state/{token,
-    agent.json} (0600). Returns (node id, False) when the node was already enrolled with this
-    control plane, without calling it."""
-    from vtpu.agent import (
-        CONFIG_FILE,
-        ConfigError,
-        _write_private,
-        ensure_state_dir,
-        hash_token,
-        load_saved_config,
-    )
-
+    """Trade the one-time secret for {node_id, node_secret, access_token_sha256,
+    heartbeat_seconds, control_plane_url}; write node_dir/state/{node_secret,
+    access_token.sha256, agent.json} (0600). Returns (node id, False) when the node was already
+    enrolled with this control plane, without calling it."""
     control_plane = control_plane.rstrip("/")
     state_dir = node_dir / "state"
-    token_path = state_dir / TOKEN_FILE
+    secret_path = state_dir / NODE_SECRET_FILE
     try:
         saved = load_saved_config(state_dir)
     except ConfigError as exc:
@@ -488,7 +516,7 @@ def enroll(
     if (
         node_id
         and str(saved.get("control_plane", "")).rstrip("/") == control_plane
-        and token_path.is_file()
+        and secret_path.is_file()
     ):
         return str(node_id), False
 
@@ -517,16 +545,27 @@ def enroll(
         raise EnrollError(str(exc)) from None
     if not isinstance(reply, dict):
         raise EnrollError(f"{url} answered with JSON that is not an object")
-    node_id, token = reply.get("node_id"), reply.get("node_token")
-    if not (isinstance(node_id, str) and node_id and isinstance(token, str) and len(token) >= 16):
-        raise EnrollError(f"{url} answered without a usable node_id and node_token")
+    node_id, node_secret = reply.get("node_id"), reply.get("node_secret")
+    token_hash = reply.get("access_token_sha256")
+    if not (
+        isinstance(node_id, str)
+        and node_id
+        and isinstance(node_secret, str)
+        and len(node_secret) >= 16
+        and isinstance(token_hash, str)
+        and SHA256_HEX.fullmatch(token_hash)
+    ):
+        raise EnrollError(
+            f"{url} answered without a usable node_id, node_secret and access_token_sha256"
+        )
     seconds = reply.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)
     if not (isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0):
         seconds = DEFAULT_HEARTBEAT_SECONDS
 
     try:
         ensure_state_dir(state_dir)
-        _write_private(token_path, token + "\n")
+        write_private(secret_path, node_secret + "\n")
+        write_private(state_dir / ACCESS_TOKEN_FILE, token_hash + "\n")
         config = dict(saved)
         config.update(
             host=host,
@@ -534,30 +573,12 @@ def enroll(
             control_plane=control_plane,
             node_id=node_id,
             heartbeat_seconds=seconds,
-            token_file=str(token_path.resolve()),
-            token_sha256=hash_token(token),
+            token_sha256=token_hash,
+            node_secret_sha256=hash_token(node_secret),
         )
         if public_url is not None:
             config["public_url"] = public_url
-        _write_private(state_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        write_private(state_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     except OSError as exc:
         raise EnrollError(f"cannot write the node's state in {state_dir}: {exc}") from None
     return node_id, True
-
-
-def read_token_file(path: Path) -> str:
-    """The node token in clear, from a file only its owner can read."""
-    import stat
-
-    from vtpu.agent import ConfigError
-
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the token file {path}: {exc}") from None
-    if len(token) < 16:
-        raise ConfigError(f"the token in {path} is too short: use at least 16 characters")
-    if mode & 0o077:
-        log.warning("token file %s is readable by others; chmod 600 it", path)
-    return token

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import vtpu.kernels as K
-from vtpu import siw
+from vtpu import ops, siw
 from vtpu.arena import Arena, ArenaFull, bytes_needed
 from vtpu.counters import COUNTERS, PIPES
 from vtpu.siw import COp, DOp, Limits, Program, ProgramError, SOp
@@ -149,26 +149,31 @@ def _prefetch(tile: np.ndarray) -> None:
 
 
 def _word_ops(program: Program, w: dict) -> int:
-    """Ops of a D slot, by the rules the kernels count with (vtpu.kernels docstring)."""
+    """Ops of a D slot, from the one op-count table (vtpu.ops) the kernels count with."""
     t = program.tensors
     op = w["d_op"]
-    if op in (DOp.GEMM, DOp.GEMM_I8, DOp.LINEAR):
+    if op in (DOp.GEMM, DOp.GEMM_I8):
         (m, k), n = t[w["d_a"]].shape, t[w["d_b"]].shape[1]
-        ops = 2 * m * n * k
-        if op == DOp.LINEAR:
-            ops += m * n * ((w["d_c"] != siw.NONE) + bool(w["d_flags"] & 3))
-        return ops
+        return ops.gemm(m, n, k)
+    if op == DOp.LINEAR:
+        (m, k), n = t[w["d_a"]].shape, t[w["d_b"]].shape[1]
+        return ops.linear(m, n, k, bias=w["d_c"] != siw.NONE, activation=bool(w["d_flags"] & 3))
     size = t[w["d_dst"]].size if op else 0
-    per_element = {DOp.ADD: 1, DOp.MUL: 1, DOp.LAYERNORM: 8, DOp.RMSNORM: 4, DOp.SOFTMAX: 5}
+    per_element = {
+        DOp.ADD: "add",
+        DOp.MUL: "mul",
+        DOp.LAYERNORM: "layer_norm",
+        DOp.RMSNORM: "rms_norm",
+        DOp.SOFTMAX: "softmax",
+    }
     if op in per_element:
-        return per_element[op] * size
+        return ops.PER_ELEMENT[per_element[op]] * size
     if op == DOp.ATTENTION:
         h, sq, d = t[w["d_a"]].shape
         sk = t[w["d_b"]].shape[1]
-        visible = np.full(sq, sk)
-        if w["d_flags"] & siw.FLAG_CAUSAL:
-            visible = np.clip(np.arange(sq) + (sk - sq) + 1, 0, sk)
-        return int(visible.sum()) * h * (4 * d + 5) + h * sq * d
+        causal = bool(w["d_flags"] & siw.FLAG_CAUSAL)
+        scores = ops.attention_scores(sq, sk, heads=h, causal=causal)
+        return ops.attention(scores, h * sq, d)
     return 0
 
 
@@ -298,13 +303,18 @@ class Sentron:
         self.overlap = overlap
         self.counters = SentronCounters()
         self._s_pipe: _PipeWorker | None = None
-        self._cancelled = False
+        # Each run has its own cancel event, so a cancel meant for one run (a deadline that
+        # fired just as it ended) can never stop the next run on this sentron.
+        self._run_lock = threading.Lock()
+        self._current: threading.Event | None = None
 
     def cancel(self) -> None:
-        """Stop the current run before its next word (a kernel already running finishes).
-
-        Safe from any thread; the run raises RunCancelled and the sentron stays usable."""
-        self._cancelled = True
+        """Stop the run in progress before its next word (a kernel already running finishes);
+        a no-op when idle. Safe from any thread; the run raises RunCancelled and the sentron
+        stays usable. To cancel one particular run, pass `cancel=` to run() and set that."""
+        with self._run_lock:
+            if self._current is not None:
+                self._current.set()
 
     def close(self) -> None:
         if self._s_pipe is not None:
@@ -331,20 +341,28 @@ class Sentron:
         limits: Limits = siw.DEFAULT_LIMITS,
         validate: bool = True,
         trace: bool = False,
+        cancel: threading.Event | None = None,
     ) -> RunResult:
         """Validate, bind `inputs` by name, run to C.halt, return copies of the outputs.
 
-        validate=False skips siw.validate for a Program already validated (benchmarks)."""
+        validate=False skips siw.validate for a Program already validated (benchmarks).
+        `cancel`, when set (from any thread), stops this run, and only this one, between words."""
+        event = cancel if cancel is not None else threading.Event()
+        with self._run_lock:
+            self._current = event
         try:
-            return self._run(program, inputs or {}, limits, validate, trace)
+            return self._run(program, inputs or {}, limits, validate, trace, event)
         except Exception:
             self.counters.add_error()
             COUNTERS.add(errors=1)
             raise
+        finally:
+            with self._run_lock:
+                if self._current is event:
+                    self._current = None
 
-    def _run(self, program, inputs, limits, validate, trace) -> RunResult:
+    def _run(self, program, inputs, limits, validate, trace, cancel) -> RunResult:
         t_setup = time.perf_counter_ns()
-        self._cancelled = False
         program = _as_program(program, limits, validate)
         _check_inputs(program, inputs)
         resident = [t for t in program.tensors if t.init != "scratch"]
@@ -365,7 +383,7 @@ class Sentron:
             if self.overlap and self._s_pipe is None and any(p[1] for p in plan):
                 self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
             setup_ns = time.perf_counter_ns() - t_setup
-            result = self._issue(program, plan, trace)
+            result = self._issue(program, plan, trace, cancel)
             result.setup_ns = setup_ns
             result.outputs = {
                 spec.name: views[i].copy()
@@ -399,7 +417,9 @@ class Sentron:
             )
         return plan
 
-    def _issue(self, program: Program, plan: list[tuple], trace: bool) -> RunResult:
+    def _issue(
+        self, program: Program, plan: list[tuple], trace: bool, cancel: threading.Event
+    ) -> RunResult:
         perf = time.perf_counter_ns
         worker = self._s_pipe if self.overlap else None
         intervals: list[tuple[str, int, int, int]] | None = [] if trace else None
@@ -410,7 +430,7 @@ class Sentron:
         start = perf()
         try:
             while True:
-                if self._cancelled:
+                if cancel.is_set():
                     raise RunCancelled(f"word {pc}: run cancelled", pc)
                 d, s, c, target, count, order, word_ops = plan[pc]
                 issued += 1

@@ -27,6 +27,7 @@ from vtpu import __version__, perf
 from vtpu.counters import COUNTERS, PIPES
 from vtpu.cpu import CpuInfo, cpu_info
 
+DEFAULT_TDP_WATTS = 125.0  # when none is configured; labelled "default" in sources
 DEFAULT_IDLE_FRACTION = 0.3  # idle package power as a share of TDP; typical of server CPUs
 MIN_POWER_WINDOW_S = 0.25  # /proc/stat moves in 10 ms ticks: shorter windows are noise
 _SAMPLE_EVERY_NS = 1_000_000_000  # keep at most one window sample per second
@@ -119,7 +120,7 @@ class Telemetry:
 
     def __init__(
         self,
-        tdp_watts: float = 125.0,
+        tdp_watts: float | None = None,
         idle_watts: float | None = None,
         powercap_root: str | os.PathLike = "/sys/class/powercap",
         proc_stat: str | os.PathLike = "/proc/stat",
@@ -129,7 +130,13 @@ class Telemetry:
         hardware: perf.HardwareCounters | perf.Unavailable | None = None,
         cpu: CpuInfo | None = None,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        sentrons: int | None = None,
+        vector_path: str | None = None,
     ) -> None:
+        if tdp_watts is None:
+            tdp_watts, self._tdp_note = DEFAULT_TDP_WATTS, "default"
+        else:
+            self._tdp_note = "configured"
         if not (isinstance(tdp_watts, int | float) and math.isfinite(tdp_watts) and tdp_watts > 0):
             raise ValueError(f"tdp_watts must be a positive number of watts, not {tdp_watts!r}")
         if idle_watts is None:
@@ -151,6 +158,13 @@ class Telemetry:
         self.counters = counters if counters is not None else COUNTERS
         self.hardware = hardware if hardware is not None else perf.hardware_counters()
         self.cpu = cpu or cpu_info()
+        # Occupancy divides by the sentrons that really exist: the agent's pool size. Without
+        # a pool (vtpu info, a bench run) one sentron per usable CPU is assumed, and said so.
+        if sentrons is None:
+            self.sentrons, self._sentrons_note = self.cpu.logical_cpus, "assumed one per usable CPU"
+        else:
+            self.sentrons, self._sentrons_note = int(sentrons), "the agent's sentron pool"
+        self._vector_path = vector_path
         self._now_ns = monotonic_ns
         self._lock = threading.Lock()
         # Energy checkpoint: (time ns, joules, ops, /proc/stat reading, RAPL reading) at the
@@ -198,6 +212,18 @@ class Telemetry:
                 self._checkpoint = (energy_ns, energy_j, self._checkpoint[2], energy_host, rapl)
         energy_ns, energy_j, energy_ops = self._checkpoint[:3]
         return _Sample(now, counters, host, energy_ns, energy_j, energy_ops)
+
+    @property
+    def vector_path(self) -> str:
+        """The vector path the kernels really use (their dispatch), not the CPU's widest ISA."""
+        if self._vector_path is None:
+            try:
+                from vtpu import kernels
+
+                self._vector_path = kernels.isa()
+            except ImportError:
+                self._vector_path = "unknown (vtpu.kernels not importable)"
+        return self._vector_path
 
     def _model_watts(self, utilisation: float) -> float:
         return self.idle_watts + (self.tdp_watts - self.idle_watts) * utilisation
@@ -320,7 +346,7 @@ class Telemetry:
             "pipe_occupancy": {
                 p: _ratio(
                     c["pipe_busy_ns"][p] - c0["pipe_busy_ns"][p],
-                    (now.mono_ns - oldest.mono_ns) * self.cpu.logical_cpus,
+                    (now.mono_ns - oldest.mono_ns) * self.sentrons,
                 )
                 for p in PIPES
             },
@@ -333,7 +359,7 @@ class Telemetry:
             else None
         )
         lifetime["pipe_occupancy"] = {
-            p: _ratio(c["pipe_busy_ns"][p] / 1e9, uptime * self.cpu.logical_cpus) for p in PIPES
+            p: _ratio(c["pipe_busy_ns"][p] / 1e9, uptime * self.sentrons) for p in PIPES
         }
 
         cache, ipc, hw_sources = self._hardware_figures()
@@ -364,7 +390,8 @@ class Telemetry:
             "window": window,
             "lifetime": lifetime,
             "isa": {
-                "vector_path": self.cpu.vector_path,
+                "vector_path": self.vector_path,
+                "cpu_best_vector_path": self.cpu.vector_path,
                 "features": sorted(k for k, v in self.cpu.features.items() if v),
             },
             "sources": sources,
@@ -377,7 +404,7 @@ class Telemetry:
         elif self.proc_stat.exists():
             power = (
                 f"model: idle + (TDP - idle) x host CPU utilisation from /proc/stat"
-                f" (TDP {self.tdp_watts:g} W configured, idle {self.idle_watts:g} W"
+                f" (TDP {self.tdp_watts:g} W {self._tdp_note}, idle {self.idle_watts:g} W"
                 f" {self._idle_note}); {self.rapl.reason}"
             )
         else:
@@ -419,7 +446,7 @@ class Telemetry:
             ),
             "pipe_occupancy": (
                 f"runtime counter: busy time of each sentron pipe / (window x"
-                f" {self.cpu.logical_cpus} sentrons, one per usable CPU)"
+                f" {self.sentrons} sentrons, {self._sentrons_note})"
             ),
             "uptime_seconds": "seconds since the runtime counters started",
             "errors": "runtime counter",
@@ -434,103 +461,9 @@ class Telemetry:
 
     def prometheus_metrics(self) -> str:
         """Prometheus text exposition (version 0.0.4) of the counters and measured gauges."""
-        snap = self.snapshot()
-        c = self.counters.snapshot()
-        out: list[str] = []
+        from vtpu.metrics import exposition
 
-        def metric(name: str, kind: str, help_: str, samples) -> None:
-            samples = [(labels, value) for labels, value in samples if value is not None]
-            if not samples:
-                return
-            out.append(f"# HELP {name} {_escape_help(help_)}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                label_text = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels.items())
-                out.append(
-                    f"{name}{{{label_text}}} {_number(value)}"
-                    if labels
-                    else f"{name} {_number(value)}"
-                )
-
-        src = snap["sources"]
-        metric("vtpu_ops_total", "counter", src["ops"], [({}, c["ops"])])
-        metric("vtpu_kernel_calls_total", "counter", "kernel calls", [({}, c["kernel_calls"])])
-        metric(
-            "vtpu_runtime_cpu_seconds_total",
-            "counter",
-            "CPU time of all threads while kernels ran",
-            [({}, c.get("runtime_cpu_ns", 0) / 1e9)],
-        )
-        metric(
-            "vtpu_kernel_seconds_total",
-            "counter",
-            "wall time while kernels ran",
-            [({}, c.get("kernel_wall_ns", 0) / 1e9)],
-        )
-        metric("vtpu_runtime_cycles_total", "counter", src["cycles"], [({}, snap["cycles"])])
-        for name, help_ in (
-            ("siw_issued", "SIW words issued by sentrons"),
-            ("programs_run", "SIW programs run"),
-            ("errors", "runtime errors"),
-            ("ppt_lookups", "PPT translation-cache lookups"),
-            ("ppt_hits", "PPT translation-cache hits"),
-        ):
-            metric(f"vtpu_{name}_total", "counter", help_, [({}, c[name])])
-        metric(
-            "vtpu_pipe_busy_seconds_total",
-            "counter",
-            "busy time of each sentron pipe",
-            [({"pipe": p}, c["pipe_busy_ns"][p] / 1e9) for p in PIPES],
-        )
-        metric(
-            "vtpu_energy_joules_total",
-            "counter",
-            "energy since telemetry started; " + src["power_watts"],
-            [({}, snap["lifetime"]["energy_joules"])],
-        )
-        metric("vtpu_ops_per_cycle", "gauge", src["ops_per_cycle"], [({}, snap["ops_per_cycle"])])
-        metric(
-            "vtpu_throughput_ops_per_second",
-            "gauge",
-            src["throughput_gops"],
-            [({}, None if snap["throughput_gops"] is None else snap["throughput_gops"] * 1e9)],
-        )
-        metric(
-            "vtpu_peak_ops_per_second",
-            "gauge",
-            self.cpu.peak["source"],
-            [({"dtype": d}, snap["peak_gops"][d] * 1e9) for d in ("fp32", "int8")],
-        )
-        metric("vtpu_utilization_ratio", "gauge", src["utilization"], [({}, snap["utilization"])])
-        metric("vtpu_power_watts", "gauge", src["power_watts"], [({}, snap["power_watts"])])
-        metric(
-            "vtpu_uptime_seconds", "gauge", src["uptime_seconds"], [({}, snap["uptime_seconds"])]
-        )
-        metric(
-            "vtpu_cache_hit_ratio",
-            "gauge",
-            src["cache_hit_rate"],
-            [({"level": k}, v) for k, v in snap["cache_hit_rate"].items()],
-        )
-        metric("vtpu_instructions_per_cycle", "gauge", src["ipc"], [({}, snap["ipc"])])
-        metric("vtpu_ppt_hit_ratio", "gauge", src["ppt_hit_rate"], [({}, snap["ppt_hit_rate"])])
-        metric(
-            "vtpu_info",
-            "gauge",
-            "vTPU runtime version, CPU and instruction set",
-            [
-                (
-                    {
-                        "version": __version__,
-                        "cpu": self.cpu.model_name,
-                        "vector_path": self.cpu.vector_path,
-                        "isa": ",".join(snap["isa"]["features"]),
-                    },
-                    1,
-                )
-            ],
-        )
-        return "\n".join(out) + "\n"
+        return exposition(self)
 
 
 def _kernel_dispatch() -> dict | str:
@@ -565,7 +498,8 @@ def info_report(telemetry: Telemetry | None = None) -> dict:
         "isa": {
             "features": cpu.features,
             "notes": cpu.feature_notes,
-            "vector_path": cpu.vector_path,
+            "vector_path": telemetry.vector_path,
+            "cpu_best_vector_path": cpu.vector_path,
         },
         "kernels": _kernel_dispatch(),
         "peak": cpu.peak,
@@ -607,7 +541,8 @@ def format_info(report: dict) -> str:
         f"caches        {caches or 'unknown'}",
         "ISA           "
         + " ".join(f"{name}{'+' if ok else '-'}" for name, ok in isa["features"].items()),
-        f"vector path   {isa['vector_path']}",
+        f"vector path   {isa['vector_path']} (kernels' dispatch; the CPU's widest:"
+        f" {isa['cpu_best_vector_path']})",
     ]
     for name, note in isa["notes"].items():
         lines.append(f"  {name}: {note}")
@@ -625,23 +560,3 @@ def format_info(report: dict) -> str:
     ]
     lines += [f"  {name:<18}{text}" for name, text in report["telemetry_sources"].items()]
     return "\n".join(lines)
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float | int) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))

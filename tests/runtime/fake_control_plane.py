@@ -4,6 +4,7 @@ tests run the same node code against the real Django control plane."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -12,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 NODE_ID = "3f0c6a52-2d1b-4c7e-9a55-0d4c1f6b8e21"
-NODE_TOKEN = "node-token-" + "s3cr3t" * 6
+NODE_SECRET = "node-secret-" + "s3cr3t" * 6  # the Bearer of heartbeats only
+ACCESS_TOKEN = "access-token-" + "cust0mer" * 5  # the customer's token for the agent's API
+ACCESS_TOKEN_SHA256 = hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest()
 
 
 class FakeControlPlane:
@@ -59,7 +62,8 @@ class FakeControlPlane:
                             201,
                             {
                                 "node_id": NODE_ID,
-                                "node_token": NODE_TOKEN,
+                                "node_secret": NODE_SECRET,
+                                "access_token_sha256": ACCESS_TOKEN_SHA256,
                                 "heartbeat_seconds": 7,
                                 "control_plane_url": plane.url,
                             },

@@ -195,12 +195,21 @@ def gemm_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
 # ---- health and authentication ------------------------------------------------------------
 
 
-def test_health_answers_without_a_token(agent: RunningAgent) -> None:
+def test_health_without_a_token_says_only_that_it_is_up(agent: RunningAgent) -> None:
     status, doc = call_json(agent, "GET", "/vTPU/health", token=None)
     assert status == 200
-    assert doc["status"] == "ok"
-    assert doc["version"]
-    assert doc["uptime_seconds"] >= 0
+    assert set(doc) == {"status", "version"}
+    assert doc["status"] == "ok" and doc["version"]
+    status, doc = call_json(agent, "GET", "/vTPU/health", token="a-wrong-token-0123456789")
+    assert set(doc) == {"status", "version"}
+
+
+def test_health_with_the_access_token_tells_more(agent: RunningAgent) -> None:
+    status, doc = call_json(agent, "GET", "/vTPU/health")
+    assert status == 200 and doc["status"] == "ok"
+    assert doc["node_id"] is None  # standalone
+    assert doc["uptime_seconds"] >= 0 and doc["suspended"] is False
+    assert doc["sentrons"] == 2 and doc["control_plane"] is None
 
 
 @pytest.mark.parametrize("path", ["/vTPU/telemetry", "/metrics"])
@@ -253,7 +262,11 @@ def test_a_generated_token_is_printed_with_a_curl_line(agent: RunningAgent) -> N
 
 def test_the_token_is_stored_only_as_its_hash(agent: RunningAgent) -> None:
     config = json.loads((agent.state_dir / "agent.json").read_text())
-    assert config["token_sha256"] == hashlib.sha256(agent.token.encode()).hexdigest()
+    digest = hashlib.sha256(agent.token.encode()).hexdigest()
+    assert config["token_sha256"] == digest
+    assert config["node_secret_sha256"] is None  # standalone: no control plane, no secret
+    assert (agent.state_dir / "access_token.sha256").read_text() == digest + "\n"
+    assert stat.S_IMODE((agent.state_dir / "access_token.sha256").stat().st_mode) == 0o600
     for path in agent.state_dir.iterdir():
         assert agent.token.encode() not in path.read_bytes(), path
     assert stat.S_IMODE(agent.state_dir.stat().st_mode) == 0o700
@@ -295,6 +308,33 @@ def test_telemetry_has_the_seed_fields_and_their_sources(agent: RunningAgent) ->
     assert SEED_FIELDS <= set(doc)
     assert {"L1", "L2", "L3", "combined"} <= set(doc["cache_hit_rate"])
     assert isinstance(doc["sources"], dict) and doc["sources"]
+
+
+def metric_families(agent: RunningAgent) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, data = call(agent, "GET", "/metrics")
+    assert status == 200
+    return {f.name: f for f in text_string_to_metric_families(data.decode())}
+
+
+def metric_value(agent: RunningAgent, sample_name: str, **labels: str) -> float:
+    for family in metric_families(agent).values():
+        for sample in family.samples:
+            if sample.name == sample_name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                return sample.value
+    raise AssertionError(f"no sample {sample_name} {labels}")
+
+
+def test_metrics_parse_with_prometheus_client_in_base_units(agent: RunningAgent) -> None:
+    families = metric_families(agent)
+    assert families and all(name.startswith("vtpu_") for name in families)
+    assert families["vtpu_ops"].type == "counter"
+    assert families["vtpu_pipe_busy_seconds"].type == "counter"
+    assert metric_value(agent, "vtpu_sentrons") == 2
+    assert metric_value(agent, "vtpu_suspended") == 0
 
 
 def test_metrics_are_prometheus_text_with_vtpu_names(agent: RunningAgent) -> None:
@@ -540,7 +580,9 @@ def test_a_silent_client_is_disconnected_after_the_socket_timeout(agent: Running
         assert time.monotonic() - started < 5
 
 
-def test_slow_programs_get_504_and_a_full_pool_gets_503(agent: RunningAgent) -> None:
+def test_slow_programs_get_504_and_a_program_queued_behind_them_runs(
+    agent: RunningAgent,
+) -> None:
     slow = """
 .tensor a f32[128,128] ones
 .tensor y f32[128,128] output
@@ -557,11 +599,12 @@ C.halt
     for runner in runners:
         runner.start()
     time.sleep(0.8)
+    # Both sentrons are busy: this one waits in the queue (no 503) and runs when one is free.
     status, headers, data = call(
         agent, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain"
     )
-    assert status == 503 and headers["Retry-After"] == "1"
-    assert "busy" in json.loads(data)["error"]
+    assert status == 200, data
+    assert json.loads(data)["outputs"]["y"]["data"] == [8.0] * 6
     for runner in runners:
         runner.join(30)
     assert [status for status, _ in answers] == [504, 504]
@@ -683,8 +726,7 @@ def test_a_fault_in_a_handler_is_a_counted_500_and_the_agent_keeps_serving(
             assert status == 500
             assert doc == {"error": "internal error in the agent; see its log"}
         assert call(running, "GET", "/vTPU/health")[0] == 200
-        metrics = call(running, "GET", "/metrics")[2].decode()
-        assert re.search(r"^vtpu_errors_total 2$", metrics, re.M), metrics
+        assert metric_value(running, "vtpu_errors_total") == 2
         log = running.log()
         assert "simulated fault in a handler" in log and "GET /vTPU/telemetry 500" in log
     finally:
@@ -789,3 +831,136 @@ def test_vtpu_token_sets_the_token_and_rotation_replaces_it(tmp_path: Path) -> N
         assert call(kept, "GET", "/vTPU/telemetry", token=rotated.token)[0] == 200
     finally:
         stop_agent(kept)
+
+
+def test_a_program_whose_output_would_be_too_large_is_refused_before_it_runs(
+    agent: RunningAgent,
+) -> None:
+    before = metric_value(agent, "vtpu_programs_run_total")
+    program = ".tensor y f32[2000,2000] output\nC.halt\n"  # 30 bytes asking for ~100 MB of JSON
+    status, doc = call_json(agent, "POST", "/vTPU/programs", program, content_type="text/plain")
+    assert status == 413
+    assert "y f32[2000, 2000]" in doc["error"] and "bytes of JSON" in doc["error"]
+    assert metric_value(agent, "vtpu_programs_run_total") == before
+
+
+def test_an_access_token_file_sets_the_token(tmp_path: Path) -> None:
+    token = "from-a-file-0123456789abcdef"
+    token_file = tmp_path / "access_token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    running = start_agent(tmp_path / "state", "--token-file", str(token_file))
+    try:
+        assert "token: " + token not in "".join(running.stdout_lines)
+        assert call(running, "GET", "/vTPU/telemetry", token=token)[0] == 200
+        assert call(running, "GET", "/vTPU/telemetry", token="y" * 30)[0] == 401
+    finally:
+        assert stop_agent(running) == 0
+    stored = (tmp_path / "state" / "access_token.sha256").read_text().strip()
+    assert stored == hashlib.sha256(token.encode()).hexdigest()
+
+
+# ---- the queue in front of the sentrons -----------------------------------------------------
+
+SLOW_PROGRAM = """
+.tensor a f32[128,128] ones
+.tensor y f32[128,128] output
+D.gemm y, a, a | C.loop 0 count=4000000
+C.halt
+"""
+
+
+def test_concurrent_clients_below_the_queue_size_all_get_200(tmp_path: Path) -> None:
+    running = start_agent(tmp_path / "state", "--workers", "1", "--max-queue", "16")
+    try:
+        answers: list = []
+
+        def client() -> None:
+            for _ in range(3):
+                answers.append(
+                    call(running, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain")
+                )
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(60)
+        assert [status for status, _, _ in answers] == [200] * 24
+    finally:
+        assert stop_agent(running) == 0
+
+
+def test_a_full_queue_gets_503_with_retry_after(tmp_path: Path) -> None:
+    running = start_agent(
+        tmp_path / "state", "--workers", "1", "--max-queue", "1", "--max-run-seconds", "1.5"
+    )
+    try:
+        answers: list = []
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                call(running, "POST", "/vTPU/programs", SLOW_PROGRAM, content_type="text/plain")
+            )
+        )
+        slow.start()
+        time.sleep(0.5)
+        queued = threading.Thread(
+            target=lambda: answers.append(
+                call(running, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain")
+            )
+        )
+        queued.start()
+        time.sleep(0.3)
+        status, headers, data = call(
+            running, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain"
+        )
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "wait" in json.loads(data)["error"]
+        slow.join(30)
+        queued.join(30)
+        assert sorted(status for status, _, _ in answers) == [200, 504]
+        assert metric_value(running, "vtpu_queue_refused_total") == 1
+    finally:
+        assert stop_agent(running) == 0
+
+
+def test_a_wait_past_the_queue_deadline_gets_503(tmp_path: Path) -> None:
+    running = start_agent(
+        tmp_path / "state", "--workers", "1", "--queue-wait-seconds", "0.3",
+        "--max-run-seconds", "1.5",
+    )  # fmt: skip
+    try:
+        slow = threading.Thread(
+            target=call,
+            args=(running, "POST", "/vTPU/programs", SLOW_PROGRAM),
+            kwargs={"content_type": "text/plain"},
+        )
+        slow.start()
+        time.sleep(0.5)
+        status, headers, data = call(
+            running, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain"
+        )
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "within 0.3 s" in json.loads(data)["error"]
+        slow.join(30)
+    finally:
+        assert stop_agent(running) == 0
+
+
+def test_one_keep_alive_connection_serves_many_requests(agent: RunningAgent) -> None:
+    conn = http.client.HTTPConnection(agent.host, agent.port, timeout=30)
+    try:
+        conn.request("GET", "/vTPU/health")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        for _ in range(5):
+            conn.request(
+                "GET", "/vTPU/telemetry", headers={"Authorization": f"Bearer {agent.token}"}
+            )
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+        assert conn.sock is sock  # the same connection throughout
+    finally:
+        conn.close()

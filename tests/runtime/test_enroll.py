@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.fake_control_plane import NODE_ID, NODE_TOKEN, FakeControlPlane, wait_for
-from tests.runtime.test_agent import start_agent, stop_agent
+from tests.runtime.fake_control_plane import (
+    ACCESS_TOKEN,
+    ACCESS_TOKEN_SHA256,
+    NODE_ID,
+    NODE_SECRET,
+    FakeControlPlane,
+    wait_for,
+)
+from tests.runtime.test_agent import call, start_agent, stop_agent
 from tests.runtime.test_cli import assert_one_line_error
 
 SECRET = "enroll-secret-0123456789abcdef"
@@ -36,7 +43,7 @@ def enroll(control_plane: str, node_dir: Path, *args: str) -> subprocess.Complet
     )
 
 
-def test_it_writes_the_token_and_the_agent_config_owner_only(
+def test_it_writes_the_node_secret_the_token_hash_and_the_config_owner_only(
     plane: FakeControlPlane, tmp_path: Path
 ) -> None:
     result = enroll(plane.url + "/", tmp_path, "--port", "8555", "--hostname", "box-1")
@@ -53,9 +60,10 @@ def test_it_writes_the_token_and_the_agent_config_owner_only(
 
     state = tmp_path / "state"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for name in ("agent.json", "token"):
+    for name in ("agent.json", "node_secret", "access_token.sha256"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
-    assert (state / "token").read_text().strip() == NODE_TOKEN
+    assert (state / "node_secret").read_text().strip() == NODE_SECRET
+    assert (state / "access_token.sha256").read_text().strip() == ACCESS_TOKEN_SHA256
     config = json.loads((state / "agent.json").read_text())
     assert config == {
         "host": "127.0.0.1",
@@ -63,11 +71,11 @@ def test_it_writes_the_token_and_the_agent_config_owner_only(
         "control_plane": plane.url,
         "node_id": NODE_ID,
         "heartbeat_seconds": 7,
-        "token_file": str((state / "token").resolve()),
-        "token_sha256": hashlib.sha256(NODE_TOKEN.encode()).hexdigest(),
+        "token_sha256": ACCESS_TOKEN_SHA256,
+        "node_secret_sha256": hashlib.sha256(NODE_SECRET.encode()).hexdigest(),
         "public_url": "http://127.0.0.1:8555",
     }
-    assert NODE_TOKEN not in result.stdout + result.stderr
+    assert NODE_SECRET not in result.stdout + result.stderr
     assert SECRET not in result.stdout + result.stderr
 
 
@@ -89,11 +97,19 @@ def test_the_agent_starts_heartbeating_from_what_enroll_wrote(
     running = start_agent(tmp_path / "state")  # --port 0; the rest comes from agent.json
     try:
         beat = wait_for(lambda: plane.beats(), what="a heartbeat")[0]
+        # The access token the control plane holds works; the node secret is no API token.
+        assert running.token is None  # nothing printed: the hash came with the enrollment
+        assert call(running, "GET", "/vTPU/telemetry", token=ACCESS_TOKEN)[0] == 200
+        assert call(running, "GET", "/vTPU/telemetry", token=NODE_SECRET)[0] == 401
     finally:
         stop_agent(running)
-    assert beat["headers"]["Authorization"] == f"Bearer {NODE_TOKEN}"
+    assert beat["headers"]["Authorization"] == f"Bearer {NODE_SECRET}"
+    assert ACCESS_TOKEN not in json.dumps(beat)
     assert beat["body"]["node_id"] == NODE_ID
-    assert NODE_TOKEN not in running.log()
+    assert NODE_SECRET not in running.log()
+    config = json.loads((tmp_path / "state" / "agent.json").read_text())
+    assert config["token_sha256"] == ACCESS_TOKEN_SHA256
+    assert config["node_secret_sha256"] == hashlib.sha256(NODE_SECRET.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -104,6 +120,7 @@ def test_the_agent_starts_heartbeating_from_what_enroll_wrote(
         (500, None, "answered HTTP 500"),
         (201, b"<html>not json</html>", "not JSON"),
         (201, b'{"node_id": 5}', "without a usable node_id"),
+        (201, b'{"node_id": "n", "node_secret": "xxxxxxxxxxxxxxxxxxxx"}', "access_token_sha256"),
     ],
 )
 def test_a_refused_enrollment_is_one_line_and_exit_2(
@@ -113,7 +130,7 @@ def test_a_refused_enrollment_is_one_line_and_exit_2(
     plane.enroll_raw = raw
     result = enroll(plane.url, tmp_path)
     assert_one_line_error(result, needle)
-    assert not (tmp_path / "state" / "token").exists()
+    assert not (tmp_path / "state" / "node_secret").exists()
 
 
 def test_an_unreachable_control_plane_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ control plane (tests/runtime/fake_control_plane.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -13,20 +15,35 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.fake_control_plane import NODE_ID, NODE_TOKEN, FakeControlPlane, wait_for
-from tests.runtime.test_agent import ONES_PROGRAM, RunningAgent, call, call_json, stop_agent
+from tests.runtime.fake_control_plane import (
+    ACCESS_TOKEN,
+    NODE_ID,
+    NODE_SECRET,
+    FakeControlPlane,
+    wait_for,
+)
+from tests.runtime.test_agent import (
+    ONES_PROGRAM,
+    RunningAgent,
+    call,
+    call_json,
+    metric_value,
+    stop_agent,
+)
 from tests.runtime.test_agent import start_agent as _start_agent
 
 
 def start_agent(state_dir: Path, control_plane: str, *args: str) -> RunningAgent:
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    token_file = state_dir.parent / "token"
-    token_file.write_text(NODE_TOKEN + "\n")
-    token_file.chmod(0o600)
+    """An agent as provisioning leaves it: the node secret and the access token's hash in the
+    state dir, the access token itself nowhere on the node."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret_file = state_dir / "node_secret"
+    secret_file.write_text(NODE_SECRET + "\n")
+    secret_file.chmod(0o600)
+    digest = hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest()
+    (state_dir / "access_token.sha256").write_text(digest + "\n")
     running = _start_agent(
         state_dir,
-        "--token-file",
-        str(token_file),
         "--control-plane",
         control_plane,
         "--node-id",
@@ -35,7 +52,7 @@ def start_agent(state_dir: Path, control_plane: str, *args: str) -> RunningAgent
         "1",
         *args,
     )
-    running.token = NODE_TOKEN
+    running.token = ACCESS_TOKEN
     return running
 
 
@@ -46,7 +63,7 @@ def free_port() -> int:
 
 
 def health(agent: RunningAgent) -> dict:
-    status, doc = call_json(agent, "GET", "/vTPU/health", token=None)
+    status, doc = call_json(agent, "GET", "/vTPU/health")
     assert status == 200
     return doc
 
@@ -65,14 +82,16 @@ def agent(plane: FakeControlPlane, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     yield running
     stop_agent(running)
-    assert NODE_TOKEN not in running.log(), "the node token leaked into the agent's log"
+    log = running.log()
+    assert NODE_SECRET not in log and ACCESS_TOKEN not in log, "a credential leaked into the log"
 
 
-def test_heartbeats_carry_the_token_and_the_telemetry(
+def test_heartbeats_carry_the_node_secret_and_the_telemetry(
     plane: FakeControlPlane, agent: RunningAgent
 ) -> None:
     first = wait_for(lambda: plane.beats(), what="a heartbeat")[0]
-    assert first["headers"]["Authorization"] == f"Bearer {NODE_TOKEN}"
+    assert first["headers"]["Authorization"] == f"Bearer {NODE_SECRET}"
+    assert ACCESS_TOKEN not in json.dumps(first)
     body = first["body"]
     assert body["node_id"] == NODE_ID
     assert body["version"] == health(agent)["version"]
@@ -99,15 +118,24 @@ def test_health_and_metrics_show_the_channel(plane: FakeControlPlane, agent: Run
     assert channel["node_state"] == "ready"
     assert channel["last_ok_at"]
     assert channel["last_error"] is None
-    status, _, data = call(agent, "GET", "/metrics")
-    assert status == 200
-    ok = [
-        ln
-        for ln in data.decode().splitlines()
-        if ln.startswith('vtpu_heartbeats_total{outcome="ok"}')
-    ]
-    assert ok and float(ok[0].split()[-1]) >= 1
-    assert "vtpu_suspended 0" in data.decode()
+    assert metric_value(agent, "vtpu_heartbeats_total", outcome="ok") >= 1
+    assert metric_value(agent, "vtpu_suspended") == 0
+
+
+def test_health_names_the_node_only_for_the_access_token(agent: RunningAgent) -> None:
+    assert health(agent)["node_id"] == NODE_ID
+    status, doc = call_json(agent, "GET", "/vTPU/health", token=None)
+    assert status == 200 and set(doc) == {"status", "version"}
+    status, doc = call_json(agent, "GET", "/vTPU/health", token=NODE_SECRET)
+    assert set(doc) == {"status", "version"}
+
+
+def test_the_node_secret_is_never_an_api_token(agent: RunningAgent) -> None:
+    assert call(agent, "GET", "/vTPU/telemetry", token=NODE_SECRET)[0] == 401
+    assert call(agent, "GET", "/vTPU/telemetry")[0] == 200
+    config = json.loads((agent.state_dir / "agent.json").read_text())
+    assert config["node_secret_sha256"] == hashlib.sha256(NODE_SECRET.encode()).hexdigest()
+    assert config["token_sha256"] == hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest()
 
 
 def test_a_benchmark_action_runs_and_its_result_comes_back(
@@ -182,14 +210,12 @@ def test_an_unreachable_control_plane_does_not_stop_the_agent(tmp_path: Path) ->
             running, "POST", "/vTPU/programs", ONES_PROGRAM, content_type="text/plain"
         )
         assert status == 200, doc
-        status, _, data = call(running, "GET", "/metrics")
-        errors = [ln for ln in data.decode().splitlines() if 'outcome="error"' in ln]
-        assert float(errors[0].split()[-1]) >= 3
+        assert metric_value(running, "vtpu_heartbeats_total", outcome="error") >= 3
     finally:
         stop_agent(running)
     log = running.log()
     assert log.count("keeps serving and retries") == 1, log
-    assert NODE_TOKEN not in log
+    assert NODE_SECRET not in log
 
 
 def test_a_refused_token_is_logged_with_what_to_check(tmp_path: Path) -> None:
@@ -202,8 +228,8 @@ def test_a_refused_token_is_logged_with_what_to_check(tmp_path: Path) -> None:
         finally:
             stop_agent(running)
     log = running.log()
-    assert "refused this node's token" in log and "token file" in log
-    assert NODE_TOKEN not in log
+    assert "refused this node's secret" in log and "node secret file" in log
+    assert NODE_SECRET not in log
 
 
 def test_410_stops_the_heartbeats_but_not_the_agent(tmp_path: Path) -> None:
@@ -221,7 +247,7 @@ def test_410_stops_the_heartbeats_but_not_the_agent(tmp_path: Path) -> None:
     assert "terminated/deprovisioning; heartbeats stop" in running.log()
 
 
-def test_it_refuses_a_control_plane_without_a_token_file(tmp_path: Path) -> None:
+def test_it_refuses_a_control_plane_without_a_node_secret(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VTPU_TOKEN"}
     result = subprocess.run(
         [sys.executable, "-m", "vtpu", "agent", "--port", "0", "--state-dir", str(tmp_path)]
@@ -232,4 +258,94 @@ def test_it_refuses_a_control_plane_without_a_token_file(tmp_path: Path) -> None
         timeout=60,
     )
     assert result.returncode == 2
-    assert "--token-file" in result.stderr
+    assert "--node-secret-file" in result.stderr and "node_secret" in result.stderr
+
+
+# ---- credentials and idempotent actions ------------------------------------------------------
+
+
+def test_rotate_token_replaces_the_access_token_at_once(
+    plane: FakeControlPlane, agent: RunningAgent
+) -> None:
+    new_token = "rotated-access-token-0123456789"
+    digest = hashlib.sha256(new_token.encode()).hexdigest()
+    plane.actions += [
+        {"id": "rot-bad", "type": "rotate_token", "token_sha256": "not-a-hash"},
+        {"id": "rot-1", "type": "rotate_token", "token_sha256": digest},
+    ]
+    bad = wait_for(lambda: plane.results().get("rot-bad"), what="bad rotate result")
+    assert bad["ok"] is False and "64 lowercase hex" in bad["error"]
+    done = wait_for(lambda: plane.results().get("rot-1"), what="rotate result")
+    assert done["ok"] is True and done["result"] == {"rotated": True}
+    assert call(agent, "GET", "/vTPU/telemetry", token=ACCESS_TOKEN)[0] == 401
+    assert call(agent, "GET", "/vTPU/telemetry", token=new_token)[0] == 200
+    assert (agent.state_dir / "access_token.sha256").read_text().strip() == digest
+    assert json.loads((agent.state_dir / "agent.json").read_text())["token_sha256"] == digest
+    # Back to the module's token, for the tests that follow.
+    plane.actions.append(
+        {
+            "id": "rot-back",
+            "type": "rotate_token",
+            "token_sha256": hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest(),
+        }
+    )
+    wait_for(lambda: plane.results().get("rot-back"), what="rotate back")
+    assert call(agent, "GET", "/vTPU/telemetry")[0] == 200
+
+
+def deliveries(plane: FakeControlPlane, action_id: str) -> list[dict]:
+    return [r for hb in plane.beats() for r in hb["body"]["results"] if r["action_id"] == action_id]
+
+
+def test_an_action_delivered_twice_is_applied_once_also_after_a_restart(tmp_path: Path) -> None:
+    token_a, token_b = "first-rotated-token-0123456789", "second-rotated-token-0123456789"
+    with FakeControlPlane() as fake:
+        state = tmp_path / "state"
+        running = start_agent(state, fake.url)
+        try:
+            fake.actions += [
+                {"id": "sus-x", "type": "suspend"},
+                {"id": "bench-x", "type": "benchmark", "workloads": ["gemm_256"], "size": "tiny"},
+                {"id": "rot-a", "type": "rotate_token",
+                 "token_sha256": hashlib.sha256(token_a.encode()).hexdigest()},
+            ]  # fmt: skip
+            for action_id in ("sus-x", "bench-x", "rot-a"):
+                wait_for(lambda a=action_id: deliveries(fake, a), timeout=60, what=action_id)
+            first_bench = deliveries(fake, "bench-x")[0]
+            fake.actions += [
+                {"id": "res-y", "type": "resume"},
+                {"id": "rot-b", "type": "rotate_token",
+                 "token_sha256": hashlib.sha256(token_b.encode()).hexdigest()},
+            ]  # fmt: skip
+            wait_for(lambda: deliveries(fake, "rot-b"), what="rot-b")
+            # The same three again: reported again, not applied again.
+            fake.actions += [
+                {"id": "sus-x", "type": "suspend"},
+                {"id": "bench-x", "type": "benchmark", "workloads": ["gemm_256"], "size": "tiny"},
+                {"id": "rot-a", "type": "rotate_token",
+                 "token_sha256": hashlib.sha256(token_a.encode()).hexdigest()},
+            ]  # fmt: skip
+            for action_id in ("sus-x", "bench-x", "rot-a"):
+                wait_for(
+                    lambda a=action_id: len(deliveries(fake, a)) >= 2, what=f"{action_id} again"
+                )
+            assert deliveries(fake, "bench-x")[1] == first_bench
+            running.token = token_b
+            assert health(running)["suspended"] is False
+            assert call(running, "GET", "/vTPU/telemetry", token=token_a)[0] == 401
+        finally:
+            assert stop_agent(running) == 0
+        assert "sus-x" in (state / "actions.json").read_text()
+
+        # After a restart (provisioning rewrites the token hash): still done once.
+        again = start_agent(state, fake.url)
+        try:
+            fake.actions += [{"id": "sus-x", "type": "suspend"}, {"id": "rot-a", "type": "rotate_token",
+                             "token_sha256": hashlib.sha256(token_a.encode()).hexdigest()}]  # fmt: skip
+            wait_for(lambda: len(deliveries(fake, "sus-x")) >= 3, what="sus-x after restart")
+            wait_for(lambda: len(deliveries(fake, "rot-a")) >= 3, what="rot-a after restart")
+            assert deliveries(fake, "sus-x")[-1]["result"] == {"suspended": True}
+            assert health(again)["suspended"] is False
+            assert call(again, "GET", "/vTPU/telemetry", token=token_a)[0] == 401
+        finally:
+            assert stop_agent(again) == 0

@@ -531,3 +531,51 @@ def test_dispatch_info_names_the_path_of_every_kernel():
     info = K.dispatch_info()
     assert info["softmax"] == K.isa()
     assert {"gemm", "gemm_int8", "attention", "layer_norm", "add"} <= set(info)
+
+
+# ---- what the dispatch says ------------------------------------------------------------------
+
+
+def test_attention_is_not_said_to_use_blas_and_the_blas_is_detected() -> None:
+    info = K.dispatch_info()
+    assert "BLAS" in info["attention"] and "no BLAS" in info["attention"]
+    assert "sgemm" not in info["attention"]
+    library = K.blas_library()
+    assert library != "unknown BLAS"
+    assert library in info["gemm"]
+    maps = open("/proc/self/maps").read().lower()
+    if "openblas" in maps:
+        assert library.startswith("OpenBLAS") and "loaded" in library
+
+
+# ---- one op-count table ----------------------------------------------------------------------
+
+
+def test_kernels_sentron_and_bench_count_attention_ops_the_same() -> None:
+    from vtpu import ops
+    from vtpu.arena import Arena
+    from vtpu.bench import workloads
+    from vtpu.counters import COUNTERS
+    from vtpu.sentron import Sentron
+
+    heads, s, d = 2, 16, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, heads, s, d), dtype=np.float32) for _ in range(3))
+    before = COUNTERS.snapshot()["ops"]
+    K.attention(q, k, v)
+    kernel_ops = COUNTERS.snapshot()["ops"] - before
+    program = f"""
+.tensor q f32[{heads},{s},{d}] random(1)
+.tensor k f32[{heads},{s},{d}] random(2)
+.tensor v f32[{heads},{s},{d}] random(3)
+.tensor y f32[{heads},{s},{d}] output
+D.attention y, q, k, v
+C.halt
+"""
+    with Sentron(Arena(1 << 20)) as sentron:
+        sentron_ops = sentron.run(program).ops
+    bench_ops = workloads._attention_ops(heads, s, d)
+    table = ops.attention(ops.attention_scores(s, s, heads=heads), heads * s, d)
+    assert kernel_ops == sentron_ops == bench_ops == table
+    case = workloads.Attention().build(heads=heads, s=s, d=d)
+    assert case.ops == table

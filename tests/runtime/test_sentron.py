@@ -383,3 +383,30 @@ def test_cancel_stops_a_long_run_between_words_and_the_sentron_stays_usable():
             ".tensor one f32[2] ones\n.tensor n f32[2] output\nD.add n, n, one | C.halt"
         )
         assert result.outputs["n"].tolist() == [1, 1]
+
+
+def test_a_cancel_meant_for_a_finished_run_never_stops_the_next_run():
+    program = ".tensor one f32[2] ones\n.tensor n f32[2] output\nD.add n, n, one | C.halt"
+    with Sentron(Arena(1 << 20)) as sentron:
+        first = threading.Event()
+        sentron.run(program, cancel=first)
+        first.set()  # a deadline that fires just after its run ended
+        sentron.cancel()  # idle: a no-op, not a flag left for the next run
+        assert sentron.run(program).outputs["n"].tolist() == [1, 1]
+
+
+def test_a_runs_own_cancel_event_stops_it_and_only_it():
+    long_loop = """
+        .tensor one f32[4] ones
+        .tensor n f32[4] output
+        D.add n, n, one | C.loop 0 count=5000000
+        C.halt
+        """
+    short = ".tensor one f32[2] ones\n.tensor n f32[2] output\nD.add n, n, one | C.halt"
+    with Sentron(Arena(1 << 20)) as sentron:
+        event = threading.Event()
+        threading.Timer(0.2, event.set).start()
+        with pytest.raises(RunCancelled):
+            sentron.run(long_loop, cancel=event)
+        # The same (still set) event belongs to the old run; a new run has its own.
+        assert sentron.run(short).outputs["n"].tolist() == [1, 1]

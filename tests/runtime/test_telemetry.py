@@ -449,3 +449,39 @@ def test_info_report_names_cpu_peak_tsc_and_sources() -> None:
     assert "TSC" in text and "peak fp32" in text and "telemetry sources:" in text
     if NO_PMU:
         assert "ENOENT" in text or "failed" in text
+
+
+# -- honest sources -------------------------------------------------------------------------------
+
+
+def test_a_default_tdp_is_labelled_default_and_a_given_one_configured(
+    tmp_path, clock, counters, proc_stat
+) -> None:
+    for tdp, label in ((None, "TDP 125 W default"), (90.0, "TDP 90 W configured")):
+        telemetry = make_telemetry(tmp_path, clock, counters, proc_stat, tdp_watts=tdp)
+        write_proc_stat(proc_stat, busy=110, idle=990)
+        clock.advance(1)
+        assert label in telemetry.snapshot()["sources"]["power_watts"]
+
+
+def test_pipe_occupancy_divides_by_the_real_pool_size(tmp_path, clock, counters, proc_stat):
+    telemetry = make_telemetry(tmp_path, clock, counters, proc_stat, sentrons=3)
+    counters.pipe_busy_ns["D"] = 1_500_000_000
+    clock.advance(1)
+    snap = telemetry.snapshot()
+    assert snap["pipe_occupancy"]["D"] == pytest.approx(1.5 / 3)
+    assert "3 sentrons, the agent's sentron pool" in snap["sources"]["pipe_occupancy"]
+
+
+def test_the_vector_path_is_the_one_the_kernels_use(tmp_path, clock, counters, proc_stat):
+    from vtpu import kernels
+
+    snap = make_telemetry(tmp_path, clock, counters, proc_stat).snapshot()
+    assert snap["isa"]["vector_path"] == kernels.isa()
+    try:
+        kernels.set_isa("generic")
+        fresh = make_telemetry(tmp_path, clock, counters, proc_stat)
+        assert fresh.snapshot()["isa"]["vector_path"] == "generic"
+        assert 'vector_path="generic"' in fresh.prometheus_metrics()
+    finally:
+        kernels.set_isa()

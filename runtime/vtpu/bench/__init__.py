@@ -7,16 +7,14 @@ speed every few seconds, so `speedup` is the median of the per-pair ratios basel
 ratio of two medians taken at different moments.
 
 Every figure names its source (`sources`); one that could not be measured is null with the
-reason, as DESIGN.md's telemetry table asks.
+reason (docs/architecture.md, "The node agent").
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import itertools
-import json
 import math
 import os
 import resource
@@ -30,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vtpu import jsonenc
 from vtpu.bench.progress import ProgressBar
 
 __all__ = [
@@ -134,7 +133,7 @@ def machine_info() -> dict:
             logical_cpus=cpu.logical_cpus,
             physical_cores=cpu.physical_cores,
             hypervisor=cpu.hypervisor,
-            vector_path=cpu.vector_path,
+            cpu_best_vector_path=cpu.vector_path,
             features=sorted(k for k, v in cpu.features.items() if v),
             tsc=dict(cpu.tsc),
             peak=dict(cpu.peak),
@@ -146,6 +145,8 @@ def machine_info() -> dict:
 
         info["threads"] = kernels.num_threads()
         info["kernel_isa"] = kernels.isa()
+        info["vector_path"] = kernels.isa()  # what the kernels run, not the CPU's widest ISA
+        info["blas"] = kernels.blas_library()
     except Exception as exc:
         info.update(threads=None, kernel_isa=None, kernels_error=f"vtpu.kernels failed: {exc}")
     info["numpy"] = np.__version__
@@ -194,7 +195,7 @@ def power_source() -> PowerSource:
     rapl = telemetry.Rapl("/sys/class/powercap")
     if rapl.available:
         return PowerSource(rapl=rapl)
-    tdp = inspect.signature(telemetry.Telemetry).parameters["tdp_watts"].default
+    tdp = telemetry.DEFAULT_TDP_WATTS
     idle = telemetry.DEFAULT_IDLE_FRACTION * tdp
     return PowerSource(tdp_watts=tdp, idle_watts=idle, reason=rapl.reason)
 
@@ -544,7 +545,7 @@ def _watts(timing: dict, machine: dict) -> tuple[float | None, str]:
     watts = power.idle_watts + (power.tdp_watts - power.idle_watts) * utilisation
     return watts, (
         f"model (vtpu.telemetry defaults): idle {power.idle_watts:g} W + (TDP "
-        f"{power.tdp_watts:g} W - idle) x utilisation of our runs ({utilisation:.0%} = process "
+        f"{power.tdp_watts:g} W default - idle) x utilisation of our runs ({utilisation:.0%} = process "
         f"CPU time / wall / {cpus} CPUs); {power.reason}"
     )
 
@@ -795,20 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size,
     )
     if args.json:
-        print(json.dumps(suite, indent=2, default=_json_default, allow_nan=False))
+        print(jsonenc.dumps(suite, indent=2))
     else:
         print(format_report(suite))
     return 1 if suite["incorrect"] or suite["errors"] else 0
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return _num(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 # Importing the package registers the workloads, so WORKLOADS is complete for every caller.

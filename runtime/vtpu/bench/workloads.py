@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.special import erf
 
+from vtpu import ops as op_count
 from vtpu.bench import Case, Check, Workload, register
 
 SEED = 20240917
@@ -126,7 +127,7 @@ class _Gemm(Workload):
             baseline=lambda: np.matmul(a, b, out=out_ref),
             baseline_name=self.baseline_name,
             check=close_to(reference, rtol=1e-4, atol_rel=1e-5),
-            ops=2 * n * n * n,
+            ops=op_count.gemm(n, n, n),
         )
 
 
@@ -174,7 +175,7 @@ class GemmInt8(Workload):
             baseline=baseline,
             baseline_name=name,
             check=exactly(reference.astype(np.int32)),
-            ops=2 * n * n * n,
+            ops=op_count.gemm(n, n, n),
             peak="int8",
         )
 
@@ -216,7 +217,8 @@ class MlpBlock(Workload):
             baseline=baseline,
             baseline_name="numpy @ + bias + erf GELU (scipy.special.erf)",
             check=close_to(reference, rtol=1e-4, atol_rel=1e-4),
-            ops=2 * m * d * f * 2 + m * f * 2 + m * d,  # matmuls, bias+act, bias
+            ops=op_count.linear(m, f, d, bias=True, activation=True)
+            + op_count.linear(m, d, f, bias=True, activation=False),
         )
 
 
@@ -228,8 +230,8 @@ def _attention_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> 
 
 
 def _attention_ops(heads: int, s: int, d: int) -> int:
-    # QK^T and PV are 2*s*s*d each per head; the softmax over the scores is 5 per score.
-    return heads * (4 * s * s * d + 5 * s * s)
+    # As the kernel counts (vtpu.ops): every query sees all s keys (not causal).
+    return op_count.attention(op_count.attention_scores(s, s, heads=heads), heads * s, d)
 
 
 @register
@@ -288,7 +290,7 @@ class LayerNormSoftmax(Workload):
             baseline=baseline,
             baseline_name="numpy mean/var layer norm + stable softmax",
             check=close_to(reference, rtol=1e-4, atol_rel=1e-5),
-            ops=(8 + 5) * m * n,  # as the kernels count: layer norm 8, softmax 5 per element
+            ops=(op_count.PER_ELEMENT["layer_norm"] + op_count.PER_ELEMENT["softmax"]) * m * n,
         )
 
 
@@ -425,13 +427,12 @@ class TopkCosine(Workload):
             )
             return Check(err <= 1e-4, err, tolerance)
 
-        cosine = 2 * queries * n + 2 * (queries + n) * d
         return Case(
             ours=lambda: topk(qs, store, k),
             baseline=baseline,
             baseline_name="numpy normalise + @ + argpartition",
             check=check,
-            ops=2 * queries * n * d + cosine,
+            ops=op_count.topk_similarity(queries, n, d, cosine=True),
         )
 
 
@@ -683,7 +684,7 @@ class SentronOverlap(Workload):
             run,
             check,
             baseline_name="the same program with overlap off (S then D, serial)",
-            ops=2 * m * k * n,
+            ops=op_count.gemm(m, n, k),
         )
 
 
@@ -717,5 +718,5 @@ class SentronGemm(Workload):
             baseline=lambda: np.matmul(a, b, out=out),
             baseline_name="numpy matmul (float32, BLAS)",
             check=close_to(reference, rtol=1e-4, atol_rel=1e-5),
-            ops=2 * m * k * n,
+            ops=op_count.gemm(m, n, k),
         )

@@ -11,7 +11,8 @@ portable path. Wider ISAs (AVX-512, VNNI, BF16, AMX) are detected and reported b
 `cpu_features()` but not used: we ship no path our CI cannot test. `set_isa("generic")` forces
 the portable path (tests compare both). GEMM goes through the BLAS that scipy links.
 
-Ops counted per call (`vtpu.counters`, a multiply-add is 2; a transcendental counts 1):
+Ops counted per call (`vtpu.counters`) come from the one op-count table, `vtpu.ops` (a
+multiply-add is 2; a transcendental counts 1):
 gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per element; rms_norm 4;
 softmax 5; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
 topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); add/mul 1 per element; quantize_int8 3 per element; linear_int8 is
@@ -25,6 +26,7 @@ import os
 
 import numpy as np
 
+from vtpu import ops as _ops
 from vtpu.counters import kernel_scope
 from vtpu.kernels import _dense, _sparse
 
@@ -34,6 +36,7 @@ __all__ = [
     "add",
     "attention",
     "bias_activation",
+    "blas_library",
     "cpu_features",
     "dispatch_info",
     "gather_rows",
@@ -245,7 +248,7 @@ def gemm(
     if k == 0:
         c *= beta
         return c
-    with kernel_scope(2 * m * n * k):
+    with kernel_scope(_ops.gemm(m, n, k)):
         _dense.gemm(a, b, c, bool(trans_b), float(alpha), float(beta))
     return c
 
@@ -288,7 +291,7 @@ def linear(
         if b is not None or act:
             _dense.bias_act(y2, b, act, _threads(y2.size))
         return y
-    ops = 2 * m * n * k + m * n * ((b is not None) + (act != 0))
+    ops = _ops.linear(m, n, k, bias=b is not None, activation=act != 0)
     with kernel_scope(ops):
         _dense.linear(x2, w, b, act, y2, bool(trans_w), _threads(y2.size))
     return y
@@ -333,7 +336,7 @@ def layer_norm(
     g, b = _vector("gamma", gamma, n), _vector("beta", beta, n)
     y = _row_out("layer_norm", x, out, g, b)
     if x.size:
-        with kernel_scope(8 * x.size):
+        with kernel_scope(_ops.PER_ELEMENT["layer_norm"] * x.size):
             _dense.layer_norm(_rows(x), g, b, _eps(eps), _rows(y), _threads(x.size))
     return y
 
@@ -346,7 +349,7 @@ def rms_norm(
     g = _vector("gamma", gamma, x.shape[-1])
     y = _row_out("rms_norm", x, out, g)
     if x.size:
-        with kernel_scope(4 * x.size):
+        with kernel_scope(_ops.PER_ELEMENT["rms_norm"] * x.size):
             _dense.rms_norm(_rows(x), g, _eps(eps), _rows(y), _threads(x.size))
     return y
 
@@ -356,7 +359,7 @@ def softmax(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     x = _array("x", x, np.float32, tuple(range(1, 9)))
     y = _row_out("softmax", x, out)
     if x.size:
-        with kernel_scope(5 * x.size):
+        with kernel_scope(_ops.PER_ELEMENT["softmax"] * x.size):
             _dense.softmax(_rows(x), _rows(y), _threads(x.size))
     return y
 
@@ -415,11 +418,8 @@ def attention(
     y = _out("attention", out, q.shape, np.float32, q, k, v)
     if y.size == 0:
         return y
-    visible = np.broadcast_to(lengths[:, None].astype(np.int64), (bsz, sq))
-    if causal:
-        visible = np.minimum(visible, np.arange(sq) + (sk - sq) + 1)
-    scores = int(np.clip(visible, 0, None).sum()) * heads
-    with kernel_scope(scores * (4 * d + 5) + bsz * heads * sq * d):
+    scores = _ops.attention_scores(sq, sk, heads=heads, causal=causal, key_lengths=lengths)
+    with kernel_scope(_ops.attention(scores, bsz * heads * sq, d)):
         _dense.attention(
             q.reshape(-1, d),
             k.reshape(-1, d),
@@ -464,7 +464,7 @@ def gemm_int8(
         return c
     # the kernel reads B as rows of K (dot products along contiguous memory)
     bt = b if trans_b else np.ascontiguousarray(b.T)
-    with kernel_scope(2 * m * n * k):
+    with kernel_scope(_ops.gemm(m, n, k)):
         _dense.gemm_int8(a, bt, c, _threads(m * n * k // 16))
     return c
 
@@ -480,7 +480,7 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise KernelInputError("quantize_int8: x must be finite (no NaN or inf)")
     amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
     scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    with kernel_scope(3 * x.size):
+    with kernel_scope(_ops.PER_ELEMENT["quantize_int8"] * x.size):
         q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
 
@@ -544,12 +544,11 @@ def topk_similarity(
     if nq and d:
         block = max(64, min(nk, _TOPK_BLOCK_BYTES // (4 * nq)))
         scratch = np.empty((nq, block), dtype=np.float32)
-        ops = 2 * nq * nk * d
+        ops = _ops.topk_similarity(nq, nk, d, cosine=metric == "cosine")
         q_inv = k_inv = None
         if metric == "cosine":
             q_inv = np.empty(nq, dtype=np.float32)
             k_inv = np.empty(nk, dtype=np.float32)
-            ops += 2 * nq * nk + 2 * (nq + nk) * d
         with kernel_scope(ops):
             if metric == "cosine":
                 _dense.inverse_norms(queries, q_inv, _threads(queries.size))
@@ -637,7 +636,7 @@ def _elementwise(name: str, ufunc: np.ufunc, a: object, b: object, out: np.ndarr
     y = _out(name, out, a.shape, np.float32)  # ufuncs handle out aliasing an input
     # numpy's ufunc loops are already vectorised, GIL-free and memory-bound here: a Cython twin
     # would add code, not speed.
-    with kernel_scope(a.size):
+    with kernel_scope(_ops.PER_ELEMENT[name] * a.size):
         ufunc(a, b, out=y)
     return y
 
@@ -652,19 +651,44 @@ def mul(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.nd
     return _elementwise("mul", np.multiply, a, b, out)
 
 
+def blas_library() -> str:
+    """The BLAS library this process really loaded for scipy (from /proc/self/maps), else the
+    one scipy was built against (scipy.show_config), else "unknown BLAS"."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        paths = set()
+    for marker, name in (("openblas", "OpenBLAS"), ("mkl_rt", "MKL"), ("libmkl", "MKL"),
+                         ("blis", "BLIS"), ("flexiblas", "FlexiBLAS"), ("libblas", "reference BLAS")):  # fmt: skip
+        found = sorted(p for p in paths if marker in p.rsplit("/", 1)[-1].lower())
+        if found:
+            return f"{name} ({found[0].rsplit('/', 1)[-1]}, loaded)"
+    try:
+        import scipy
+
+        config = scipy.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return f"{blas['name']} {blas.get('version', '')} (scipy build config)".replace("  ", " ")
+    except Exception:
+        return "unknown BLAS"
+
+
 def dispatch_info() -> dict[str, str]:
-    """Which implementation each kernel uses on this CPU (for `vtpu info` and the bench)."""
+    """Which implementation each kernel uses on this CPU (for `vtpu info` and the bench): the
+    vector path is the one the kernels run now (`isa()`), not the CPU's widest ISA."""
     vector = isa()
+    blas = f"BLAS sgemm (scipy.linalg.cython_blas, {blas_library()})"
     return {
-        "gemm": "BLAS sgemm (scipy.linalg.cython_blas, OpenBLAS)",
-        "linear": f"BLAS sgemm + {vector} bias/activation pass",
+        "gemm": blas,
+        "linear": f"{blas} + {vector} bias/activation pass",
         "bias_activation": vector,
         "layer_norm": vector,
         "rms_norm": vector,
         "softmax": vector,
-        "attention": f"BLAS sgemm per head block + {vector} softmax",
+        "attention": f"{vector} fused QK, softmax and PV per (batch, head) (no BLAS)",
         "gemm_int8": vector,
-        "topk_similarity": f"BLAS sgemm + {vector} selection",
+        "topk_similarity": f"{blas} + {vector} selection",
         "gather_rows": "memcpy rows (OpenMP)",
         "scatter_rows": "memcpy rows",
         "add": "numpy ufunc",
