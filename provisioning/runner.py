@@ -1,9 +1,9 @@
 """Run one provisioning playbook against one host with ansible-runner, after AWX's job runner.
 
 Each job gets a private data dir (mkdtemp, 0700) holding the inventory, env/settings with the
-job and idle timeouts, env/extravars and the SSH key (0600 each). Events reach the caller in
-batches, secrets redacted; the caller may cancel at any time; the job always ends with a final
-status and a sentence saying what happened. The dir is removed afterwards unless
+job and idle timeouts, env/extravars, the SSH key and the host's pinned SSH host keys (0600
+each). Events reach the caller in batches, secrets redacted; the caller may cancel at any time;
+the job always ends with a final status and a sentence saying what happened. The dir is removed afterwards unless
 VTPU_KEEP_JOB_DIRS=1 (for debugging: it holds secrets).
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +37,47 @@ EVENT_BATCH_SECONDS = 0.5
 POLL_SECONDS = 1
 STDOUT_TAIL_LINES = 15
 
-# Test hosts (and a customer's freshly enrolled machine) have host keys nobody has recorded yet;
-# the control plane authenticates itself to the host with its key, and the node token is only
-# trusted once the agent answers with it, so an unknown host key is accepted rather than pinned.
-SSH_COMMON_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+# SSH hosts are pinned: a job connects only to the host key recorded when the host was added
+# (scan_host_keys), never to whatever key answers. The system's known_hosts files are ignored.
+SSH_HOST_KEY_ARGS = "-o StrictHostKeyChecking=yes -o GlobalKnownHostsFile=/dev/null"
+HOST_KEY_SCAN_SECONDS = 10
+
+
+class HostKeyUnavailable(Exception):
+    """No SSH host key could be read from a host (the message says why)."""
+
+
+def scan_host_keys(address: str, port: int = 22, timeout: int = HOST_KEY_SCAN_SECONDS) -> str:
+    """The host's SSH public keys in known_hosts format (`ssh-keyscan -p PORT ADDRESS`), to be
+    recorded when a host is added. Trust on first use: compare them with the host's own
+    (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there) when the network is not trusted."""
+    keyscan = shutil.which("ssh-keyscan")
+    if keyscan is None:
+        raise HostKeyUnavailable(
+            "ssh-keyscan is not installed here (apt-get install openssh-client)"
+        )
+    try:
+        scan = subprocess.run(
+            [keyscan, "-T", str(timeout), "-p", str(port), "--", address],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
+        )
+    except subprocess.TimeoutExpired:
+        raise HostKeyUnavailable(
+            f"{address}:{port} sent no SSH host key within {timeout} s"
+        ) from None
+    keys = "\n".join(
+        line for line in scan.stdout.splitlines() if line.strip() and not line.startswith("#")
+    )
+    if not keys:
+        said = " / ".join(ln for ln in scan.stderr.splitlines() if not ln.startswith("#"))
+        raise HostKeyUnavailable(
+            f"no SSH host key could be read from {address}:{port} (ssh-keyscan exit"
+            f" {scan.returncode}{': ' + said if said else ''}); is sshd running there and"
+            f" reachable from this machine?"
+        )
+    return keys + "\n"
 
 
 @dataclass(frozen=True)
@@ -49,6 +88,9 @@ class Target:
     port: int = 22
     user: str | None = None
     private_key: str | None = None  # PEM text; written 0600 into the private data dir only
+    # The host's SSH host keys in known_hosts format (scan_host_keys); an ssh job refuses to
+    # run without them.
+    known_hosts: str | None = None
     python: str = "python3"  # interpreter on the target for Ansible and for the node venv
 
 
@@ -86,6 +128,14 @@ def run_job(
     Ansible side, including a crash of ansible-runner itself, is a failed JobResult."""
     playbook = _resolve_playbook(spec.playbook)
     _check_target(spec.target)
+    target = spec.target
+    if target.connection == "ssh" and not (target.known_hosts or "").strip():
+        why = (
+            f"host key not recorded for {target.address}: the control plane only connects to a"
+            f" host whose SSH host key it knows. Record it (create_host --ssh reads it with"
+            f" ssh-keyscan, or give --known-hosts-file), then run the job again."
+        )
+        return JobResult("failed", None, why, "")
     job_dir = Path(tempfile.mkdtemp(prefix="vtpu-job-"))  # mkdtemp makes it 0700
     job = _Job(spec, job_dir, on_events, cancelled, on_start)
     try:
@@ -153,11 +203,17 @@ class _Job:
         if target.connection == "local":
             host["ansible_connection"] = "local"
         else:
+            known_hosts = self.job_dir / "known_hosts"
+            _write_private(known_hosts, target.known_hosts.strip() + "\n")
             host.update(
                 ansible_connection="ssh",
                 ansible_host=target.address,
                 ansible_port=target.port,
-                ansible_ssh_common_args=SSH_COMMON_ARGS,
+                # Overrides ansible.cfg's host_key_checking = False for this host.
+                ansible_host_key_checking=True,
+                ansible_ssh_common_args=(
+                    f"{SSH_HOST_KEY_ARGS} -o UserKnownHostsFile={shlex.quote(str(known_hosts))}"
+                ),
             )
             if target.user:
                 host["ansible_user"] = target.user
@@ -246,6 +302,16 @@ class _Job:
                     f"the job printed nothing for {spec.idle_timeout} s and was stopped "
                     f"(idle timeout)"
                 )
+            return JobResult("failed", rc, why, stdout)
+        if self.unreachable and "Host key verification failed" in self.unreachable:
+            target = spec.target
+            why = (
+                f"host {target.name} ({target.address}:{target.port}) did not present the SSH"
+                f" host key recorded for it (Host key verification failed), so nothing was run"
+                f" there. The host was reinstalled or its keys changed, or something else"
+                f" answers at that address. Check the host, then record its current host key"
+                f" again."
+            )
             return JobResult("failed", rc, why, stdout)
         if self.unreachable:
             return JobResult("failed", rc, self.redact(self.unreachable), stdout)

@@ -1,20 +1,55 @@
-"""Control-plane settings. Every value is read from the environment once, here, strictly.
+"""Control-plane settings. Every value is read from the environment once, here, strictly
+(booleans are `true` or `false`, nothing else).
 
-Embedded defaults start with no configuration at all: SQLite and secrets under var/ (created
-0700, secrets 0600, never in the repository), Redis on localhost. Production sets DATABASE_URL,
-REDIS_URL, SECRET_KEY (or SECRET_KEY_FILE), FIELD_ENCRYPTION_KEY (or _FILE) and ALLOWED_HOSTS.
+With no configuration at all this is a development control plane (SQLite under var/, Redis on
+localhost, plain http) once it has its secrets: DEBUG=true generates them under var/secrets/,
+the run command hands its processes the files it generated there (controlplane.devsecrets).
+Otherwise settings refuse to start without them. Production sets at least SECRET_KEY,
+FIELD_ENCRYPTION_KEY, ALLOWED_HOSTS, PUBLIC_URL (https://...), DATABASE_URL and REDIS_URL, and
+runs behind a TLS proxy that sets X-Forwarded-Proto; `manage.py check --deploy` then reports
+nothing. For example:
+
+    SECRET_KEY_FILE=/etc/vtpu/secret_key FIELD_ENCRYPTION_KEY_FILE=/etc/vtpu/field_key
+    ALLOWED_HOSTS=cloud.example.com PUBLIC_URL=https://cloud.example.com NUM_PROXIES=1
+
+| variable | meaning | default |
+| --- | --- | --- |
+| `DEBUG` | Django's debug mode; `true` also generates missing secrets under `var/secrets/` | `false` |
+| `SECRET_KEY` (or `SECRET_KEY_FILE`) | Django's signing key, 50+ random characters | required unless `DEBUG=true` |
+| `FIELD_ENCRYPTION_KEY` (or `_FILE`) | keys for SSH keys and node tokens at rest, comma-separated (one a line in the file): the first encrypts, all decrypt; see `manage.py rotate_encryption_keys --help` | required unless `DEBUG=true` |
+| `ALLOWED_HOSTS` | host names served, comma-separated | `localhost,127.0.0.1` |
+| `PUBLIC_URL` | how agents and customers reach the control plane; its origin is trusted for CSRF | `http://127.0.0.1:8000` |
+| `HTTPS` | served over https: secure cookies, HSTS, http redirected, X-Forwarded-Proto trusted | `true` when `PUBLIC_URL` is https |
+| `HSTS_SECONDS`, `HSTS_INCLUDE_SUBDOMAINS`, `HSTS_PRELOAD` | the HSTS header (with `HTTPS`) | `31536000`, `true`, `true` |
+| `SECURE_SSL_REDIRECT` | redirect http to https (with `HTTPS`) | `true` |
+| `NUM_PROXIES` | reverse proxies in front, whose X-Forwarded-For entries name the client (throttling) | `0`: the peer address |
+| `DATABASE_URL`, `DATABASE_CONN_MAX_AGE` | the database; persistent connections (s) | SQLite in `var/`, `0` |
+| `REDIS_URL` | Celery broker | `redis://127.0.0.1:6379/0` |
+| `CACHE_URL` | Django's cache (throttling, admin sign-in attempts), a Redis URL | `REDIS_URL` with db 1 |
+| `THROTTLE_RATE_TOKEN` | API requests per API token (or signed-in user) | `600/min` |
+| `THROTTLE_RATE_ANON` | anonymous API requests per client address | `60/min` |
+| `THROTTLE_RATE_AGENT` | heartbeats and enrollments per client address (150 nodes at 15 s behind one NAT) | `600/min` |
+| `ADMIN_LOGIN_MAX_FAILURES`, `ADMIN_LOGIN_WINDOW_SECONDS` | failed admin sign-ins per address and user name before 429 | `10`, `300` |
+| `CELERY_VISIBILITY_TIMEOUT` | seconds before Redis hands an unacknowledged task to another worker; must exceed `PROVISIONING_JOB_TIMEOUT` + 180 | `3600` |
+| `CELERY_TASK_ALWAYS_EAGER` | run tasks in-process (tests) | `false` |
+| `PROVISIONING_JOB_TIMEOUT`, `PROVISIONING_IDLE_TIMEOUT` | Ansible job limits (s) | `900`, `300` |
+| `HEARTBEAT_SECONDS`, `ENROLLMENT_TTL_SECONDS` | agents' heartbeat interval; enrollment link lifetime | `15`, `3600` |
+| `LOG_LEVEL` | root log level | `INFO` |
+| `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
 """
 
 import os
-import secrets
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent  # the repository
 if str(BASE_DIR) not in sys.path:  # provisioning/ (the Ansible runner) imports from the root
     sys.path.append(str(BASE_DIR))
+
+from controlplane.devsecrets import dev_secret_path  # noqa: E402 - needs nothing but the stdlib
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -36,34 +71,64 @@ def env_int(name: str, default: int) -> int:
         raise RuntimeError(f"{name} must be an integer, not {raw!r}") from None
 
 
-def env_secret(name: str, *, generate_in: Path | None = None) -> str:
-    """A secret from NAME, or the file named by NAME_FILE, or (development) a file under var/
-    generated once with 0600 permissions, so restarts keep sessions and encrypted fields."""
+def env_secret(name: str, *, generate_in: Path | None, hint: str) -> str:
+    """A secret from NAME, or the file named by NAME_FILE, or (DEBUG=true only) a file under
+    var/ generated once, so restarts keep sessions and encrypted fields."""
     path = os.environ.get(f"{name}_FILE")
     if path:
-        return Path(path).read_text().strip()
-    value = os.environ.get(name)
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
+        if not value:
+            raise RuntimeError(f"{name}_FILE={path} is empty; it must hold {hint}")
+        return value
+    value = os.environ.get(name, "").strip()
     if value:
         return value
     if generate_in is None:
-        raise RuntimeError(f"{name} (or {name}_FILE) must be set")
-    generate_in.mkdir(mode=0o700, parents=True, exist_ok=True)
-    secret_path = generate_in / name.lower()
-    if not secret_path.exists():
-        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
-    return secret_path.read_text().strip()
+        raise RuntimeError(
+            f"{name} is not set. Production: set {name} to {hint}, or {name}_FILE to the path of"
+            f" a file holding it. Development: set DEBUG=true (generates one under"
+            f" var/secrets/) or start the platform with scripts/run."
+        )
+    return dev_secret_path(generate_in, name).read_text().strip()
 
 
 VAR_DIR = Path(os.environ.get("VTPU_VAR_DIR", BASE_DIR / "var"))
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = env_secret("SECRET_KEY", generate_in=VAR_DIR / "secrets")
-# Fernet key material for SSH keys and node tokens at rest (derived to a Fernet key in fleet).
-FIELD_ENCRYPTION_KEY = env_secret("FIELD_ENCRYPTION_KEY", generate_in=VAR_DIR / "secrets")
+_dev_secrets = VAR_DIR / "secrets" if DEBUG else None
+SECRET_KEY = env_secret("SECRET_KEY", generate_in=_dev_secrets, hint="50 or more random characters")
+# Keys for SSH keys and node tokens at rest: comma-separated (in a file, also one a line); the
+# first encrypts, every one decrypts, so a new key goes first and the old one stays until
+# `manage.py rotate_encryption_keys` has re-encrypted everything (fleet.crypto).
+FIELD_ENCRYPTION_KEY = env_secret(
+    "FIELD_ENCRYPTION_KEY", generate_in=_dev_secrets, hint="a long random string (a key)"
+)
 ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1").split(",") if h]
 # The address agents and customers use to reach this control plane (heartbeats, enrollment).
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+_public = urlsplit(PUBLIC_URL)
+if _public.scheme not in ("http", "https") or not _public.netloc:
+    raise RuntimeError(f"PUBLIC_URL must be an http:// or https:// URL, not {PUBLIC_URL!r}")
+CSRF_TRUSTED_ORIGINS = [f"{_public.scheme}://{_public.netloc}"]
+
+# ---- https (behind a TLS-terminating proxy) -------------------------------------------------
+HTTPS = env_bool("HTTPS", _public.scheme == "https")
+if HTTPS and _public.scheme != "https":
+    raise RuntimeError(
+        f"HTTPS=true but PUBLIC_URL is {PUBLIC_URL}: agents would be redirected on every"
+        " heartbeat. Give PUBLIC_URL as https://..."
+    )
+if HTTPS:
+    # The proxy must set X-Forwarded-Proto itself (overwriting what a client sent).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("HSTS_PRELOAD", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -74,6 +139,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "django_celery_beat",  # periodic schedules in the database, editable in the admin
     "controlplane",  # operator commands: create_customer, create_host, bootstrap_demo
     "accounts",
     "fleet",
@@ -116,32 +182,70 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # Web, worker and beat write to one SQLite file: wait for the lock instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "accounts.User"
 USE_TZ = True
 TIME_ZONE = "UTC"
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"  # collectstatic fills it; WhiteNoise serves it
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 LOGIN_URL = "/admin/login/"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 
-# ---- Celery over Redis ----------------------------------------------------------------------
+# ---- Redis: Celery's broker and Django's cache ----------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHE_URL = os.environ.get("CACHE_URL") or urlsplit(REDIS_URL)._replace(path="/1").geturl()
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+}
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None  # results live in the database (jobs, events), not in Redis
 CELERY_TASK_ACKS_LATE = True  # a task whose worker dies is delivered again...
 CELERY_TASK_REJECT_ON_WORKER_LOST = True  # ...and its service decides what that means
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
-CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Two queues (docs/architecture.md, "Queues"): each task names its own (fleet.tasks).
+CELERY_TASK_DEFAULT_QUEUE = "housekeeping"
+CELERY_TASK_ROUTES = {"fleet.tasks.run_job": {"queue": "provisioning"}}
 
 # ---- provisioning ---------------------------------------------------------------------------
 PROVISIONING_DIR = BASE_DIR / "provisioning"
 PROVISIONING_JOB_TIMEOUT = env_int("PROVISIONING_JOB_TIMEOUT", 900)  # seconds
 PROVISIONING_IDLE_TIMEOUT = env_int("PROVISIONING_IDLE_TIMEOUT", 300)
+# The provisioning task's Celery limits: the runner stops the job itself at its timeout; these
+# only catch a runner that hangs. The hard limit is the longest any task may run.
+PROVISIONING_TASK_SOFT_TIME_LIMIT = PROVISIONING_JOB_TIMEOUT + 120
+PROVISIONING_TASK_TIME_LIMIT = PROVISIONING_JOB_TIMEOUT + 180
 NODES_DIR = Path(os.environ.get("VTPU_NODES_DIR", VAR_DIR / "nodes"))  # local nodes live here
 WHEEL_DIR = Path(os.environ.get("VTPU_WHEEL_DIR", VAR_DIR / "wheels"))
 HEARTBEAT_SECONDS = env_int("HEARTBEAT_SECONDS", 15)
 ENROLLMENT_TTL_SECONDS = env_int("ENROLLMENT_TTL_SECONDS", 3600)
+# ---- fleet rules ----------------------------------------------------------------------------
+DEFAULT_NODE_QUOTA = env_int("DEFAULT_NODE_QUOTA", 3)  # live nodes per account; staff raise it
+ACTION_RESEND_SECONDS = env_int("ACTION_RESEND_SECONDS", 120)  # no result by then: send again
+REPAIR_AFTER_SECONDS = env_int("REPAIR_AFTER_SECONDS", 600)  # degraded this long: re-run role
+ENROLLED_DELETE_GRACE_SECONDS = env_int("ENROLLED_DELETE_GRACE_SECONDS", 86400)
+TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7)
+JOB_EVENT_RETENTION_DAYS = env_int("JOB_EVENT_RETENTION_DAYS", 90)
+
+# Redis hands a task nobody acknowledged to another worker after the visibility timeout; with
+# late acks a task is acknowledged when it ends, so a shorter timeout would run a provisioning
+# job that is still running a second time, next to the first.
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
+if CELERY_VISIBILITY_TIMEOUT <= PROVISIONING_TASK_TIME_LIMIT:
+    raise RuntimeError(
+        f"CELERY_VISIBILITY_TIMEOUT={CELERY_VISIBILITY_TIMEOUT} is too short: it must be longer"
+        f" than the longest task, a provisioning job's hard time limit of"
+        f" {PROVISIONING_TASK_TIME_LIMIT} s (PROVISIONING_JOB_TIMEOUT={PROVISIONING_JOB_TIMEOUT}"
+        f" + 180), or Redis redelivers a job that is still running and it runs twice. Raise"
+        f" CELERY_VISIBILITY_TIMEOUT or lower PROVISIONING_JOB_TIMEOUT."
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
 
 # ---- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -151,9 +255,26 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.StrictLimitOffsetPagination",
     "PAGE_SIZE": 100,
+    # Per API token (or signed-in user), per address for anonymous requests, and per address
+    # for agents (views with throttle_scope = "agent"). Over the rate: 429 with Retry-After.
+    "DEFAULT_THROTTLE_CLASSES": [
+        "api.throttling.TokenRateThrottle",
+        "api.throttling.AnonRateThrottle",
+        "api.throttling.AgentRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "token": os.environ.get("THROTTLE_RATE_TOKEN") or "600/min",
+        "anon": os.environ.get("THROTTLE_RATE_ANON") or "60/min",
+        "agent": os.environ.get("THROTTLE_RATE_AGENT") or "600/min",
+    },
+    # X-Forwarded-For entries added by our own proxies; 0 means the peer address is the client.
+    "NUM_PROXIES": env_int("NUM_PROXIES", 0),
 }
+# Failed admin sign-ins per client address and user name within the window (then 429).
+ADMIN_LOGIN_MAX_FAILURES = env_int("ADMIN_LOGIN_MAX_FAILURES", 10)
+ADMIN_LOGIN_WINDOW_SECONDS = env_int("ADMIN_LOGIN_WINDOW_SECONDS", 300)
 SPECTACULAR_SETTINGS = {
     "TITLE": "vTPU Cloud API",
     "DESCRIPTION": "Nodes, provisioning jobs and API tokens of a vTPU Cloud account.",
@@ -167,9 +288,33 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# Enrollment secrets travel in URL paths (/enroll/<secret>/install.sh): no log shows them.
+# Gunicorn's access log has its own logger class (controlplane.gunicorn_logging).
+_REDACT = ["redact_enrollment_secret"]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {
+        "redact_enrollment_secret": {"()": "controlplane.log_redaction.RedactEnrollmentSecret"}
+    },
+    "formatters": {
+        "django.server": {
+            "()": "django.utils.log.ServerFormatter",
+            "format": "[{server_time}] {message}",
+            "style": "{",
+        }
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "filters": _REDACT},
+        "django.server": {
+            "class": "logging.StreamHandler",
+            "formatter": "django.server",
+            "filters": _REDACT,
+        },
+    },
+    "loggers": {
+        "django.request": {"filters": _REDACT},
+        "django.server": {"handlers": ["django.server"], "filters": _REDACT, "propagate": False},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }

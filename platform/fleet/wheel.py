@@ -2,8 +2,10 @@
 there is none (1-2 minutes, once; a file lock keeps two workers from building it together)."""
 
 import fcntl
+import hashlib
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from django.conf import settings
@@ -55,3 +57,20 @@ def node_wheel_path() -> Path:
                 f"{build.stderr[-2000:]}"
             )
         return found
+
+
+def node_wheel_sha256() -> str:
+    """Hex sha256 of the node wheel, which the install script checks its download against."""
+    path = node_wheel_path()
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by mtime and size too: a wheel rebuilt under the same name is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,11 +1,11 @@
 #!/bin/sh
 # vTPU Cloud one-click deploy: turns this machine into a vTPU node enrolled with the control plane.
 #
-# Served by the control plane at /enroll/<secret>/install.sh with the three placeholders below
-# filled in (control plane URL, one-time enrollment secret, wheel URL); run it as the user the
-# agent should run as:
+# Served by the control plane at /enroll/<secret>/install.sh with the four placeholders below
+# filled in (control plane URL, one-time enrollment secret, wheel URL, the wheel's sha256); run it
+# as the user the agent should run as:
 #     curl -fsSL <url>/install.sh | sh
-# It installs the runtime wheel in a venv, enrolls the node (the secret works once), and starts the
+# It installs the runtime wheel in a venv (after checking its sha256), enrolls the node (the secret works once), and starts the
 # agent in the background. The agent only calls out (heartbeats), so the node may sit behind NAT.
 # Running it again is safe: an enrolled node is not enrolled twice, a running agent is restarted.
 #
@@ -13,13 +13,14 @@
 # VTPU_HOST (default 127.0.0.1), VTPU_VENV_ARGS (extra `python -m venv` arguments, e.g.
 # --system-site-packages on a host whose Python already has numpy and scipy); pip honours its
 # own PIP_* variables (PIP_INDEX_URL...).
-# Files in the node dir: venv/, state/ (agent.json and token, 0600), agent.log, agent.pid,
-# run-agent.sh. The same layout and agent command line as provisioning/ (Ansible) uses.
+# Files in the node dir: venv/, state/ (agent.json, node_secret, access_token.sha256; 0600),
+# agent.log, agent.pid, run-agent.sh. The same layout and agent command line as provisioning/ (Ansible) uses.
 set -eu
 
 CONTROL_PLANE_URL='@CONTROL_PLANE_URL@'
 ENROLL_SECRET='@ENROLL_SECRET@'
 WHEEL_URL='@WHEEL_URL@'
+WHEEL_SHA256='@WHEEL_SHA256@'
 
 NODE_DIR="${VTPU_NODE_DIR:-${HOME:?HOME is not set; set VTPU_NODE_DIR}/.local/share/vtpu/node}"
 PORT="${VTPU_PORT:-8470}"
@@ -37,6 +38,9 @@ fail() {
     exit 1
 }
 
+if [ ${#WHEEL_SHA256} -ne 64 ] || [ -n "$(printf '%s' "$WHEEL_SHA256" | tr -d 0-9a-f)" ]; then
+    fail "this script holds no valid wheel checksum; fetch it again from the control plane's link"
+fi
 case "$PORT" in
 '' | *[!0-9]*) fail "VTPU_PORT must be a port number, not '$PORT'" ;;
 esac
@@ -79,12 +83,29 @@ if [ ! -x "$VENV/bin/python" ]; then
         fail "cannot create a venv with $PYTHON (Debian/Ubuntu: sudo apt-get install python3-venv)"
 fi
 
+# The wheel is installed only when its sha256 is the one this script came with.
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d ' ' -f 1
+    else
+        "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
+            "$1"
+    fi
+}
 WHEEL="$NODE_DIR/$WHEEL_NAME"
-if [ -s "$WHEEL" ]; then
+if [ -s "$WHEEL" ] && [ "$(sha256_of "$WHEEL")" = "$WHEEL_SHA256" ]; then
     say "runtime wheel already downloaded: $WHEEL_NAME"
 else
     say "downloading the vTPU runtime ($WHEEL_NAME)"
     curl -fsSL -o "$WHEEL.part" "$WHEEL_URL" || fail "cannot download $WHEEL_URL"
+    GOT_SHA256=$(sha256_of "$WHEEL.part")
+    if [ "$GOT_SHA256" != "$WHEEL_SHA256" ]; then
+        rm -f "$WHEEL.part"
+        fail "the downloaded $WHEEL_NAME is not the wheel the control plane vouched for \
+(sha256 $GOT_SHA256, expected $WHEEL_SHA256): it was changed or damaged on the way. Nothing \
+was installed; run the install command again, and if this repeats, check the network path \
+to $CONTROL_PLANE_URL"
+    fi
     mv "$WHEEL.part" "$WHEEL"
 fi
 say "installing the runtime into the venv (numpy and scipy come with it)"
@@ -109,7 +130,7 @@ cat >"$RUN_AGENT.tmp" <<EOF
 # Records its pid, then becomes the agent (exec), so agent.pid names the agent itself.
 echo "\$\$" > $(quote "$PID_FILE")
 exec $(quote "$VENV/bin/vtpu") agent --host $(quote "$HOST") --port $PORT \\
-    --state-dir $(quote "$STATE_DIR") --token-file $(quote "$STATE_DIR/token") \\
+    --state-dir $(quote "$STATE_DIR") --node-secret-file $(quote "$STATE_DIR/node_secret") \\
     --control-plane $(quote "$CONTROL_PLANE_URL") --node-id $(quote "$NODE_ID") \\
     --heartbeat-seconds $HEARTBEAT_SECONDS
 EOF

@@ -1,3 +1,4 @@
+import hashlib
 import socket
 import sys
 import uuid
@@ -10,7 +11,8 @@ from provisioning.runner import JobSpec, Target
 TEST_PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 # The interpreter the node venv is made from: the base python, not the project's venv.
 NODE_PYTHON = getattr(sys, "_base_executable", sys.executable)
-NODE_TOKEN = "node-token-" + uuid.uuid4().hex
+NODE_SECRET = "node-secret-" + uuid.uuid4().hex  # the agent's credential for its heartbeats
+ACCESS_TOKEN = "access-token-" + uuid.uuid4().hex  # the customer's, for calling the agent
 UNREACHABLE_CONTROL_PLANE = "http://127.0.0.1:9"
 
 
@@ -45,7 +47,8 @@ def provision_vars(node_dir: Path, wheel: Path, port: int, host: str = "127.0.0.
         "agent_host": host,
         "agent_port": port,
         "wheel_path": str(wheel),
-        "node_token": NODE_TOKEN,
+        "node_secret": NODE_SECRET,
+        "access_token_sha256": hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest(),
         "control_plane_url": UNREACHABLE_CONTROL_PLANE,
         "heartbeat_seconds": 30,
         "tdp_watts": 125.0,
@@ -53,7 +56,7 @@ def provision_vars(node_dir: Path, wheel: Path, port: int, host: str = "127.0.0.
 
 
 def provision_spec(target: Target, extravars: dict) -> JobSpec:
-    return JobSpec("provision.yml", target, extravars, frozenset({"node_token"}))
+    return JobSpec("provision.yml", target, extravars, frozenset({"node_secret"}))
 
 
 def deprovision_spec(target: Target, extravars: dict) -> JobSpec:

@@ -12,10 +12,11 @@ import urllib.request
 
 import pytest
 
-from provisioning.runner import JobSpec, Target, run_job
+from provisioning.runner import HostKeyUnavailable, JobSpec, Target, run_job, scan_host_keys
 
 from .conftest import (
-    NODE_TOKEN,
+    ACCESS_TOKEN,
+    NODE_SECRET,
     TEST_PLAYBOOKS,
     deprovision_spec,
     free_port,
@@ -57,7 +58,7 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def assert_no_secret(events, result, secret: str = NODE_TOKEN) -> None:
+def assert_no_secret(events, result, secret: str = NODE_SECRET) -> None:
     assert all(secret not in e["stdout"] for e in events.all)
     assert secret not in result.stdout
     assert secret not in result.explanation
@@ -103,12 +104,14 @@ def test_it_provisions_a_local_node_idempotently_and_removes_it(
     base = f"http://127.0.0.1:{port}"
     assert http_status(f"{base}/vTPU/health") == 200
     assert http_status(f"{base}/vTPU/telemetry") == 401
-    assert http_status(f"{base}/vTPU/telemetry", NODE_TOKEN) == 200
+    assert http_status(f"{base}/vTPU/telemetry", NODE_SECRET) == 401  # not for callers
+    assert http_status(f"{base}/vTPU/telemetry", ACCESS_TOKEN) == 200
     for private in (node_dir, node_dir / "state"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o700
-    for secret_file in (node_dir / "state" / "token", node_dir / "state" / "agent.json"):
+    state = node_dir / "state"
+    for secret_file in (state / "node_secret", state / "access_token.sha256", state / "agent.json"):
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert NODE_TOKEN not in (node_dir / "state" / "agent.json").read_text()
+    assert NODE_SECRET not in (node_dir / "state" / "agent.json").read_text()
     assert json.loads((node_dir / "state" / "agent.json").read_text())["port"] == port
     agent_pid = int((node_dir / "agent.pid").read_text())
     assert pid_alive(agent_pid)
@@ -154,8 +157,19 @@ def test_a_failing_task_names_the_task(tmp_path, events):
     assert_no_secret(events, result)
 
 
+# A well-formed host key nobody holds the private half of (pinned in tests that never connect).
+SOME_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL9hp21JDCIkiDxt5Y6SHAtINL0kx221i1NRR08pSqiy"
+
+
 def test_an_unreachable_host_is_reported_as_unreachable(tmp_path, events):
-    target = Target(name="node-far", connection="ssh", address="127.0.0.1", port=1, user="root")
+    target = Target(
+        name="node-far",
+        connection="ssh",
+        address="127.0.0.1",
+        port=1,
+        user="root",
+        known_hosts=f"[127.0.0.1]:1 {SOME_HOST_KEY}",
+    )
     extravars = provision_vars(tmp_path / "node", tmp_path / "x.whl", free_port())
     result = run_job(provision_spec(target, extravars), on_events=events)
     assert result.status == "failed"
@@ -163,11 +177,34 @@ def test_an_unreachable_host_is_reported_as_unreachable(tmp_path, events):
     assert "Connection refused" in result.explanation
 
 
+def test_an_ssh_job_without_a_recorded_host_key_is_refused(tmp_path, events, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    target = Target(name="node-new", connection="ssh", address="192.0.2.10", user="root")
+    extravars = provision_vars(tmp_path / "node", tmp_path / "x.whl", free_port())
+    result = run_job(provision_spec(target, extravars), on_events=events)
+    assert result.status == "failed"
+    assert result.explanation.startswith("host key not recorded for 192.0.2.10: "), result
+    assert "ssh-keyscan" in result.explanation
+    assert events.all == []
+    assert [name for name in os.listdir(tmp_path) if name.startswith("vtpu-job-")] == []
+
+
+def test_scanning_a_host_without_sshd_says_so():
+    port = free_port()
+    with pytest.raises(
+        HostKeyUnavailable, match=f"no SSH host key could be read from 127.0.0.1:{port}"
+    ):
+        scan_host_keys("127.0.0.1", port, timeout=3)
+
+
 def test_the_runner_redacts_secrets_a_playbook_prints(tmp_path, events):
     spec = JobSpec(
         str(TEST_PLAYBOOKS / "leak.yml"),
         local_target(),
-        {"node_token": NODE_TOKEN},
+        {"node_token": NODE_SECRET},
         frozenset({"node_token"}),
     )
     result = run_job(spec, on_events=events)
