@@ -33,12 +33,14 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
                 "This is not a vTPU Cloud API token (they start with 'vtpu_')."
             )
         digest = hash_secret(secret)
-        token = ApiToken.objects.select_related("user").filter(sha256=digest).first()
+        token = ApiToken.objects.select_related("user", "account").filter(sha256=digest).first()
         if token is None or not hmac.compare_digest(token.sha256, digest):
             raise exceptions.AuthenticationFailed("Unknown API token.")
         if token.revoked_at is not None:
             raise exceptions.AuthenticationFailed("This API token was revoked.")
         if not token.user.is_active:
+            raise exceptions.AuthenticationFailed("The user of this token is disabled.")
+        if not token.account.is_active:
             raise exceptions.AuthenticationFailed("This account is disabled.")
         now = timezone.now()
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:

@@ -1,14 +1,19 @@
-"""Reads for accounts. A customer only ever sees their own tokens."""
+"""Reads for accounts. An account only ever sees its own tokens."""
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
-from accounts.models import ApiToken
+from accounts.models import Account, ApiToken, Membership, User
 
 
-def token_list(*, user: AbstractBaseUser) -> QuerySet[ApiToken]:
-    return ApiToken.objects.filter(user=user, revoked_at__isnull=True)
+def account_of_user(*, user: User) -> Account | None:
+    """The account a person acts for (None for staff without one)."""
+    membership = Membership.objects.select_related("account").filter(user_id=user.pk).first()
+    return membership.account if membership else None
 
 
-def token_get(*, user: AbstractBaseUser, token_id: int) -> ApiToken | None:
-    return ApiToken.objects.filter(user=user, pk=token_id).first()
+def token_list(*, account: Account) -> QuerySet[ApiToken]:
+    return ApiToken.objects.filter(account=account, revoked_at__isnull=True)
+
+
+def token_get(*, account: Account, token_id: int) -> ApiToken | None:
+    return ApiToken.objects.filter(account=account, pk=token_id).first()

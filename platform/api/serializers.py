@@ -3,11 +3,50 @@
 from rest_framework import serializers
 
 from accounts.models import ApiToken
-from fleet.models import Host, JobEvent, Node, ProvisioningJob, TelemetrySample
-from fleet.services import NAME_RULE, NODE_NAME
+from fleet.models import (
+    Enrollment,
+    JobEvent,
+    Node,
+    NodeAction,
+    ProvisioningJob,
+    TelemetrySample,
+)
+from fleet.services.nodes import NAME_RULE, NODE_NAME
+
+# What an agent URL may be, in the schema (`pattern`) and on the server alike: http(s), a host
+# name or address, an optional port and path.
+AGENT_URL = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!-~]*)?$"
+
+SELF_REPORTED_NOTE = (
+    "This node runs on the customer's own machine: its figures are that machine's word, not"
+    " measured on a vTPU Cloud host."
+)
+
+
+def text(max_length: int, **kwargs) -> serializers.RegexField:
+    """Text input that must hold something besides whitespace (surrounding whitespace is
+    trimmed), with that rule in the schema as a pattern."""
+    return serializers.RegexField(r"\S", min_length=1, max_length=max_length, **kwargs)
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every 4xx/5xx answer: a sentence in `detail`, and for a bad field its name with reasons."""
+
+    detail = serializers.CharField(help_text="What went wrong, in words for people.")
+
+
+class FieldErrorsSerializer(serializers.Serializer):
+    """400 for bad input: each bad field's name maps to a list of reasons (`detail` may be
+    there too)."""
+
+    detail = serializers.CharField(required=False)
 
 
 class NodeSerializer(serializers.ModelSerializer):
+    self_reported = serializers.SerializerMethodField(
+        help_text="True for an enrolled node: its figures are its own machine's word."
+    )
+
     class Meta:
         model = Node
         fields = [
@@ -15,31 +54,51 @@ class NodeSerializer(serializers.ModelSerializer):
             "name",
             "kind",
             "state",
+            "self_reported",
             "agent_url",
             "agent_port",
             "version",
             "last_heartbeat_at",
+            "last_seen_at",
+            "delete_requested_at",
             "created",
             "updated",
         ]
         read_only_fields = fields
 
+    def get_self_reported(self, node: Node) -> bool:
+        return node.kind == Node.Kind.ENROLLED
+
 
 class NodeCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63)
-    host = serializers.PrimaryKeyRelatedField(
-        queryset=Host.objects.all(), required=False, help_text="Staff only: the host to use."
+    # A RegexField, so that the schema carries the rule as `pattern` (what a client may send).
+    name = serializers.RegexField(
+        NODE_NAME, max_length=63, error_messages={"invalid": f"Use {NAME_RULE}."}
     )
-
-    def validate_name(self, value: str) -> str:
-        if not NODE_NAME.match(value):
-            raise serializers.ValidationError(f"Use {NAME_RULE}.")
-        return value
+    # An id, not a PrimaryKeyRelatedField: an unknown host is 404 like any unknown thing (a
+    # field error would answer a schema-valid number with 400).
+    host = serializers.IntegerField(
+        min_value=1, max_value=2**63 - 1, required=False, help_text="Staff only: the host to use."
+    )
 
 
 class NodeCredentialsSerializer(serializers.Serializer):
     agent_url = serializers.CharField()
-    token = serializers.CharField(help_text="Bearer token of the node's agent endpoints.")
+    token = serializers.CharField(
+        help_text="Your access token for the node's agent (Authorization: Bearer ...). It is"
+        " not the node's own secret: rotating it never disturbs the node's heartbeats."
+    )
+    rotation_pending = serializers.BooleanField(
+        help_text="True until the agent has applied the latest rotation (until then the"
+        " previous token may still work and this one may not yet)."
+    )
+
+
+class TransitionSerializer(serializers.Serializer):
+    from_state = serializers.CharField()
+    to_state = serializers.CharField()
+    cause = serializers.CharField()
+    created = serializers.DateTimeField()
 
 
 class JobSerializer(serializers.ModelSerializer):
@@ -73,6 +132,14 @@ class JobEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class JobEventsSerializer(serializers.Serializer):
+    job_state = serializers.ChoiceField(choices=ProvisioningJob._meta.get_field("state").choices)
+    events = JobEventSerializer(many=True)
+    last_counter = serializers.IntegerField(
+        help_text="Pass it as ?after= to get only newer events (a live log polls this way)."
+    )
+
+
 class TelemetrySampleSerializer(serializers.ModelSerializer):
     class Meta:
         model = TelemetrySample
@@ -88,6 +155,39 @@ class TelemetrySampleSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class NodeTelemetrySerializer(serializers.Serializer):
+    latest = serializers.JSONField(
+        allow_null=True, help_text="The agent's latest telemetry (figures with their sources)."
+    )
+    self_reported = serializers.BooleanField()
+    note = serializers.CharField(allow_blank=True)
+    samples = TelemetrySampleSerializer(many=True)
+
+
+class ActionSerializer(serializers.ModelSerializer):
+    type = serializers.CharField(source="kind")
+
+    class Meta:
+        model = NodeAction
+        fields = ["id", "type", "payload", "created", "delivered_at", "deliveries",
+                  "completed_at", "ok", "result", "error"]  # fmt: skip
+        read_only_fields = fields
+
+
+class ActionCreateSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(
+        choices=["benchmark"], help_text="What the agent should do (customers: benchmark)."
+    )
+    workloads = serializers.ListField(
+        child=text(100),
+        required=False,
+        allow_null=True,
+        max_length=50,
+        help_text="Benchmark workloads by name (default: the quick suite).",
+    )
+    quick = serializers.BooleanField(required=False, default=True)
+
+
 class TokenSerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiToken
@@ -96,7 +196,7 @@ class TokenSerializer(serializers.ModelSerializer):
 
 
 class TokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = text(100)
 
 
 class CreatedTokenSerializer(TokenSerializer):
@@ -104,6 +204,13 @@ class CreatedTokenSerializer(TokenSerializer):
 
     class Meta(TokenSerializer.Meta):
         fields = [*TokenSerializer.Meta.fields, "token"]
+        read_only_fields = fields
+
+
+class EnrollmentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Enrollment
+        fields = ["id", "created", "expires_at", "used_at", "node"]
         read_only_fields = fields
 
 
@@ -115,21 +222,27 @@ class EnrollmentCreatedSerializer(serializers.Serializer):
 
 
 class EnrollSerializer(serializers.Serializer):
-    secret = serializers.CharField(max_length=200)
-    hostname = serializers.CharField(max_length=255)
-    agent_url = serializers.URLField(max_length=255, required=False, allow_null=True)
+    secret = text(200)
+    hostname = text(255)
+    agent_url = serializers.RegexField(AGENT_URL, max_length=255, required=False, allow_null=True)
     port = serializers.IntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
 
 
 class EnrolledSerializer(serializers.Serializer):
     node_id = serializers.UUIDField()
-    node_token = serializers.CharField()
+    node_secret = serializers.CharField(
+        help_text="The node's own secret for its heartbeats; given once, never shown again."
+    )
+    access_token_sha256 = serializers.CharField(
+        help_text="SHA-256 of the account's access token for this agent (the agent needs only"
+        " the hash)."
+    )
     heartbeat_seconds = serializers.IntegerField()
     control_plane_url = serializers.CharField()
 
 
 class ActionResultSerializer(serializers.Serializer):
-    action_id = serializers.CharField(max_length=50)
+    action_id = text(50)
     ok = serializers.BooleanField()
     result = serializers.JSONField(required=False, allow_null=True)
     error = serializers.CharField(required=False, allow_null=True, allow_blank=True)
@@ -138,7 +251,7 @@ class ActionResultSerializer(serializers.Serializer):
 class HeartbeatSerializer(serializers.Serializer):
     node_id = serializers.UUIDField()
     version = serializers.CharField(max_length=50, required=False, allow_blank=True)
-    agent_url = serializers.URLField(max_length=255, required=False, allow_null=True)
+    agent_url = serializers.RegexField(AGENT_URL, max_length=255, required=False, allow_null=True)
     telemetry = serializers.DictField(required=False, allow_null=True)
     results = ActionResultSerializer(many=True, required=False)
 
@@ -147,3 +260,6 @@ class HeartbeatReplySerializer(serializers.Serializer):
     state = serializers.CharField()
     heartbeat_seconds = serializers.IntegerField()
     actions = serializers.ListField(child=serializers.DictField())
+    acknowledged = serializers.ListField(
+        child=serializers.CharField(), help_text="Action ids whose results are on record."
+    )

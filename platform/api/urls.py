@@ -5,28 +5,28 @@ from drf_spectacular.views import SpectacularAPIView
 
 from api import views
 
+N = "api/v1/nodes/<uuid:node_id>"
 urlpatterns = [
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/nodes", views.NodeListView.as_view(), name="node-list"),
-    path("api/v1/nodes/<uuid:node_id>", views.NodeDetailView.as_view(), name="node-detail"),
-    path("api/v1/nodes/<uuid:node_id>/retry", views.NodeRetryView.as_view(), name="node-retry"),
-    path("api/v1/nodes/<uuid:node_id>/jobs", views.NodeJobsView.as_view(), name="node-jobs"),
+    path(N, views.NodeDetailView.as_view(), name="node-detail"),
+    path(f"{N}/retry", views.NodeRetryView.as_view(), name="node-retry"),
+    path(f"{N}/jobs", views.NodeJobsView.as_view(), name="node-jobs"),
+    path(f"{N}/transitions", views.NodeTransitionsView.as_view(), name="node-transitions"),
+    path(f"{N}/actions", views.NodeActionsView.as_view(), name="node-actions"),
+    path(f"{N}/telemetry", views.NodeTelemetryView.as_view(), name="node-telemetry"),
+    path(f"{N}/credentials", views.NodeCredentialsView.as_view(), name="node-credentials"),
     path(
-        "api/v1/nodes/<uuid:node_id>/telemetry",
-        views.NodeTelemetryView.as_view(),
-        name="node-telemetry",
-    ),
-    path(
-        "api/v1/nodes/<uuid:node_id>/credentials",
-        views.NodeCredentialsView.as_view(),
-        name="node-credentials",
+        f"{N}/credentials/rotate",
+        views.NodeCredentialsRotateView.as_view(),
+        name="node-credentials-rotate",
     ),
     path("api/v1/jobs/<int:job_id>", views.JobDetailView.as_view(), name="job-detail"),
     path("api/v1/jobs/<int:job_id>/events", views.JobEventsView.as_view(), name="job-events"),
     path("api/v1/jobs/<int:job_id>/cancel", views.JobCancelView.as_view(), name="job-cancel"),
     path("api/v1/tokens", views.TokenListView.as_view(), name="token-list"),
     path("api/v1/tokens/<int:token_id>", views.TokenDetailView.as_view(), name="token-detail"),
-    path("api/v1/enrollments", views.EnrollmentCreateView.as_view(), name="enrollment-create"),
+    path("api/v1/enrollments", views.EnrollmentListView.as_view(), name="enrollment-list"),
     path("api/v1/enroll", views.EnrollView.as_view(), name="enroll"),
     path("api/v1/agent/heartbeat", views.HeartbeatView.as_view(), name="agent-heartbeat"),
     path("enroll/<str:secret>/install.sh", views.install_script, name="enroll-install"),

@@ -1,8 +1,10 @@
 """API handlers: parse input, call one service or selector, render.
 
-Another customer's node, job or token is answered 404 exactly like one that does not exist.
-A service's refusal (fleet.services.FleetError) becomes its HTTP status with the sentence for
-people; a bad field becomes 400 with the reason under that field's name.
+Every customer-facing handler acts for one account (the API token's, or the session user's):
+another account's node, job, token or enrollment is answered 404 exactly like one that does not
+exist. A service's refusal (FleetError, AccountError) becomes its HTTP status with the sentence
+for people; a bad field becomes 400 with the reason under that field's name. Every status an
+operation can answer is in its OpenAPI description (`errors(...)`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import re
 import uuid
 
 from django.conf import settings
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
-from rest_framework.exceptions import NotFound
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.parsers import JSONParser
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -22,125 +27,85 @@ from rest_framework.views import APIView
 
 from accounts import selectors as account_selectors
 from accounts import services as account_services
+from accounts.models import Account, ApiToken
+from accounts.services import AccountError
 from api import serializers as s
-from fleet import selectors, services
-from fleet.models import Node, ProvisioningJob
-from fleet.services import FleetError
+from fleet import selectors
+from fleet.models import Host, Node, NodeAction, ProvisioningJob
+from fleet.services import enrollment, heartbeats, jobs, nodes
+from fleet.services.errors import FleetError, Forbidden, InvalidInput
+
+ERROR_TEXT = {
+    400: "Bad input: the reason is under the field's name (and in `detail`).",
+    401: "No valid credentials.",
+    403: "Not allowed (e.g. over the account's node quota, or a staff-only choice).",
+    404: "No such thing in your account.",
+    409: "Not possible in the current state; the sentence says why.",
+    410: "Gone: used, expired, or deprovisioned.",
+    413: "The request is too large.",
+    429: "Too many requests; retry after `Retry-After` seconds.",
+    503: "No capacity right now; retry later.",
+}
 
 
-def fleet_error_response(exc: FleetError) -> Response:
+def errors(*codes: int) -> dict[int, OpenApiResponse]:
+    """The error answers of an operation, for its OpenAPI description. 401 and 429 come with
+    every authenticated, throttled operation."""
+    out = {}
+    for code in sorted({*codes, 401, 429}):
+        shape = s.FieldErrorsSerializer if code == 400 else s.ErrorSerializer
+        out[code] = OpenApiResponse(shape, description=ERROR_TEXT[code])
+    return out
+
+
+def service_error_response(exc: FleetError | AccountError) -> Response:
     body: dict = {"detail": exc.message}
     if exc.field:
         body[exc.field] = [exc.message]
     return Response(body, status=exc.status)
 
 
-class FleetErrorsMixin:
-    """Turns a service's refusal into an HTTP answer (settings stay the lead's: no global
-    exception handler is needed for this)."""
+class AccountView:
+    """Acts for one account; turns services' refusals into HTTP answers."""
+
+    # JSON only: form encodings cannot say null, so a schema offering them would promise
+    # bodies the API cannot read.
+    parser_classes = [JSONParser]
 
     def handle_exception(self, exc: Exception) -> Response:
-        if isinstance(exc, FleetError):
-            return fleet_error_response(exc)
+        if isinstance(exc, FleetError | AccountError):
+            return service_error_response(exc)
         return super().handle_exception(exc)  # type: ignore[misc]
 
+    @property
+    def account(self) -> Account:
+        request = self.request  # type: ignore[attr-defined]
+        cached = getattr(request, "_vtpu_account", None)
+        if cached is not None:
+            return cached
+        token = request.auth
+        if isinstance(token, ApiToken):
+            account = token.account
+        else:
+            account = account_selectors.account_of_user(user=request.user)
+        if account is None or not account.is_active:
+            raise PermissionDenied("Your user belongs to no active account.")
+        request._vtpu_account = account
+        return account
 
-def _own_node(request: Request, node_id: uuid.UUID) -> Node:
-    node = selectors.node_get(customer=request.user, node_id=node_id)
-    if node is None:
-        raise NotFound("No such node in your account.")
-    return node
+    def own_node(self, node_id: uuid.UUID) -> Node:
+        node = selectors.node_get(account=self.account, node_id=node_id)
+        if node is None:
+            raise NotFound("No such node in your account.")
+        return node
 
-
-def _own_job(request: Request, job_id: int) -> ProvisioningJob:
-    job = selectors.job_get(customer=request.user, job_id=job_id)
-    if job is None:
-        raise NotFound("No such job in your account.")
-    return job
-
-
-# ---- nodes ----------------------------------------------------------------------------------
-
-
-class NodeListView(FleetErrorsMixin, generics.GenericAPIView):
-    serializer_class = s.NodeSerializer
-
-    def get_queryset(self):
-        return selectors.node_list(customer=self.request.user)
-
-    @extend_schema(responses=s.NodeSerializer(many=True))
-    def get(self, request: Request) -> Response:
-        page = self.paginate_queryset(self.get_queryset())
-        return self.get_paginated_response(s.NodeSerializer(page, many=True).data)
-
-    @extend_schema(request=s.NodeCreateSerializer, responses={201: s.NodeSerializer})
-    def post(self, request: Request) -> Response:
-        data = s.NodeCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        requested = services.node_request(
-            customer=request.user,
-            name=data.validated_data["name"],
-            host=data.validated_data.get("host"),
-        )
-        return Response(s.NodeSerializer(requested.node).data, status=status.HTTP_201_CREATED)
-
-
-class NodeDetailView(FleetErrorsMixin, APIView):
-    @extend_schema(responses=s.NodeSerializer)
-    def get(self, request: Request, node_id: uuid.UUID) -> Response:
-        return Response(s.NodeSerializer(_own_node(request, node_id)).data)
-
-    @extend_schema(request=None, responses={202: s.NodeSerializer})
-    def delete(self, request: Request, node_id: uuid.UUID) -> Response:
-        node = _own_node(request, node_id)
-        services.node_deprovision(
-            node=node, cause=f"deleted by {request.user.get_username()} through the API"
-        )
-        node.refresh_from_db()
-        return Response(s.NodeSerializer(node).data, status=status.HTTP_202_ACCEPTED)
-
-
-class NodeRetryView(FleetErrorsMixin, APIView):
-    @extend_schema(request=None, responses={202: s.JobSerializer})
-    def post(self, request: Request, node_id: uuid.UUID) -> Response:
-        job = services.node_retry(node=_own_node(request, node_id))
-        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
-
-
-class NodeCredentialsView(FleetErrorsMixin, APIView):
-    """The node's agent URL and token, for calling its agent (benchmarks, embeddings)."""
-
-    @extend_schema(responses=s.NodeCredentialsSerializer)
-    def get(self, request: Request, node_id: uuid.UUID) -> Response:
-        node = _own_node(request, node_id)
-        return Response({"agent_url": node.agent_url, "token": node.token})
-
-
-class NodeJobsView(FleetErrorsMixin, generics.GenericAPIView):
-    serializer_class = s.JobSerializer
-
-    @extend_schema(responses=s.JobSerializer(many=True))
-    def get(self, request: Request, node_id: uuid.UUID) -> Response:
-        jobs = selectors.job_list(node=_own_node(request, node_id))
-        page = self.paginate_queryset(jobs)
-        return self.get_paginated_response(s.JobSerializer(page, many=True).data)
-
-
-class NodeTelemetryView(FleetErrorsMixin, APIView):
-    @extend_schema(
-        parameters=[OpenApiParameter("limit", int, description="Samples, newest first (<=500).")],
-        responses=s.TelemetrySampleSerializer(many=True),
-    )
-    def get(self, request: Request, node_id: uuid.UUID) -> Response:
-        node = _own_node(request, node_id)
-        limit = _int_param(request, "limit", default=60, low=1, high=500)
-        samples = selectors.telemetry_recent(node=node, limit=limit)
-        return Response(
-            {
-                "latest": node.last_telemetry,
-                "samples": s.TelemetrySampleSerializer(samples, many=True).data,
-            }
-        )
+    def own_job(self, job_id: int) -> ProvisioningJob:
+        job = None
+        if 1 <= job_id <= MAX_ID:
+            job = selectors.job_get(account=self.account, job_id=job_id)
+        if job is None:
+            raise NotFound("No such job in your account.")
+        return job
 
 
 def _int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:
@@ -150,37 +115,212 @@ def _int_param(request: Request, name: str, *, default: int, low: int, high: int
     try:
         value = int(raw)
     except ValueError:
-        raise FleetErrorParam(name, f"{name} must be an integer, not {raw!r}.") from None
+        raise InvalidInput(f"{name} must be an integer, not {raw!r}.", field=name) from None
     if not low <= value <= high:
-        raise FleetErrorParam(name, f"{name} must be between {low} and {high}.")
+        raise InvalidInput(f"{name} must be between {low} and {high}.", field=name)
     return value
 
 
-class FleetErrorParam(services.InvalidInput):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message, field=field)
+def _int_parameter(name: str, low: int, high: int, description: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        name, {"type": "integer", "minimum": low, "maximum": high}, description=description
+    )
+
+
+# Database ids are positive 64-bit integers; a larger number is no id (and no query overflows).
+MAX_ID = 2**63 - 1
+
+
+def _id_parameter(name: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        name, {"type": "integer", "minimum": 1, "maximum": MAX_ID}, OpenApiParameter.PATH
+    )
+
+
+# ---- nodes ----------------------------------------------------------------------------------
+
+
+class NodeListView(AccountView, generics.ListCreateAPIView):
+    serializer_class = s.NodeSerializer
+
+    def get_queryset(self):
+        return selectors.node_list(account=self.account)
+
+    @extend_schema(responses={200: s.NodeSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request=s.NodeCreateSerializer,
+        responses={201: s.NodeSerializer, **errors(400, 403, 404, 409, 503)},
+    )
+    def post(self, request: Request, *args, **kwargs) -> Response:
+        data = s.NodeCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        requested = nodes.node_request(
+            account=self.account,
+            user=request.user,
+            name=data.validated_data["name"],
+            host=self._host(data.validated_data.get("host")),
+        )
+        return Response(s.NodeSerializer(requested.node).data, status=status.HTTP_201_CREATED)
+
+    def _host(self, host_id: int | None) -> Host | None:
+        if host_id is None:
+            return None
+        if not self.request.user.is_staff:  # before the lookup: ids of hosts are staff's
+            raise Forbidden("Only staff can choose the host of a node.", field="host")
+        host = Host.objects.filter(pk=host_id).first()
+        if host is None:
+            raise NotFound("No such host.")
+        return host
+
+
+class NodeDetailView(AccountView, APIView):
+    @extend_schema(responses={200: s.NodeSerializer, **errors(403, 404)})
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        return Response(s.NodeSerializer(self.own_node(node_id)).data)
+
+    @extend_schema(request=None, responses={202: s.NodeSerializer, **errors(403, 404, 409)})
+    def delete(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = self.own_node(node_id)
+        nodes.node_deprovision_request(
+            node=node, cause=f"deleted by {request.user.get_username()} through the API"
+        )
+        node.refresh_from_db()
+        return Response(s.NodeSerializer(node).data, status=status.HTTP_202_ACCEPTED)
+
+
+class NodeRetryView(AccountView, APIView):
+    @extend_schema(request=None, responses={202: s.JobSerializer, **errors(403, 404, 409)})
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        job = nodes.node_retry(node=self.own_node(node_id))
+        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _credentials(node: Node) -> dict:
+    pending = NodeAction.objects.filter(
+        node=node, kind=NodeAction.Kind.ROTATE_TOKEN, completed_at__isnull=True
+    ).exists()
+    return {"agent_url": node.agent_url, "token": node.access_token, "rotation_pending": pending}
+
+
+class NodeCredentialsView(AccountView, APIView):
+    """The node's agent URL and your access token for it (benchmarks, embeddings)."""
+
+    @extend_schema(responses={200: s.NodeCredentialsSerializer, **errors(403, 404)})
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        return Response(_credentials(self.own_node(node_id)))
+
+
+class NodeCredentialsRotateView(AccountView, APIView):
+    """A new access token; the agent gets its hash through the heartbeat channel."""
+
+    @extend_schema(
+        request=None, responses={200: s.NodeCredentialsSerializer, **errors(403, 404, 409)}
+    )
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = nodes.node_access_token_rotate(node=self.own_node(node_id))
+        return Response(_credentials(node))
+
+
+class NodeJobsView(AccountView, generics.ListAPIView):
+    serializer_class = s.JobSerializer
+
+    def get_queryset(self):
+        return selectors.job_list(node=self.own_node(self.kwargs["node_id"]))
+
+    @extend_schema(responses={200: s.JobSerializer(many=True), **errors(400, 403, 404)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class NodeTransitionsView(AccountView, generics.ListAPIView):
+    """Every state change of the node, oldest first, with its cause."""
+
+    serializer_class = s.TransitionSerializer
+
+    def get_queryset(self):
+        return selectors.transition_list(node=self.own_node(self.kwargs["node_id"]))
+
+    @extend_schema(responses={200: s.TransitionSerializer(many=True), **errors(400, 403, 404)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class NodeActionsView(AccountView, generics.ListCreateAPIView):
+    """Work for the node's agent (delivered through its heartbeats, at least once)."""
+
+    serializer_class = s.ActionSerializer
+
+    def get_queryset(self):
+        return selectors.action_list(node=self.own_node(self.kwargs["node_id"]))
+
+    @extend_schema(responses={200: s.ActionSerializer(many=True), **errors(400, 403, 404)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request=s.ActionCreateSerializer,
+        responses={201: s.ActionSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, *args, **kwargs) -> Response:
+        node = self.own_node(self.kwargs["node_id"])
+        data = s.ActionCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        payload = {"quick": data.validated_data["quick"]}
+        if data.validated_data.get("workloads") is not None:
+            payload["workloads"] = data.validated_data["workloads"]
+        action = nodes.node_action_request(
+            node=node, kind=data.validated_data["type"], payload=payload
+        )
+        return Response(s.ActionSerializer(action).data, status=status.HTTP_201_CREATED)
+
+
+class NodeTelemetryView(AccountView, APIView):
+    @extend_schema(
+        parameters=[_int_parameter("limit", 1, 500, "Samples, newest first (default 60).")],
+        responses={200: s.NodeTelemetrySerializer, **errors(400, 403, 404)},
+    )
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = self.own_node(node_id)
+        limit = _int_param(request, "limit", default=60, low=1, high=500)
+        samples = selectors.telemetry_recent(node=node, limit=limit)
+        self_reported = node.kind == Node.Kind.ENROLLED
+        return Response(
+            {
+                "latest": node.last_telemetry,
+                "self_reported": self_reported,
+                "note": s.SELF_REPORTED_NOTE if self_reported else "",
+                "samples": s.TelemetrySampleSerializer(samples, many=True).data,
+            }
+        )
 
 
 # ---- jobs -----------------------------------------------------------------------------------
 
 
-class JobDetailView(FleetErrorsMixin, APIView):
-    @extend_schema(responses=s.JobDetailSerializer)
-    def get(self, request: Request, job_id: int) -> Response:
-        return Response(s.JobDetailSerializer(_own_job(request, job_id)).data)
-
-
-class JobEventsView(FleetErrorsMixin, APIView):
+class JobDetailView(AccountView, APIView):
     @extend_schema(
-        parameters=[
-            OpenApiParameter("after", int, description="Only events after this counter."),
-            OpenApiParameter("limit", int, description="At most this many (<=1000)."),
-        ],
-        responses=s.JobEventSerializer(many=True),
+        parameters=[_id_parameter("job_id")],
+        responses={200: s.JobDetailSerializer, **errors(403, 404)},
     )
     def get(self, request: Request, job_id: int) -> Response:
-        job = _own_job(request, job_id)
-        after = _int_param(request, "after", default=-1, low=-1, high=2**31)
+        return Response(s.JobDetailSerializer(self.own_job(job_id)).data)
+
+
+class JobEventsView(AccountView, APIView):
+    @extend_schema(
+        parameters=[
+            _id_parameter("job_id"),
+            _int_parameter("after", -1, 2**31 - 1, "Only events after this counter."),
+            _int_parameter("limit", 1, 1000, "At most this many (default 1000)."),
+        ],
+        responses={200: s.JobEventsSerializer, **errors(400, 403, 404)},
+    )
+    def get(self, request: Request, job_id: int) -> Response:
+        job = self.own_job(job_id)
+        after = _int_param(request, "after", default=-1, low=-1, high=2**31 - 1)
         limit = _int_param(request, "limit", default=1000, low=1, high=1000)
         events = selectors.job_events(job=job, after=after, limit=limit)
         return Response(
@@ -192,41 +332,53 @@ class JobEventsView(FleetErrorsMixin, APIView):
         )
 
 
-class JobCancelView(FleetErrorsMixin, APIView):
-    @extend_schema(request=None, responses={202: s.JobSerializer})
+class JobCancelView(AccountView, APIView):
+    @extend_schema(
+        request=None,
+        parameters=[_id_parameter("job_id")],
+        responses={202: s.JobSerializer, **errors(403, 404, 409)},
+    )
     def post(self, request: Request, job_id: int) -> Response:
-        job = services.job_cancel(job=_own_job(request, job_id))
+        job = jobs.job_cancel(job=self.own_job(job_id))
         return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
 # ---- API tokens -----------------------------------------------------------------------------
 
 
-class TokenListView(generics.GenericAPIView):
+class TokenListView(AccountView, generics.ListCreateAPIView):
     serializer_class = s.TokenSerializer
 
     def get_queryset(self):
-        return account_selectors.token_list(user=self.request.user)
+        return account_selectors.token_list(account=self.account)
 
-    @extend_schema(responses=s.TokenSerializer(many=True))
-    def get(self, request: Request) -> Response:
-        page = self.paginate_queryset(self.get_queryset())
-        return self.get_paginated_response(s.TokenSerializer(page, many=True).data)
+    @extend_schema(responses={200: s.TokenSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
 
-    @extend_schema(request=s.TokenCreateSerializer, responses={201: s.CreatedTokenSerializer})
-    def post(self, request: Request) -> Response:
+    @extend_schema(
+        request=s.TokenCreateSerializer,
+        responses={201: s.CreatedTokenSerializer, **errors(400, 403)},
+    )
+    def post(self, request: Request, *args, **kwargs) -> Response:
         data = s.TokenCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        created = account_services.token_create(user=request.user, name=data.validated_data["name"])
+        created = account_services.token_create(
+            account=self.account, user=request.user, name=data.validated_data["name"]
+        )
         body = s.TokenSerializer(created.token).data
         body["token"] = created.secret
         return Response(body, status=status.HTTP_201_CREATED)
 
 
-class TokenDetailView(APIView):
-    @extend_schema(responses={204: None})
+class TokenDetailView(AccountView, APIView):
+    @extend_schema(
+        parameters=[_id_parameter("token_id")], responses={204: None, **errors(403, 404)}
+    )
     def delete(self, request: Request, token_id: int) -> Response:
-        token = account_selectors.token_get(user=request.user, token_id=token_id)
+        token = None
+        if 1 <= token_id <= MAX_ID:
+            token = account_selectors.token_get(account=self.account, token_id=token_id)
         if token is None:
             raise NotFound("No such token in your account.")
         account_services.token_revoke(token=token)
@@ -236,10 +388,19 @@ class TokenDetailView(APIView):
 # ---- enrollment -----------------------------------------------------------------------------
 
 
-class EnrollmentCreateView(APIView):
-    @extend_schema(request=None, responses={201: s.EnrollmentCreatedSerializer})
-    def post(self, request: Request) -> Response:
-        created = services.enrollment_create(customer=request.user)
+class EnrollmentListView(AccountView, generics.ListCreateAPIView):
+    serializer_class = s.EnrollmentSerializer
+
+    def get_queryset(self):
+        return selectors.enrollment_list(account=self.account)
+
+    @extend_schema(responses={200: s.EnrollmentSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(request=None, responses={201: s.EnrollmentCreatedSerializer, **errors(403)})
+    def post(self, request: Request, *args, **kwargs) -> Response:
+        created = enrollment.enrollment_create(account=self.account, user=request.user)
         url = f"{settings.PUBLIC_URL}/enroll/{created.secret}/install.sh"
         return Response(
             {
@@ -252,17 +413,47 @@ class EnrollmentCreateView(APIView):
         )
 
 
-class EnrollView(FleetErrorsMixin, APIView):
-    """The deploy script's `vtpu enroll`: authenticated by the one-time secret in the body."""
+class NodeSecretAuthentication(BaseAuthentication):
+    """Names the heartbeat's credential, `Authorization: Bearer <node secret>` (the OpenAPI
+    `nodeSecret` scheme, accounts.schema), and makes a refusal say how to authenticate. The
+    secret belongs to the node named in the body, so the view itself checks it, first."""
+
+    def authenticate(self, request):
+        return None
+
+    def authenticate_header(self, request) -> str:
+        return 'Bearer realm="agent"'
+
+
+class AgentView(APIView):
+    """Called by node agents, authenticated by their own secrets (never a customer's token)."""
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+    throttle_scope = "agent"
+    parser_classes = [JSONParser]
 
-    @extend_schema(request=s.EnrollSerializer, responses={201: s.EnrolledSerializer})
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, FleetError):
+            response = service_error_response(exc)
+            if exc.status == 401:
+                response["WWW-Authenticate"] = 'Bearer realm="agent"'
+            return response
+        return super().handle_exception(exc)
+
+
+class EnrollView(AgentView):
+    """The deploy script's `vtpu enroll`: authenticated by the one-time secret in the body."""
+
+    @extend_schema(
+        request=s.EnrollSerializer,
+        responses={201: s.EnrolledSerializer, **errors(400, 403, 404, 410)},
+        auth=[],
+    )
     def post(self, request: Request) -> Response:
         data = s.EnrollSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        enrolled = services.enrollment_complete(
+        enrolled = enrollment.enrollment_complete(
             secret=data.validated_data["secret"],
             hostname=data.validated_data["hostname"],
             agent_url=data.validated_data.get("agent_url"),
@@ -271,7 +462,8 @@ class EnrollView(FleetErrorsMixin, APIView):
         return Response(
             {
                 "node_id": str(enrolled.node.pk),
-                "node_token": enrolled.token,
+                "node_secret": enrolled.secret,
+                "access_token_sha256": enrolled.node.access_token_sha256,
                 "heartbeat_seconds": settings.HEARTBEAT_SECONDS,
                 "control_plane_url": settings.PUBLIC_URL,
             },
@@ -279,32 +471,54 @@ class EnrollView(FleetErrorsMixin, APIView):
         )
 
 
-class HeartbeatView(FleetErrorsMixin, APIView):
-    """An agent's heartbeat, authenticated by its node token (not a customer's API token)."""
+class HeartbeatView(AgentView):
+    """An agent's heartbeat, authenticated by its node secret before anything else."""
 
-    authentication_classes: list = []
-    permission_classes = [AllowAny]
+    authentication_classes = [NodeSecretAuthentication]
 
-    @extend_schema(request=s.HeartbeatSerializer, responses=s.HeartbeatReplySerializer)
+    @extend_schema(
+        request=s.HeartbeatSerializer,
+        responses={200: s.HeartbeatReplySerializer, **errors(400, 410)},
+        auth=[{"nodeSecret": []}],
+    )
     def post(self, request: Request) -> Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return Response(
-                {"detail": "Send the node token as 'Authorization: Bearer <token>'."},
-                status=status.HTTP_401_UNAUTHORIZED,
-                headers={"WWW-Authenticate": 'Bearer realm="agent"'},
-            )
+        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+        secret = secret.strip() if scheme.lower() == "bearer" else ""
         data = s.HeartbeatSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        reply = services.heartbeat_record(
-            node_id=data.validated_data["node_id"],
-            token=token.strip(),
+        valid = data.is_valid()
+        node_id = data.validated_data.get("node_id") if valid else None
+        # Authenticate first: a stranger learns nothing, not even which input was wrong.
+        if not secret or node_id is None:
+            node_id = _node_id_from(request.data)
+        node = heartbeats.authenticate_node(node_id=node_id, secret=secret)
+        if not valid:
+            return Response(data.errors, status=status.HTTP_400_BAD_REQUEST)
+        reply = heartbeats.heartbeat_record(
+            node_id=node.pk,
+            secret=secret,
             version=data.validated_data.get("version", ""),
             agent_url=data.validated_data.get("agent_url"),
             telemetry=data.validated_data.get("telemetry"),
             results=data.validated_data.get("results", []),
         )
         return Response(reply)
+
+
+def _node_id_from(raw: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(raw.get("node_id")))  # type: ignore[union-attr]
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """Django's 404 (`handler404`) for a URL no route matches, such as a node id that is no
+    UUID: under /api/ it is JSON like every other API answer, elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"detail": "No such URL in this API (see /api/v1/schema/)."}, status=404
+        )
+    return page_not_found(request, exception)
 
 
 # ---- the one-click install script and the wheel (plain Django: not JSON) --------------------
@@ -314,14 +528,14 @@ WHEEL_NAME = re.compile(r"^vtpu-[A-Za-z0-9_.+-]+\.whl$")
 
 def _usable_or_404(secret: str) -> None:
     try:
-        services.enrollment_usable(secret=secret)
+        enrollment.enrollment_usable(secret=secret)
     except FleetError as exc:
         raise Http404(exc.message) from None
 
 
 def install_script(request: HttpRequest, secret: str) -> HttpResponse:
     """The deploy script with this link's values filled in; 404 once used or expired."""
-    from fleet.wheel import node_wheel_path
+    from fleet.wheel import node_wheel_path, node_wheel_sha256
 
     _usable_or_404(secret)
     template = settings.PROVISIONING_DIR / "deploy" / "install.sh"
@@ -338,6 +552,7 @@ def install_script(request: HttpRequest, secret: str) -> HttpResponse:
         .replace("@CONTROL_PLANE_URL@", settings.PUBLIC_URL)
         .replace("@ENROLL_SECRET@", secret)
         .replace("@WHEEL_URL@", wheel_url)
+        .replace("@WHEEL_SHA256@", node_wheel_sha256())
     )
     return HttpResponse(script, content_type="text/x-shellscript")
 

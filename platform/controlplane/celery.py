@@ -1,11 +1,13 @@
 """The Celery app: workers and beat for all background work (no cron, no threads in web).
 
-Periodic schedules are defined here, in one place.
+Periodic schedules are defined in controlplane.schedules and kept in the database by
+django-celery-beat (beat runs with its DatabaseScheduler); they are synced when beat starts.
 """
 
 import os
 
 from celery import Celery
+from celery.signals import beat_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
@@ -13,8 +15,9 @@ app = Celery("controlplane")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
-app.conf.beat_schedule = {
-    "poll-node-telemetry": {"task": "fleet.tasks.poll_nodes", "schedule": 30.0},
-    "mark-silent-nodes": {"task": "fleet.tasks.mark_silent_nodes", "schedule": 30.0},
-    "fail-orphaned-jobs": {"task": "fleet.tasks.fail_orphaned_jobs", "schedule": 60.0},
-}
+
+@beat_init.connect
+def _sync_schedules(**_kwargs) -> None:
+    from controlplane.schedules import sync_schedules
+
+    sync_schedules()

@@ -1,10 +1,13 @@
-"""The whole platform on one machine: Redis, migrations, web, Celery worker and beat.
+"""The whole platform on one machine: Redis, migrations, web, Celery workers and beat.
 
 Used by the README's run command (`python -m controlplane.stack`, via scripts/run) and by the
 end-to-end tests, so what a developer runs is what the tests exercise. Redis: REDIS_URL when
 set, else the one on 127.0.0.1:6379 when it answers, else a private redis-server started here.
-Database: DATABASE_URL when set, else SQLite under the var dir. Ctrl-C (or stop()) stops every
-process this started, gently first.
+Database: DATABASE_URL when set, else SQLite under the var dir. Secrets: the caller's
+SECRET_KEY(_FILE)/FIELD_ENCRYPTION_KEY(_FILE), else files generated once under the var dir.
+Two Celery workers, one per queue (docs/architecture.md, "Queues"): `worker` runs provisioning
+jobs, `housekeeping` the sweeps. Ctrl-C (or stop()) stops every process this started, gently
+first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from controlplane.devsecrets import ensure_dev_secrets
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MANAGE = REPO / "manage.py"
@@ -82,6 +87,8 @@ class Stack:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),
         }
+        if not any(self.env.get(k) for k in ("SECRET_KEY", "SECRET_KEY_FILE")):
+            self.env.update(ensure_dev_secrets(self.var_dir))
 
     # ---- processes -----------------------------------------------------------------------
 
@@ -119,11 +126,13 @@ class Stack:
             return self.env["REDIS_URL"]
         return self.start_private_redis()
 
-    def start_private_redis(self) -> str:
+    def start_private_redis(self, port: int | None = None) -> str:
+        """A redis-server of this stack's own (on `port`, e.g. to bring one back after a test
+        stopped it)."""
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("no Redis: set REDIS_URL or install redis-server")
-        port = free_port()
+        port = port or free_port()
         data = self.var_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         process = self._spawn(
@@ -142,30 +151,35 @@ class Stack:
         if migrate.returncode != 0:
             raise RuntimeError(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
         self.manage("collectstatic", "--noinput", check=False)
+        self.manage("sync_schedules")
         bin_dir = Path(sys.executable).parent
         self._spawn(
             "web",
             [str(bin_dir / "gunicorn"), "controlplane.wsgi:application",
              "--bind", f"{self.host}:{self.port}", "--workers", "2", "--threads", "4",
-             "--timeout", "120", "--access-logfile", "-"],
+             "--timeout", "120", "--access-logfile", "-",
+             "--logger-class", "controlplane.gunicorn_logging.RedactingLogger"],
         )  # fmt: skip
         self.start_worker()
+        self.start_worker("housekeeping", queues="housekeeping", concurrency=1)
         if self.beat:
             self._spawn(
                 "beat",
-                [str(bin_dir / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO",
-                 "--schedule", str(self.var_dir / "celerybeat-schedule")],
+                [str(bin_dir / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO"],
             )  # fmt: skip
         _wait(self._web_answers, "web app", 60, self.processes["web"])
         return self
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+    def start_worker(
+        self, name: str = "worker", *, queues: str = "provisioning", concurrency: int | None = None
+    ) -> subprocess.Popen:
         bin_dir = Path(sys.executable).parent
         return self._spawn(
             name,
             [str(bin_dir / "celery"), "-A", "controlplane", "worker", "--loglevel", "INFO",
-             "--concurrency", str(self.worker_concurrency), "--hostname", f"{name}@%h",
-             "--without-mingle", "--without-gossip"],
+             "--queues", queues,
+             "--concurrency", str(concurrency or self.worker_concurrency),
+             "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip"],
         )  # fmt: skip
 
     def _web_answers(self) -> bool:

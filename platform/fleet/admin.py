@@ -1,7 +1,10 @@
-"""Staff's view of the fleet. Secrets (SSH keys, node tokens) are write-only or hidden."""
+"""Staff's view of the fleet. Secrets (SSH keys, node tokens) are write-only or hidden; state
+changes go through the services, so every one is recorded (staff's own way out is the "force to
+terminated" action, which asks for a reason)."""
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 
 from fleet.models import (
     Enrollment,
@@ -13,6 +16,8 @@ from fleet.models import (
     ProvisioningJob,
     TelemetrySample,
 )
+from fleet.services.errors import FleetError
+from fleet.services.nodes import host_check
 
 
 class HostForm(forms.ModelForm):
@@ -36,10 +41,14 @@ class HostForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
-        if data.get("kind") == Host.Kind.SSH and not data.get("address"):
-            self.add_error("address", "An SSH host needs an address.")
-        if data.get("kind") == Host.Kind.SSH and not data.get("base_dir"):
-            self.add_error("base_dir", "Say where node directories go on this host.")
+        try:
+            host_check(
+                kind=data.get("kind", ""),
+                address=data.get("address", ""),
+                agent_host=data.get("agent_host", ""),
+            )
+        except FleetError as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data
 
 
@@ -82,7 +91,7 @@ class JobInline(admin.TabularInline):
 class NodeAdmin(admin.ModelAdmin):
     list_display = [
         "name",
-        "customer",
+        "account",
         "kind",
         "state",
         "host",
@@ -92,14 +101,16 @@ class NodeAdmin(admin.ModelAdmin):
         "created",
     ]
     list_filter = ["state", "kind", "host"]
-    search_fields = ["name", "id", "customer__username", "customer__email", "agent_url"]
+    search_fields = ["name", "id", "account__name", "agent_url"]
     # State changes go through the services (so every one is recorded), never a form field.
     readonly_fields = [
         "id",
-        "customer",
+        "account",
+        "requested_by",
         "kind",
         "host",
         "state",
+        "delete_requested_at",
         "node_dir",
         "agent_port",
         "agent_url",
@@ -110,11 +121,50 @@ class NodeAdmin(admin.ModelAdmin):
         "created",
         "updated",
     ]
-    exclude = ["token"]
+    exclude = ["access_token", "access_token_sha256", "secret_sha256"]
     inlines = [TransitionInline, JobInline]
+    actions = ["force_terminate"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.action(description="Force to terminated (with a reason)")
+    def force_terminate(self, request, queryset):
+        """For a node whose machine is gone for good: ends it without running anything."""
+        from fleet.services.nodes import node_force_terminate
+
+        form = ForceTerminateForm(request.POST if "apply" in request.POST else None)
+        if form.is_valid():
+            done = 0
+            for node in queryset:
+                try:
+                    node_force_terminate(
+                        node=node, reason=form.cleaned_data["reason"], by=request.user
+                    )
+                    done += 1
+                except FleetError as exc:
+                    self.message_user(request, f"{node}: {exc.message}", messages.WARNING)
+            self.message_user(request, f"{done} node(s) forced to terminated.")
+            return None
+        return TemplateResponse(
+            request,
+            "admin/fleet/node/force_terminate.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Force nodes to terminated",
+                "nodes": queryset,
+                "form": form,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+                "opts": self.model._meta,
+            },
+        )
+
+
+class ForceTerminateForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="Recorded with the transition, e.g. 'customer's machine was wiped'.",
+    )
 
 
 class EventInline(admin.TabularInline):
@@ -132,7 +182,7 @@ class EventInline(admin.TabularInline):
 class ProvisioningJobAdmin(admin.ModelAdmin):
     list_display = ["id", "node", "kind", "state", "worker", "created", "started_at", "finished_at"]
     list_filter = ["state", "kind"]
-    search_fields = ["node__name", "node__id", "node__customer__username", "explanation"]
+    search_fields = ["node__name", "node__id", "node__account__name", "explanation"]
     readonly_fields = [
         f.name for f in ProvisioningJob._meta.fields if f.name not in ("cancel_requested",)
     ]
@@ -171,18 +221,27 @@ class TelemetrySampleAdmin(admin.ModelAdmin):
 
 @admin.register(NodeAction)
 class NodeActionAdmin(admin.ModelAdmin):
-    list_display = ["id", "node", "kind", "created", "delivered_at", "completed_at", "ok"]
+    list_display = [
+        "id",
+        "node",
+        "kind",
+        "created",
+        "delivered_at",
+        "deliveries",
+        "completed_at",
+        "ok",
+    ]
     list_filter = ["kind", "ok"]
     search_fields = ["node__name", "node__id"]
 
 
 @admin.register(Enrollment)
 class EnrollmentAdmin(admin.ModelAdmin):
-    list_display = ["id", "customer", "created", "expires_at", "used_at", "node"]
+    list_display = ["id", "account", "created_by", "created", "expires_at", "used_at", "node"]
     list_filter = [("used_at", admin.EmptyFieldListFilter)]
-    search_fields = ["customer__username", "customer__email"]
+    search_fields = ["account__name", "created_by__username"]
     exclude = ["secret_sha256"]
-    readonly_fields = ["customer", "created", "used_at", "node"]
+    readonly_fields = ["account", "created_by", "created", "used_at", "node"]
 
     def has_add_permission(self, request) -> bool:
         return False

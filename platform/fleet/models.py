@@ -1,6 +1,8 @@
-"""The operator's hosts, customers' nodes, their state machine, provisioning jobs and telemetry.
+"""The operator's hosts, accounts' nodes, their state machine, provisioning jobs and telemetry.
 
-Business rules are in fleet.services; these classes only describe what is stored.
+Business rules are in fleet.services; these classes only describe what is stored, and the node
+state machine's table (TRANSITIONS) sits next to the states it moves between
+(docs/architecture.md, "Node states").
 """
 
 import uuid
@@ -26,6 +28,11 @@ class Host(models.Model):
     ssh_user = models.CharField(max_length=100, blank=True)
     ssh_private_key = EncryptedTextField(
         blank=True, help_text="PEM text; encrypted at rest, never shown again."
+    )
+    ssh_known_hosts = models.TextField(
+        blank=True,
+        help_text="The host's SSH keys (known_hosts lines), recorded when it was added; Ansible "
+        "refuses any other key (StrictHostKeyChecking).",
     )
     python = models.CharField(
         max_length=255, default="python3", help_text="Interpreter on the host (Ansible, node venv)."
@@ -69,16 +76,46 @@ class NodeState(models.TextChoices):
     FAILED = "failed"
 
 
+S = NodeState
+# The node state machine (docs/architecture.md, "Node states"). Beyond the design:
+# requested -> failed (a provisioning job canceled before it started); ready/degraded -> failed
+# (the agent's first heartbeat came before its provisioning job failed); deprovisioning -> failed
+# (the deprovisioning job failed: visible, and retried by deleting again). Staff may force any
+# live node to terminated (fleet.services.nodes.node_force_terminate), outside this table.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.REQUESTED: frozenset({S.PROVISIONING, S.READY, S.DEPROVISIONING, S.FAILED}),
+    S.PROVISIONING: frozenset({S.READY, S.FAILED}),
+    S.READY: frozenset({S.DEGRADED, S.SUSPENDED, S.DEPROVISIONING, S.FAILED}),
+    S.DEGRADED: frozenset({S.READY, S.SUSPENDED, S.DEPROVISIONING, S.FAILED}),
+    S.SUSPENDED: frozenset({S.READY, S.DEPROVISIONING}),
+    S.DEPROVISIONING: frozenset({S.TERMINATED, S.FAILED}),
+    S.FAILED: frozenset({S.PROVISIONING, S.DEPROVISIONING}),
+    S.TERMINATED: frozenset(),
+}
+# A node is "up" in these states (its agent answers and takes work); the flips between up and
+# not-up are what uptime is computed from.
+UP_STATES = frozenset({S.READY})
+
+
 class Node(models.Model):
-    """A customer's vTPU: provisioned by us on a Host, or enrolled from their own machine."""
+    """An account's vTPU: provisioned by us on a Host, or enrolled from the customer's own machine.
+
+    Two credentials (docs/architecture.md, "Credentials"): the node secret, held by the agent and
+    (as a hash) by the control plane, authenticates heartbeats and action results; the access
+    token, readable and rotatable by the account, authenticates calls to the agent."""
 
     class Kind(models.TextChoices):
         PROVISIONED = "provisioned"
         ENROLLED = "enrolled"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    customer = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="nodes"
+    account = models.ForeignKey("accounts.Account", on_delete=models.PROTECT, related_name="nodes")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
     )
     name = models.CharField(max_length=63)
     kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.PROVISIONED)
@@ -91,8 +128,21 @@ class Node(models.Model):
     node_dir = models.CharField(max_length=500, blank=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)
     agent_url = models.CharField(max_length=255, blank=True)
-    token_sha256 = models.CharField(max_length=64, unique=True, editable=False)
-    token = EncryptedTextField(editable=False, help_text="The node token, encrypted at rest.")
+    secret_sha256 = models.CharField(
+        max_length=64,
+        unique=True,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="SHA-256 of the node secret (heartbeats); the secret itself is never stored.",
+    )
+    access_token = EncryptedTextField(
+        editable=False, help_text="The customer's token for the agent, encrypted at rest."
+    )
+    access_token_sha256 = models.CharField(max_length=64, editable=False)
+    delete_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its account asked for it to be deleted."
+    )
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     last_seen_at = models.DateTimeField(
         null=True, blank=True, help_text="Last sign of life: heartbeat, health check or poll."
@@ -148,6 +198,7 @@ class ProvisioningJob(models.Model):
 
     class Kind(models.TextChoices):
         PROVISION = "provision"
+        REPAIR = "repair"  # the provisioning role again, for a node whose agent died
         DEPROVISION = "deprovision"
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="jobs")
@@ -163,6 +214,9 @@ class ProvisioningJob(models.Model):
     worker_pid = models.IntegerField(null=True, blank=True)
     runner_pid = models.IntegerField(null=True, blank=True, help_text="ansible-playbook's pid.")
     cancel_requested = models.BooleanField(default=False)
+    queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last time its task was sent to the broker."
+    )
     last_event_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -223,18 +277,23 @@ class TelemetrySample(models.Model):
 
 
 class NodeAction(models.Model):
-    """Work for a node's agent, delivered once in a heartbeat reply (works behind NAT)."""
+    """Work for a node's agent, carried by heartbeat replies (works behind NAT).
+
+    Delivered at least once: it stays pending until the agent reports its result and is sent
+    again after a timeout; the agent applies an action id once, so a lost reply loses nothing."""
 
     class Kind(models.TextChoices):
         BENCHMARK = "benchmark"
         SUSPEND = "suspend"
         RESUME = "resume"
+        ROTATE_TOKEN = "rotate_token"
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="actions")
     kind = models.CharField(max_length=20, choices=Kind.choices)
     payload = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(auto_now_add=True)
-    delivered_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True, help_text="Last delivery.")
+    deliveries = models.PositiveIntegerField(default=0)
     completed_at = models.DateTimeField(null=True, blank=True)
     ok = models.BooleanField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
@@ -247,8 +306,11 @@ class NodeAction(models.Model):
 class Enrollment(models.Model):
     """A one-time link that turns a customer's own machine into a node of their account."""
 
-    customer = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollments"
+    account = models.ForeignKey(
+        "accounts.Account", on_delete=models.CASCADE, related_name="enrollments"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     secret_sha256 = models.CharField(max_length=64, unique=True, editable=False)
     expires_at = models.DateTimeField()

@@ -1,52 +1,74 @@
-"""Celery tasks: thin. Each loads nothing itself and calls one service.
+"""Celery tasks: thin. Each takes ids, calls one service, and declares its retries and limits.
 
-Provisioning tasks are acks_late + reject_on_worker_lost: when a worker dies mid-run the broker
-delivers the task again, and the service turns that redelivery into a failed job (never a second
-playbook run). Only transient database/connection errors are retried automatically.
+Two queues (docs/architecture.md, "Queues"): `provisioning` for Ansible jobs (minutes each) and
+`housekeeping` for the sweeps (seconds), served by separate workers so two long playbooks never
+starve the sweeps. Job tasks are acks_late + reject_on_worker_lost: when a worker dies mid-run
+the broker delivers the task again, and the service turns that redelivery into a failed job
+(never a second playbook run). Only transient database/connection errors are retried.
 """
 
 from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from fleet import services
+from fleet.services import jobs, sweeps
 
+PROVISIONING_QUEUE = "provisioning"
+HOUSEKEEPING_QUEUE = "housekeeping"
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, ConnectionError)
-# Above the runner's own job timeout, so the runner ends a slow job first and records why.
-JOB_SOFT_LIMIT = settings.PROVISIONING_JOB_TIMEOUT + 120
-JOB_HARD_LIMIT = settings.PROVISIONING_JOB_TIMEOUT + 180
+# Routed by name in settings (CELERY_TASK_ROUTES): run_job to PROVISIONING_QUEUE, the rest to
+# HOUSEKEEPING_QUEUE.
 JOB_TASK_OPTIONS = {
     "acks_late": True,
     "reject_on_worker_lost": True,
-    "soft_time_limit": JOB_SOFT_LIMIT,
-    "time_limit": JOB_HARD_LIMIT,
+    "soft_time_limit": settings.PROVISIONING_TASK_SOFT_TIME_LIMIT,
+    "time_limit": settings.PROVISIONING_TASK_TIME_LIMIT,
     "autoretry_for": TRANSIENT_ERRORS,
     "retry_backoff": True,
     "max_retries": 5,
 }
-SWEEP_OPTIONS = {"acks_late": True, "soft_time_limit": 120, "time_limit": 180}
+SWEEP_OPTIONS = {
+    "acks_late": True,
+    "soft_time_limit": 120,
+    "time_limit": 180,
+}
 
 
-@shared_task(name="fleet.tasks.provision_node", **JOB_TASK_OPTIONS)
-def provision_node(job_id: int) -> None:
-    services.node_provision(job_id=job_id)
-
-
-@shared_task(name="fleet.tasks.deprovision_node", **JOB_TASK_OPTIONS)
-def deprovision_node(job_id: int) -> None:
-    services.node_deprovision_run(job_id=job_id)
+@shared_task(name="fleet.tasks.run_job", **JOB_TASK_OPTIONS)
+def run_job(job_id: int) -> None:
+    jobs.job_run(job_id=job_id)
 
 
 @shared_task(name="fleet.tasks.poll_nodes", **SWEEP_OPTIONS)
 def poll_nodes() -> int:
-    return services.poll_nodes()
+    return sweeps.poll_nodes()
 
 
 @shared_task(name="fleet.tasks.mark_silent_nodes", **SWEEP_OPTIONS)
 def mark_silent_nodes() -> int:
-    return services.mark_silent_nodes()
+    return sweeps.mark_silent_nodes()
 
 
 @shared_task(name="fleet.tasks.fail_orphaned_jobs", **SWEEP_OPTIONS)
 def fail_orphaned_jobs() -> int:
-    return services.fail_orphaned_jobs()
+    return sweeps.fail_orphaned_jobs()
+
+
+@shared_task(name="fleet.tasks.requeue_pending_jobs", **SWEEP_OPTIONS)
+def requeue_pending_jobs() -> int:
+    return sweeps.requeue_pending_jobs()
+
+
+@shared_task(name="fleet.tasks.repair_dead_agents", **SWEEP_OPTIONS)
+def repair_dead_agents() -> int:
+    return sweeps.repair_dead_agents()
+
+
+@shared_task(name="fleet.tasks.terminate_vanished_enrolled_nodes", **SWEEP_OPTIONS)
+def terminate_vanished_enrolled_nodes() -> int:
+    return sweeps.terminate_vanished_enrolled_nodes()
+
+
+@shared_task(name="fleet.tasks.prune_history", **SWEEP_OPTIONS)
+def prune_history() -> dict:
+    return sweeps.prune_history()

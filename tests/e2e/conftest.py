@@ -81,7 +81,6 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
         env={
             "DATABASE_URL": _e2e_database_url(var),
             "REDIS_URL": "",  # always a private Redis: tests never touch a shared one
-            "CELERY_VISIBILITY_TIMEOUT": "30",  # a killed worker's task comes back quickly
             "HEARTBEAT_SECONDS": "2",
             "PROVISIONING_JOB_TIMEOUT": "600",
         },
@@ -114,7 +113,7 @@ def bob(stack) -> Api:
 @pytest.fixture(scope="session")
 def staff(stack) -> Api:
     """The operator: staff may choose the host of a node (customers get the pool's pick)."""
-    done = stack.manage("create_customer", "ops", "--staff", "--token", "e2e")
+    done = stack.manage("create_customer", "ops", "--staff", "--quota", "50", "--token", "e2e")
     return Api(stack.url, done.stdout.strip().splitlines()[-1].split()[-1])
 
 

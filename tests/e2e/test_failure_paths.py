@@ -71,3 +71,24 @@ def test_a_worker_killed_mid_provision_leaves_no_job_running_and_no_node_provisi
     assert sorted(j["state"] for j in jobs) == ["failed", "successful"]
     assert staff.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
     staff.wait_for_state(node["id"], {"terminated"}, timeout=180)
+
+
+def test_a_node_requested_while_redis_is_down_is_provisioned_once_redis_is_back(
+    stack, alice, local_host
+):
+    """The request commits and answers 201 (not 500) with Redis down; the job waits `pending`;
+    once Redis is back, the requeue sweep sends it and the node becomes ready."""
+    port = int(stack.env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    stack.kill("redis", signal.SIGTERM)
+    try:
+        status, node = alice.call("POST", "/api/v1/nodes", {"name": "e2e-redis-down"})
+        assert status == 201, node
+        assert _job(alice, node["id"])["state"] == "pending"
+    finally:
+        stack.start_private_redis(port)
+    node = alice.wait_for_state(node["id"], {"ready", "failed"}, timeout=300)
+    assert node["state"] == "ready", _job(alice, node["id"])
+    jobs = alice.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
+    assert [j["state"] for j in jobs] in (["successful"], ["running"])  # one job, run once
+    assert alice.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
+    alice.wait_for_state(node["id"], {"terminated"}, timeout=180)

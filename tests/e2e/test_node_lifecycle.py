@@ -91,9 +91,14 @@ def test_an_unreachable_host_fails_the_node_with_an_explanation_and_a_retry_is_p
     key.write_text(
         "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n"
     )
+    known = tmp_path / "known_hosts"  # nothing listens there to scan: pin a key by hand
+    known.write_text(
+        "[127.0.0.1]:1 ssh-ed25519"
+        " AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+    )
     host = create_host(
         stack, "nowhere", "--ssh", "127.0.0.1", "--ssh-port", "1", "--ssh-key-file", str(key),
-        "--inactive",
+        "--known-hosts-file", str(known), "--inactive",
     )  # fmt: skip
     status, node = staff.call("POST", "/api/v1/nodes", {"name": "e2e-nowhere", "host": host})
     assert status == 201, node

@@ -7,7 +7,13 @@ from rest_framework.test import APIClient
 
 from accounts import authentication
 from accounts.models import ApiToken
-from accounts.services import token_create, token_revoke
+from accounts.services import token_create as _token_create
+from accounts.services import token_revoke
+
+
+def token_create(*, user, name):
+    return _token_create(account=user.membership.account, user=user, name=name)
+
 
 pytestmark = pytest.mark.django_db
 

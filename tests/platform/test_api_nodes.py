@@ -2,8 +2,8 @@
 
 import pytest
 
-from fleet import services
 from fleet.models import JobEvent, Node, TelemetrySample
+from fleet.services import jobs
 
 pytestmark = pytest.mark.django_db
 
@@ -26,7 +26,6 @@ def test_alice_creates_lists_and_gets_her_node(alice_api, local_host, queued):
         ({}, "name"),
         ({"name": "Not Valid!"}, "name"),
         ({"name": "x" * 64}, "name"),
-        ({"name": "ok", "host": 999}, "host"),
     ],
 )
 def test_bad_input_gets_400_with_the_reason_per_field(alice_api, local_host, body, field):
@@ -38,9 +37,18 @@ def test_bad_input_gets_400_with_the_reason_per_field(alice_api, local_host, bod
 def test_a_duplicate_name_or_a_customer_choosing_a_host_is_refused(alice_api, local_host):
     alice_api.post("/api/v1/nodes", {"name": "alpha"}, format="json")
     duplicate = alice_api.post("/api/v1/nodes", {"name": "alpha"}, format="json")
-    assert duplicate.status_code == 409 and "already have" in duplicate.json()["name"][0]
+    assert duplicate.status_code == 409 and "already has" in duplicate.json()["name"][0]
     chosen = alice_api.post("/api/v1/nodes", {"name": "b", "host": local_host.pk}, format="json")
-    assert chosen.status_code == 400 and "staff" in chosen.json()["host"][0]
+    assert chosen.status_code == 403 and "staff" in chosen.json()["host"][0]
+    unknown = alice_api.post("/api/v1/nodes", {"name": "c", "host": 999}, format="json")
+    assert unknown.status_code == 403  # host ids are staff's business: no 404 that tells
+
+
+def test_staff_choosing_an_unknown_host_gets_404(staff, local_host):
+    from tests.platform.conftest import api_client_for
+
+    reply = api_client_for(staff).post("/api/v1/nodes", {"name": "c", "host": 999}, format="json")
+    assert reply.status_code == 404 and "host" in reply.json()["detail"]
 
 
 def test_no_capacity_is_a_503_with_a_reason(alice_api):
@@ -73,7 +81,7 @@ def test_bob_gets_404_for_alices_node_and_jobs(alice_node, bob_api):
 
 def test_job_detail_and_live_events_after_a_counter(alice_node, alice_api):
     job = alice_node.jobs.get()
-    services.store_job_events(
+    jobs.store_job_events(
         job_id=job.pk,
         events=[{"counter": n, "event": "runner_on_ok", "stdout": f"line {n}"} for n in (1, 2, 3)],
     )
@@ -102,7 +110,55 @@ def test_telemetry_and_credentials_of_her_node(alice_node, alice_api):
     body = alice_api.get(f"/api/v1/nodes/{alice_node.pk}/telemetry").json()
     assert body["samples"][0]["ops_per_cycle"] == 3.0
     creds = alice_api.get(f"/api/v1/nodes/{alice_node.pk}/credentials").json()
-    assert creds == {"agent_url": alice_node.agent_url, "token": alice_node.token}
+    assert creds == {
+        "agent_url": alice_node.agent_url,
+        "token": alice_node.access_token,
+        "rotation_pending": False,
+    }
+
+
+def test_over_quota_is_a_403_with_the_reason_and_staff_can_raise_it(alice, alice_api, local_host):
+    from accounts.services import account_set_quota
+
+    account_set_quota(account=alice.membership.account, node_quota=1)
+    assert alice_api.post("/api/v1/nodes", {"name": "one"}, format="json").status_code == 201
+    over = alice_api.post("/api/v1/nodes", {"name": "two"}, format="json")
+    assert over.status_code == 403 and "may have 1 live node and has 1" in over.json()["detail"]
+    assert Node.objects.count() == 1
+    enrolling = alice_api.post("/api/v1/enrollments")
+    assert enrolling.status_code == 403  # an enrolled machine counts too
+    account_set_quota(account=alice.membership.account, node_quota=2)
+    assert alice_api.post("/api/v1/nodes", {"name": "two"}, format="json").status_code == 201
+
+
+def test_members_of_one_account_share_its_nodes(alice, alice_node, db):
+    from django.contrib.auth import get_user_model
+
+    from accounts.services import member_add
+    from tests.platform.conftest import api_client_for
+
+    carol = get_user_model().objects.create_user("carol")
+    member_add(account=alice.membership.account, user=carol)
+    listed = api_client_for(carol).get("/api/v1/nodes").json()["results"]
+    assert [n["id"] for n in listed] == [str(alice_node.pk)]
+
+
+def test_rotating_the_access_token_reaches_the_agent_as_a_hash(alice_node, alice_api):
+    from fleet.models import NodeAction
+    from fleet.services.credentials import hash_secret
+
+    old = alice_node.access_token
+    rotated = alice_api.post(f"/api/v1/nodes/{alice_node.pk}/credentials/rotate")
+    assert rotated.status_code == 200, rotated.json()
+    body = rotated.json()
+    assert body["token"] != old and body["rotation_pending"] is True
+    action = NodeAction.objects.get(node=alice_node, kind="rotate_token")
+    assert action.payload == {"token_sha256": hash_secret(body["token"])}
+    assert body["token"] not in str(action.payload)
+    # A second rotation supersedes the first: only the newest hash is delivered.
+    second = alice_api.post(f"/api/v1/nodes/{alice_node.pk}/credentials/rotate").json()
+    pending = NodeAction.objects.filter(node=alice_node, completed_at__isnull=True)
+    assert [a.payload["token_sha256"] for a in pending] == [hash_secret(second["token"])]
 
 
 def test_an_unknown_or_malformed_node_id_is_404(alice_api):

@@ -41,7 +41,9 @@ ADMIN_PAGES = [
     "fleet/telemetrysample/",
     "fleet/enrollment/",
     "fleet/nodeaction/",
-    "auth/user/",
+    "accounts/user/",
+    "accounts/account/",
+    "django_celery_beat/periodictask/",
 ]
 
 
@@ -60,7 +62,42 @@ def test_admin_pages_load_for_staff(staff, alice_node):
         reply = client.get(f"/admin/{page}")
         assert reply.status_code == 200, page
     node_page = client.get(f"/admin/fleet/node/{alice_node.pk}/change/").content.decode()
-    assert alice_node.token not in node_page
+    assert alice_node.access_token not in node_page
+
+
+def test_staff_force_a_node_to_terminated_with_a_reason_from_the_admin(staff, alice_node):
+    client = Client()
+    client.force_login(staff)
+    form = {"action": "force_terminate", "_selected_action": [str(alice_node.pk)]}
+    asked = client.post("/admin/fleet/node/", form)
+    assert asked.status_code == 200 and b"reason" in asked.content  # asks for the reason first
+    assert (
+        client.post("/admin/fleet/node/", {**form, "apply": "1", "reason": ""}).status_code == 200
+    )
+    alice_node.refresh_from_db()
+    assert alice_node.state == "requested"  # no reason, nothing done
+    done = client.post("/admin/fleet/node/", {**form, "apply": "1", "reason": "machine wiped"})
+    assert done.status_code == 302
+    alice_node.refresh_from_db()
+    assert alice_node.state == "terminated"
+    assert alice_node.transitions.last().cause == "forced to terminated by sam: machine wiped"
+    assert alice_node.jobs.get().state == "canceled"
+
+
+def test_the_admin_refuses_an_ssh_host_with_a_loopback_agent_address(staff):
+    client = Client()
+    client.force_login(staff)
+    reply = client.post(
+        "/admin/fleet/host/add/",
+        {"name": "far", "kind": "ssh", "address": "203.0.113.9", "ssh_port": 22,
+         "python": "python3", "base_dir": "/srv/vtpu", "agent_host": "127.0.0.1",
+         "port_range_start": 18000, "port_range_end": 18010, "tdp_watts": 65,
+         "capacity": 4, "is_active": "on"},
+    )  # fmt: skip
+    assert reply.status_code == 200 and b"loopback address" in reply.content
+    from fleet.models import Host
+
+    assert not Host.objects.filter(name="far").exists()
 
 
 def test_the_host_form_never_shows_the_ssh_key_and_keeps_it(staff, local_host):

@@ -4,7 +4,8 @@ an SSH host nobody listens on. (The lead's end-to-end tests provision for real.)
 import pytest
 
 from fleet.models import Host, JobEvent
-from fleet.services import node_provision, node_request
+from fleet.services.jobs import job_run as node_provision
+from tests.platform.conftest import request_node
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
@@ -19,12 +20,14 @@ def test_an_unreachable_host_fails_the_job_and_the_node_with_a_reason(staff, set
         ssh_user="nobody",
         base_dir="/tmp/vtpu-nodes",
         ssh_private_key="not a key",
+        ssh_known_hosts="[127.0.0.1]:1 ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
     )
-    node = node_request(customer=staff, name="lost", host=host).node
+    node = request_node(staff, "lost", host=host)
     job = node_provision(job_id=node.jobs.get().pk)
     node.refresh_from_db()
     assert job.state == "failed", job.explanation
     assert job.explanation and job.finished_at and job.runner_pid
     assert node.state == "failed" and job.explanation in node.transitions.last().cause
     assert JobEvent.objects.filter(job=job).exists()
-    assert node.token not in job.stdout
+    assert node.access_token not in job.stdout

@@ -3,7 +3,8 @@
 import pytest
 
 from fleet.models import Node, NodeTransition
-from fleet.services import Conflict, InvalidTransition, node_transition
+from fleet.services.errors import Conflict, InvalidTransition
+from fleet.services.transitions import node_transition
 
 pytestmark = pytest.mark.django_db
 

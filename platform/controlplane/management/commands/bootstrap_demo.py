@@ -10,10 +10,11 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
+from accounts import selectors as account_selectors
 from accounts.models import ApiToken
-from accounts.services import token_create, token_revoke
+from accounts.services import account_create, account_set_quota, token_create, token_revoke
 from fleet.models import Host, Node, NodeState
-from fleet.services import node_request, node_retry
+from fleet.services.nodes import node_request, node_retry
 from fleet.wheel import node_wheel_path
 
 DEMO_NODE = "demo-node"
@@ -67,10 +68,15 @@ class Command(BaseCommand):
         out = self.stdout.write
         admin, admin_password = _user("admin", staff=True)
         demo, demo_password = _user("demo", staff=False)
+        account = account_selectors.account_of_user(user=demo) or account_create(
+            name="Demo", owner=demo
+        )
+        if account.node_quota < 10:  # room to try more nodes than the default quota
+            account_set_quota(account=account, node_quota=10)
         # One live token for the demo at a time: each start prints a fresh one.
         for stale in ApiToken.objects.filter(user=demo, name=RUN_TOKEN, revoked_at__isnull=True):
             token_revoke(token=stale)
-        token = token_create(user=demo, name=RUN_TOKEN).secret
+        token = token_create(account=account, user=demo, name=RUN_TOKEN).secret
         host, _ = Host.objects.get_or_create(
             name="this-machine",
             defaults={"kind": Host.Kind.LOCAL, "agent_host": "127.0.0.1", "python": "python3"},
@@ -78,18 +84,23 @@ class Command(BaseCommand):
         out("==> building the node wheel (first start only)")
         out(f"    {node_wheel_path()}")
         node = (
-            Node.objects.filter(customer=demo, name=DEMO_NODE)
+            Node.objects.filter(account=account, name=DEMO_NODE)
             .exclude(state=NodeState.TERMINATED)
             .first()
         )
         if node is None:
-            node = node_request(customer=demo, name=DEMO_NODE, host=None).node
+            node = node_request(account=account, user=demo, name=DEMO_NODE, host=None).node
             out(f"==> demo node {node.id} requested: Ansible provisions it now")
-        elif node.state == NodeState.FAILED:
+        elif node.state == NodeState.FAILED and node.delete_requested_at is None:
             node_retry(node=node)
             out(f"==> demo node {node.id} had failed: provisioning it again")
-        elif _restart_local_agent(node):
-            out(f"==> demo node {node.id}: agent started again; its heartbeat makes it ready")
+        # Every node this machine hosts gets its agent back (the run command stopped them all).
+        for hosted in Node.objects.filter(
+            host__kind=Host.Kind.LOCAL,
+            state__in=[NodeState.READY, NodeState.DEGRADED, NodeState.SUSPENDED],
+        ):
+            if _restart_local_agent(hosted):
+                out(f"==> node {hosted.name} ({hosted.id}): agent started again")
         url = settings.PUBLIC_URL
         out("")
         out(f"  admin (staff)     {url}/admin/    user admin  password {admin_password}")

@@ -1,0 +1,117 @@
+"""The control plane as a client of node agents it can reach (provisioned nodes on our hosts):
+health checks that confirm *which* node answered, and telemetry polls.
+
+Calls carry the node's access token; an agent proves it is the node we mean by answering the
+authenticated health check with that node's id, so another agent on the same port (or a stale
+one) never makes a node look alive (docs/architecture.md, "Liveness").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from django.utils import timezone
+
+from fleet.models import Node, NodeState, TelemetrySample
+from fleet.services.transitions import try_transition
+
+log = logging.getLogger(__name__)
+S = NodeState
+
+HTTP_TIMEOUT_SECONDS = 5.0
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+class WrongAgent(ValueError):
+    """An agent answered, but not as the node we asked for."""
+
+
+def agent_get(node: Node, path: str, *, timeout: float = HTTP_TIMEOUT_SECONDS) -> Any:
+    request = urllib.request.Request(
+        node.agent_url.rstrip("/") + path,
+        headers={"Authorization": f"Bearer {node.access_token}"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310 - our own URL
+        return json.loads(reply.read(MAX_REPLY_BYTES))
+
+
+def agent_check(node: Node, *, timeout: float = 3.0) -> None:
+    """Raise unless the agent at node.agent_url answers the authenticated health check as this
+    node (OSError when unreachable or refusing the token, WrongAgent for another node)."""
+    health = agent_get(node, "/vTPU/health", timeout=timeout)
+    answered = health.get("node_id") if isinstance(health, dict) else None
+    if answered != str(node.pk):
+        raise WrongAgent(
+            f"the agent at {node.agent_url} answered as node {answered or '(none)'}, not {node.pk}"
+        )
+
+
+def agent_healthy(node: Node, *, wait: float) -> bool:
+    """Whether the node's own agent answers within `wait` seconds."""
+    if not node.agent_url:
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            agent_check(node)
+            return True
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                log.info("node %s: agent not confirmed (%s); waiting for a heartbeat", node, exc)
+                return False
+            time.sleep(1)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def store_sample(node: Node, telemetry: dict) -> TelemetrySample:
+    cache = telemetry.get("cache_hit_rate")
+    if isinstance(cache, dict):
+        cache = cache.get("combined")
+    return TelemetrySample.objects.create(
+        node=node,
+        ops_per_cycle=_number(telemetry.get("ops_per_cycle")),
+        throughput_gops=_number(telemetry.get("throughput_gops")),
+        power_watts=_number(telemetry.get("power_watts")),
+        mops_per_watt=_number(telemetry.get("mops_per_watt")),
+        cache_hit_rate=_number(cache),
+        data=telemetry,
+    )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc)
+
+
+def poll_node(*, node: Node) -> TelemetrySample | None:
+    """Confirm the node's agent and read its telemetry; a failure degrades a ready node (once:
+    a node already degraded gets no new row)."""
+    try:
+        agent_check(node)
+        telemetry = agent_get(node, "/vTPU/telemetry")
+        if not isinstance(telemetry, dict):
+            raise ValueError("telemetry is not a JSON object")
+    except (OSError, ValueError) as exc:
+        try_transition(
+            node, S.DEGRADED, f"health check failed: {_reason(exc)}", from_states=(S.READY,)
+        )
+        return None
+    now = timezone.now()
+    sample = store_sample(node, telemetry)
+    Node.objects.filter(pk=node.pk).update(last_seen_at=now, last_telemetry=telemetry)
+    try_transition(node, S.READY, "health check answered again", from_states=(S.DEGRADED,))
+    return sample

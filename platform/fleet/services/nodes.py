@@ -1,0 +1,319 @@
+"""Hosts, and an account's nodes: placing and requesting them, retry, deletion, staff's force,
+the customer's access token, and actions asked of a node's agent."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import Account, User
+from fleet.models import (
+    ACTIVE_JOB_STATES,
+    Host,
+    JobState,
+    Node,
+    NodeAction,
+    NodeState,
+    ProvisioningJob,
+)
+from fleet.services import queue
+from fleet.services.credentials import new_access_token
+from fleet.services.errors import Conflict, Forbidden, InvalidInput, NoCapacity
+from fleet.services.jobs import job_cancel
+from fleet.services.transitions import force_terminate, node_transition, record_birth
+
+S = NodeState
+LIVE = ~Q(state=S.TERMINATED)
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RULE = "1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+
+
+# ---- hosts ----------------------------------------------------------------------------------
+
+
+def _is_loopback(address: str) -> bool:
+    address = address.strip().strip("[]")
+    if address == "localhost" or address.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def host_check(*, kind: str, address: str, agent_host: str, public_url: str = "") -> None:
+    """Refuse a host the control plane could not watch (InvalidInput with the reason).
+
+    An SSH host's agents are health-checked and polled at agent_host (or the host's address when
+    they listen everywhere): a loopback agent address there means *this* machine, not that
+    host, unless the control plane itself runs on that host's loopback (address loopback too)."""
+    if kind != Host.Kind.SSH:
+        return
+    if not address:
+        raise InvalidInput("An SSH host needs an address.", field="address")
+    if _is_loopback(agent_host) and not _is_loopback(address):
+        where = urlsplit(public_url or settings.PUBLIC_URL).hostname or "elsewhere"
+        raise InvalidInput(
+            f"Agents on {address} would listen on {agent_host}, a loopback address: the control"
+            f" plane (at {where}) could never reach them to check they are alive. Use the"
+            f" host's address ({address}) or 0.0.0.0 as the agent address.",
+            field="agent_host",
+        )
+
+
+# ---- placing and requesting nodes -----------------------------------------------------------
+
+
+def _validate_node_name(name: str) -> str:
+    name = (name or "").strip()
+    if not NODE_NAME.match(name):
+        raise InvalidInput(f"{name!r} is not a valid node name: use {NAME_RULE}.", field="name")
+    return name
+
+
+def _node_dir(host: Host, node_id: uuid.UUID) -> str:
+    if host.base_dir:
+        base = host.base_dir
+    elif host.kind == Host.Kind.LOCAL:
+        base = str(settings.NODES_DIR)
+    else:
+        base = "/var/lib/vtpu/nodes"
+    return str(Path(base) / str(node_id))
+
+
+def agent_url_for(host: Host, port: int) -> str:
+    address = host.agent_host
+    if address in ("", "0.0.0.0", "::"):  # listens everywhere: reach it by the host's address
+        address = host.address or "127.0.0.1"
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{port}"
+
+
+def _place_node(host: Host | None) -> tuple[Host, int]:
+    """The host with most room (or the one staff chose) and its lowest free agent port.
+
+    Host rows are locked (PostgreSQL) so two requests never pick the same port; the unique
+    constraint on (host, agent_port) among live nodes backs this up on every database."""
+    hosts = Host.objects.select_for_update()
+    hosts = hosts.filter(pk=host.pk) if host is not None else hosts.filter(is_active=True)
+    choices: list[tuple[int, str, Host, int]] = []
+    for candidate in hosts:
+        live = Node.objects.filter(LIVE, host=candidate)
+        count = live.count()
+        if count >= candidate.capacity:
+            continue
+        used = set(live.values_list("agent_port", flat=True))
+        port = next(
+            (
+                p
+                for p in range(candidate.port_range_start, candidate.port_range_end + 1)
+                if p not in used
+            ),
+            None,
+        )
+        if port is not None:
+            choices.append((count - candidate.capacity, candidate.name, candidate, port))
+    if not choices:
+        if host is not None:
+            raise NoCapacity(f"Host {host.name} is full (capacity {host.capacity}).", field="host")
+        raise NoCapacity("No host has room for a new node right now; try again later.")
+    choices.sort(key=lambda c: (c[0], c[1]))
+    return choices[0][2], choices[0][3]
+
+
+def check_quota(account: Account) -> None:
+    """Forbidden when the account already has as many live nodes as its quota allows."""
+    account = Account.objects.select_for_update().get(pk=account.pk)
+    live = Node.objects.filter(LIVE, account=account).count()
+    if live >= account.node_quota:
+        raise Forbidden(
+            f"Your account may have {account.node_quota} live node"
+            f"{'' if account.node_quota == 1 else 's'} and has {live}: delete one, or ask us"
+            " to raise your quota."
+        )
+
+
+@dataclass(frozen=True)
+class RequestedNode:
+    node: Node
+    job: ProvisioningJob
+
+
+@transaction.atomic
+def node_request(
+    *, account: Account, user: User, name: str, host: Host | None = None
+) -> RequestedNode:
+    """A new node for `account` on `host` (staff only) or the host with most room; its
+    provisioning job is queued once this transaction commits."""
+    name = _validate_node_name(name)
+    if host is not None and not user.is_staff:
+        raise Forbidden("Only staff can choose the host of a node.", field="host")
+    check_quota(account)
+    if Node.objects.filter(LIVE, account=account, name=name).exists():
+        raise Conflict(f"Your account already has a node named {name!r}.", field="name")
+    host, port = _place_node(host)
+    node_id = uuid.uuid4()
+    node = Node.objects.create(
+        id=node_id,
+        account=account,
+        requested_by=user,
+        name=name,
+        kind=Node.Kind.PROVISIONED,
+        host=host,
+        node_dir=_node_dir(host, node_id),
+        agent_port=port,
+        agent_url=agent_url_for(host, port),
+        **new_access_token(),
+    )
+    record_birth(node, f"requested by {user.get_username()} on host {host.name}")
+    job = ProvisioningJob.objects.create(node=node, kind=ProvisioningJob.Kind.PROVISION)
+    queue.queue_job(job.pk)
+    return RequestedNode(node=node, job=job)
+
+
+def _new_job(node: Node, kind: str) -> ProvisioningJob:
+    try:
+        with transaction.atomic():
+            job = ProvisioningJob.objects.create(node=node, kind=kind)
+    except IntegrityError:
+        raise Conflict(f"Node {node.name} already has a job pending or running.") from None
+    queue.queue_job(job.pk)
+    return job
+
+
+@transaction.atomic
+def node_retry(*, node: Node) -> ProvisioningJob:
+    """A new job for a failed node: provisioning again, or (when its deletion failed)
+    deprovisioning again. The node moves on when a worker claims the job."""
+    node.refresh_from_db(fields=["state", "delete_requested_at"])
+    if node.state != S.FAILED:
+        raise Conflict(f"Only a failed node can be retried; {node.name} is {node.state}.")
+    if node.delete_requested_at is not None:
+        node_transition(node=node, to_state=S.DEPROVISIONING, cause="deletion retried")
+        if node.kind == Node.Kind.ENROLLED:
+            raise Conflict("An enrolled node is deleted at its agent's next heartbeat.")
+        return _new_job(node, ProvisioningJob.Kind.DEPROVISION)
+    if node.kind != Node.Kind.PROVISIONED:
+        raise Conflict("An enrolled node is retried by running its install command again.")
+    return _new_job(node, ProvisioningJob.Kind.PROVISION)
+
+
+@transaction.atomic
+def node_deprovision_request(*, node: Node, cause: str) -> ProvisioningJob | None:
+    """Ask for a node to be taken down (a customer's DELETE). Returns the deprovisioning job, if
+    one runs.
+
+    A node whose provisioning never started is terminated at once; an enrolled node is marked
+    deprovisioning and its agent is told to stop at its next heartbeat (410), or it is
+    terminated by a sweep after a grace period if its machine never calls again."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    active = node.jobs.filter(state__in=ACTIVE_JOB_STATES).first()
+    if node.state == S.TERMINATED:
+        raise Conflict(f"Node {node.name} is already terminated.")
+    if node.state == S.PROVISIONING:
+        raise Conflict(
+            f"Node {node.name} is being provisioned (job {active.pk if active else '?'}); cancel"
+            " that job or wait for it to end, then delete the node."
+        )
+    if node.delete_requested_at is None:
+        Node.objects.filter(pk=node.pk).update(delete_requested_at=timezone.now())
+        node.delete_requested_at = timezone.now()
+    if node.state in (S.REQUESTED, S.FAILED) and active is not None:
+        job_cancel(job=active)  # a provisioning job that has not started yet
+        active.refresh_from_db()
+        if active.state != JobState.CANCELED:
+            raise Conflict(f"Job {active.pk} started meanwhile; delete the node again.")
+        active = None
+        node.refresh_from_db()
+    if node.state == S.REQUESTED or (node.state == S.FAILED and _never_ran(node)):
+        # Nothing was installed anywhere: no playbook to run.
+        node_transition(node=node, to_state=S.DEPROVISIONING, cause=cause)
+        node_transition(node=node, to_state=S.TERMINATED, cause="nothing was installed yet")
+        return None
+    if active is not None and active.kind != ProvisioningJob.Kind.DEPROVISION:
+        # Its first heartbeat made it ready while the playbook's last checks still run.
+        raise Conflict(
+            f"Node {node.name} is finishing a {active.kind} job (job {active.pk}); delete it"
+            " again when that job has ended."
+        )
+    if node.state != S.DEPROVISIONING:
+        node_transition(node=node, to_state=S.DEPROVISIONING, cause=cause)
+    if node.kind == Node.Kind.ENROLLED:
+        return None  # its agent learns it at the next heartbeat
+    if active is not None:
+        return active  # already being deprovisioned: DELETE is idempotent
+    return _new_job(node, ProvisioningJob.Kind.DEPROVISION)
+
+
+def _never_ran(node: Node) -> bool:
+    """True when no job of the node ever started (only canceled-before-start jobs)."""
+    return not node.jobs.filter(started_at__isnull=False).exists()
+
+
+@transaction.atomic
+def node_force_terminate(*, node: Node, reason: str, by: User) -> Node:
+    """Staff end a node whatever its state (a machine that is gone for good), with a reason.
+
+    Pending jobs are canceled and running ones asked to stop; nothing is run on the host."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidInput("Say why the node is forced to terminated.", field="reason")
+    now = timezone.now()
+    ProvisioningJob.objects.filter(node=node, state=JobState.PENDING).update(
+        state=JobState.CANCELED, explanation="Canceled: the node was forced to terminated.",
+        finished_at=now,
+    )  # fmt: skip
+    ProvisioningJob.objects.filter(node=node, state=JobState.RUNNING).update(cancel_requested=True)
+    if not force_terminate(node, f"forced to terminated by {by.get_username()}: {reason}"):
+        raise Conflict(f"Node {node.name} is already terminated.")
+    Node.objects.filter(pk=node.pk, delete_requested_at__isnull=True).update(
+        delete_requested_at=now
+    )
+    node.refresh_from_db()
+    return node
+
+
+# ---- the customer's access token, and actions for the agent ---------------------------------
+
+
+@transaction.atomic
+def node_action_request(*, node: Node, kind: str, payload: dict | None = None) -> NodeAction:
+    """Queue work for a node's agent; heartbeat replies carry it until its result comes back."""
+    if kind not in NodeAction.Kind.values:
+        raise InvalidInput(f"Unknown action {kind!r}.", field="type")
+    if node.state not in (S.READY, S.DEGRADED, S.SUSPENDED, S.PROVISIONING, S.REQUESTED):
+        raise Conflict(f"Node {node.name} is {node.state}; it takes no more actions.")
+    return NodeAction.objects.create(node=node, kind=kind, payload=payload or {})
+
+
+@transaction.atomic
+def node_access_token_rotate(*, node: Node) -> Node:
+    """A new access token for the node's agent: the control plane answers with it at once, and
+    the agent learns its hash (never the token) through the heartbeat channel; the old token
+    stops working when the agent applies the action."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if node.state in (S.TERMINATED, S.DEPROVISIONING):
+        raise Conflict(f"Node {node.name} is {node.state}; its token cannot change.")
+    fields = new_access_token()
+    Node.objects.filter(pk=node.pk).update(**fields)
+    # An older rotation not yet applied is superseded: only the newest hash matters.
+    NodeAction.objects.filter(
+        node=node, kind=NodeAction.Kind.ROTATE_TOKEN, completed_at__isnull=True
+    ).update(completed_at=timezone.now(), ok=False, error="superseded by a newer rotation")
+    NodeAction.objects.create(
+        node=node,
+        kind=NodeAction.Kind.ROTATE_TOKEN,
+        payload={"token_sha256": fields["access_token_sha256"]},
+    )
+    node.refresh_from_db()
+    return node

@@ -1,0 +1,94 @@
+"""Tenant isolation, over the whole URL conf: a member of account B gets 404 on every one of
+account A's objects, on every method. A new endpoint with an object id in its path and no row
+in the table below fails `test_every_endpoint_is_in_the_table`."""
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from fleet.models import NodeTransition
+from fleet.services import enrollment
+from tests.platform.conftest import account
+
+pytestmark = pytest.mark.django_db
+
+# Route name -> the methods that act on one object of an account, and which object fills its
+# path. Routes without an id in the path (lists, creation) are checked by their contents.
+OBJECT_ROUTES = {
+    "node-detail": (["get", "delete"], "node"),
+    "node-retry": (["post"], "node"),
+    "node-jobs": (["get"], "node"),
+    "node-transitions": (["get"], "node"),
+    "node-actions": (["get", "post"], "node"),
+    "node-telemetry": (["get"], "node"),
+    "node-credentials": (["get"], "node"),
+    "node-credentials-rotate": (["post"], "node"),
+    "job-detail": (["get"], "job"),
+    "job-events": (["get"], "job"),
+    "job-cancel": (["post"], "job"),
+    "token-detail": (["delete"], "token"),
+}
+LIST_ROUTES = {
+    "node-list": "nodes",
+    "token-list": "tokens",
+    "enrollment-list": "enrollments",
+}
+# Not account-scoped: the schema, and the agents' own endpoints (secrets, not accounts), and the
+# enrollment link's script and wheel (a one-time secret in the path).
+UNSCOPED = {"schema", "enroll", "agent-heartbeat", "enroll-install", "enroll-wheel"}
+
+
+def _api_routes(resolver=None, prefix=""):
+    resolver = resolver or get_resolver()
+    for entry in resolver.url_patterns:
+        if isinstance(entry, URLResolver):
+            if entry.app_name == "admin" or str(entry.pattern).startswith("admin"):
+                continue
+            yield from _api_routes(entry, prefix + str(entry.pattern))
+        elif isinstance(entry, URLPattern) and entry.name:
+            yield entry.name, prefix + str(entry.pattern)
+
+
+def test_every_endpoint_is_in_the_table():
+    names = {name for name, _ in _api_routes()}
+    unknown = names - set(OBJECT_ROUTES) - set(LIST_ROUTES) - UNSCOPED
+    assert not unknown, f"add these routes to the tenant-isolation table: {sorted(unknown)}"
+
+
+@pytest.fixture
+def alices_things(alice, alice_node):
+    from tests.platform.conftest import api_client_for
+
+    api_client_for(alice)  # a token of alice's account
+    enrollment.enrollment_create(account=account(alice), user=alice)
+    return {
+        "node": alice_node.pk,
+        "job": alice_node.jobs.get().pk,
+        "token": account(alice).api_tokens.first().pk,
+    }
+
+
+@pytest.mark.parametrize("route", sorted(OBJECT_ROUTES))
+def test_bob_gets_404_on_alices_objects(route, alices_things, bob_api):
+    from django.urls import reverse
+
+    methods, kind = OBJECT_ROUTES[route]
+    arg = {"node": "node_id", "job": "job_id", "token": "token_id"}[kind]
+    url = reverse(route, kwargs={arg: alices_things[kind]})
+    before = NodeTransition.objects.count()
+    for method in methods:
+        reply = getattr(bob_api, method)(url, {}, format="json")
+        assert reply.status_code == 404, (method, url, reply.content)
+        assert "your account" in reply.json()["detail"]
+    assert NodeTransition.objects.count() == before  # nothing moved
+
+
+@pytest.mark.parametrize("route", sorted(LIST_ROUTES))
+def test_bobs_lists_hold_nothing_of_alices(route, alices_things, bob_api, alice_api):
+    from django.urls import reverse
+
+    url = reverse(route)
+    assert alice_api.get(url).json()["results"], "alice's list should not be empty"
+    assert bob_api.get(url).json()["results"] == [] or route == "token-list"
+    if route == "token-list":
+        ids = {t["id"] for t in bob_api.get(url).json()["results"]}
+        assert alices_things["token"] not in ids
