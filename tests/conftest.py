@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # platform/ is a source root (see manage.py); its apps import as top-level modules.
 sys.path.append(str(REPO / "platform"))
+
+# The control plane refuses to start without its secrets (DEBUG is false in tests, as in
+# production): the tests use development secrets generated once under var/, as the run command
+# does, unless the environment brings its own.
+if not any(os.environ.get(k) for k in ("SECRET_KEY", "SECRET_KEY_FILE")):
+    from controlplane.devsecrets import ensure_dev_secrets
+
+    for _name, _path in ensure_dev_secrets(
+        Path(os.environ.get("VTPU_VAR_DIR", REPO / "var"))
+    ).items():
+        os.environ.setdefault(_name, _path)
 
 
 @pytest.fixture(scope="session")

@@ -10,19 +10,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import Account, ApiToken, Membership, User
+from controlplane.errors import ServiceError
 
 TOKEN_PREFIX = "vtpu_"
 
 
-class AccountError(Exception):
+class AccountError(ServiceError):
     """A request about accounts that is refused, with a sentence for people."""
 
     status = 400
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
 
 
 def hash_secret(secret: str) -> str:

@@ -28,12 +28,13 @@ from rest_framework.views import APIView
 from accounts import selectors as account_selectors
 from accounts import services as account_services
 from accounts.models import Account, ApiToken
-from accounts.services import AccountError
 from api import serializers as s
+from api.pagination import int_query_param
+from controlplane.errors import ServiceError
 from fleet import selectors
 from fleet.models import Host, Node, NodeAction, ProvisioningJob
 from fleet.services import enrollment, heartbeats, jobs, nodes
-from fleet.services.errors import FleetError, Forbidden, InvalidInput
+from fleet.services.errors import FleetError, Forbidden
 
 ERROR_TEXT = {
     400: "Bad input: the reason is under the field's name (and in `detail`).",
@@ -58,7 +59,7 @@ def errors(*codes: int) -> dict[int, OpenApiResponse]:
     return out
 
 
-def service_error_response(exc: FleetError | AccountError) -> Response:
+def service_error_response(exc: ServiceError) -> Response:
     body: dict = {"detail": exc.message}
     if exc.field:
         body[exc.field] = [exc.message]
@@ -73,7 +74,7 @@ class AccountView:
     parser_classes = [JSONParser]
 
     def handle_exception(self, exc: Exception) -> Response:
-        if isinstance(exc, FleetError | AccountError):
+        if isinstance(exc, ServiceError):
             return service_error_response(exc)
         return super().handle_exception(exc)  # type: ignore[misc]
 
@@ -106,19 +107,6 @@ class AccountView:
         if job is None:
             raise NotFound("No such job in your account.")
         return job
-
-
-def _int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, not {raw!r}.", field=name) from None
-    if not low <= value <= high:
-        raise InvalidInput(f"{name} must be between {low} and {high}.", field=name)
-    return value
 
 
 def _int_parameter(name: str, low: int, high: int, description: str) -> OpenApiParameter:
@@ -284,7 +272,7 @@ class NodeTelemetryView(AccountView, APIView):
     )
     def get(self, request: Request, node_id: uuid.UUID) -> Response:
         node = self.own_node(node_id)
-        limit = _int_param(request, "limit", default=60, low=1, high=500)
+        limit = int_query_param(request, "limit", default=60, low=1, high=500)
         samples = selectors.telemetry_recent(node=node, limit=limit)
         self_reported = node.kind == Node.Kind.ENROLLED
         return Response(
@@ -320,8 +308,8 @@ class JobEventsView(AccountView, APIView):
     )
     def get(self, request: Request, job_id: int) -> Response:
         job = self.own_job(job_id)
-        after = _int_param(request, "after", default=-1, low=-1, high=2**31 - 1)
-        limit = _int_param(request, "limit", default=1000, low=1, high=1000)
+        after = int_query_param(request, "after", default=-1, low=-1, high=2**31 - 1)
+        limit = int_query_param(request, "limit", default=1000, low=1, high=1000)
         events = selectors.job_events(job=job, after=after, limit=limit)
         return Response(
             {

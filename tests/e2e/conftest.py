@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -82,6 +83,7 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
             "DATABASE_URL": _e2e_database_url(var),
             "REDIS_URL": "",  # always a private Redis: tests never touch a shared one
             "HEARTBEAT_SECONDS": "2",
+            "REPAIR_AFTER_SECONDS": "10",  # a dead agent is repaired soon after it goes silent
             "PROVISIONING_JOB_TIMEOUT": "600",
         },
     )
@@ -119,7 +121,7 @@ def staff(stack) -> Api:
 
 def create_host(stack: Stack, name: str, *args: str) -> int:
     done = stack.manage("create_host", name, *args)
-    return int(done.stdout.strip().rsplit("id=", 1)[1])
+    return int(re.search(r"\bid=(\d+)", done.stdout).group(1))
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,35 @@ def test_a_node_requested_while_redis_is_down_is_provisioned_once_redis_is_back(
         stack.start_private_redis(port)
     node = alice.wait_for_state(node["id"], {"ready", "failed"}, timeout=300)
     assert node["state"] == "ready", _job(alice, node["id"])
+    assert _wait_job(alice, node["id"], {"successful", "failed"})["state"] == "successful"
     jobs = alice.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
-    assert [j["state"] for j in jobs] in (["successful"], ["running"])  # one job, run once
+    assert len(jobs) == 1  # one job, run once
+    assert alice.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
+    alice.wait_for_state(node["id"], {"terminated"}, timeout=180)
+
+
+def test_a_node_whose_agent_died_is_repaired_by_a_recorded_job(stack, alice, local_host):
+    """The agent of a ready node is killed: the node goes degraded (no heartbeat), and after
+    REPAIR_AFTER_SECONDS a repair job re-runs the role, which starts the agent again."""
+    import os
+
+    status, node = alice.call("POST", "/api/v1/nodes", {"name": "e2e-repair"})
+    assert status == 201, node
+    assert alice.wait_for_state(node["id"], {"ready", "failed"})["state"] == "ready"
+    _wait_job(alice, node["id"], {"successful"})
+    pid_file = stack.var_dir / "nodes" / node["id"] / "agent.pid"
+    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    alice.wait_for_state(node["id"], {"degraded"}, timeout=120)
+    repaired = alice.wait_for_state(node["id"], {"ready"}, timeout=300)
+    jobs = alice.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
+    assert [j["kind"] for j in jobs] == ["repair", "provision"], jobs
+    assert jobs[0]["state"] in ("successful", "running"), jobs[0]
+    causes = [
+        t["cause"]
+        for t in alice.call("GET", f"/api/v1/nodes/{node['id']}/transitions")[1]["results"]
+    ]
+    assert any("no heartbeat" in c for c in causes), causes
+    assert repaired["state"] == "ready"
+    assert _wait_job(alice, node["id"], {"successful", "failed"})["kind"] == "repair"
     assert alice.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
     alice.wait_for_state(node["id"], {"terminated"}, timeout=180)

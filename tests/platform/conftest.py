@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
-os.environ.setdefault("DEBUG", "true")  # development secrets under var/ (settings refuse none)
 
 import django  # noqa: E402
 import pytest  # noqa: E402

@@ -1,14 +1,11 @@
-"""Refusals of the fleet's services: a sentence for people, the HTTP status an API answers with,
-and the input at fault if one is."""
+"""Refusals of the fleet's services (controlplane.errors.ServiceError: a sentence for people,
+an HTTP status, the input at fault)."""
+
+from controlplane.errors import ServiceError
 
 
-class FleetError(Exception):
+class FleetError(ServiceError):
     status = 409
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
 
 
 class InvalidInput(FleetError):
