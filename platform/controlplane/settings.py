@@ -16,7 +16,7 @@ nothing. For example:
 | --- | --- | --- |
 | `DEBUG` | Django's debug mode; `true` also generates missing secrets under `var/secrets/` | `false` |
 | `SECRET_KEY` (or `SECRET_KEY_FILE`) | Django's signing key, 50+ random characters | required unless `DEBUG=true` |
-| `FIELD_ENCRYPTION_KEY` (or `_FILE`) | keys for SSH keys and node tokens at rest, comma-separated (one a line in the file): the first encrypts, all decrypt; see `manage.py rotate_encryption_keys --help` | required unless `DEBUG=true` |
+| `FIELD_ENCRYPTION_KEY` (or `_FILE`) | keys for SSH keys and access tokens at rest, comma-separated (one a line in the file): the first encrypts, all decrypt; see `manage.py rotate_encryption_keys --help` | required unless `DEBUG=true` |
 | `ALLOWED_HOSTS` | host names served, comma-separated | `localhost,127.0.0.1` |
 | `PUBLIC_URL` | how agents and customers reach the control plane; its origin is trusted for CSRF | `http://127.0.0.1:8000` |
 | `HTTPS` | served over https: secure cookies, HSTS, http redirected, X-Forwarded-Proto trusted | `true` when `PUBLIC_URL` is https |
@@ -34,6 +34,11 @@ nothing. For example:
 | `CELERY_TASK_ALWAYS_EAGER` | run tasks in-process (tests) | `false` |
 | `PROVISIONING_JOB_TIMEOUT`, `PROVISIONING_IDLE_TIMEOUT` | Ansible job limits (s) | `900`, `300` |
 | `HEARTBEAT_SECONDS`, `ENROLLMENT_TTL_SECONDS` | agents' heartbeat interval; enrollment link lifetime | `15`, `3600` |
+| `DEFAULT_NODE_QUOTA` | live nodes per new account (staff raise it per account) | `3` |
+| `ACTION_RESEND_SECONDS` | a node action with no result by then is sent again | `120` |
+| `REPAIR_AFTER_SECONDS` | a provisioned node degraded this long gets a repair job | `600` |
+| `ENROLLED_DELETE_GRACE_SECONDS` | a deleted enrolled node that never calls again is terminated after | `86400` |
+| `TELEMETRY_RETENTION_DAYS`, `JOB_EVENT_RETENTION_DAYS` | history kept (transitions: for ever) | `7`, `90` |
 | `LOG_LEVEL` | root log level | `INFO` |
 | `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
 """
