@@ -263,3 +263,59 @@ class HeartbeatReplySerializer(serializers.Serializer):
     acknowledged = serializers.ListField(
         child=serializers.CharField(), help_text="Action ids whose results are on record."
     )
+
+
+# ---- monitoring: uptime, flips, maintenance, SLA ----------------------------------------------
+
+
+class UptimeSerializer(serializers.Serializer):
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    uptime_ratio = serializers.FloatField(
+        allow_null=True, help_text="up / (up + down); null when the node neither served nor failed."
+    )
+    up_seconds = serializers.IntegerField()
+    down_seconds = serializers.IntegerField()
+    maintenance_seconds = serializers.IntegerField(help_text="Down inside planned maintenance.")
+    excluded_seconds = serializers.IntegerField(
+        help_text="Not yet serving, suspended by billing, or deleted: not counted."
+    )
+
+
+class NodeUptimeSerializer(serializers.Serializer):
+    month = serializers.CharField(help_text="YYYY-MM (UTC).")
+    sla_target = serializers.FloatField()
+    this_month = UptimeSerializer(help_text="The calendar month, up to now while it runs.")
+    last_30_days = UptimeSerializer()
+
+
+class FlipSerializer(serializers.Serializer):
+    at = serializers.DateTimeField()
+    up = serializers.BooleanField()
+    cause = serializers.CharField()
+
+
+class MaintenanceWindowSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    scope = serializers.ChoiceField(choices=["node", "host", "fleet"])
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    reason = serializers.CharField()
+
+
+class SlaNodeSerializer(serializers.Serializer):
+    node = serializers.UUIDField()
+    name = serializers.CharField()
+    uptime_ratio = serializers.FloatField(allow_null=True)
+    down_seconds = serializers.IntegerField()
+    meets_sla = serializers.BooleanField(allow_null=True)
+    credit_percent = serializers.IntegerField(
+        allow_null=True, help_text="Recorded once the month has closed below the target."
+    )
+
+
+class SlaReportSerializer(serializers.Serializer):
+    month = serializers.CharField()
+    sla_target = serializers.FloatField()
+    closed = serializers.BooleanField(help_text="Whether the month has ended and was closed.")
+    results = SlaNodeSerializer(many=True)

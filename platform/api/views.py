@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import date
 
 from django.conf import settings
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
 from django.views.defaults import page_not_found
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.parsers import JSONParser
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -35,6 +37,8 @@ from fleet import selectors
 from fleet.models import Host, Node, NodeAction, ProvisioningJob
 from fleet.services import enrollment, heartbeats, jobs, nodes
 from fleet.services.errors import FleetError, Forbidden
+from monitoring import uptime
+from monitoring.models import SlaCredit, SlaMonthClosed
 
 ERROR_TEXT = {
     400: "Bad input: the reason is under the field's name (and in `detail`).",
@@ -555,3 +559,122 @@ def wheel_download(request: HttpRequest, secret: str, filename: str) -> FileResp
     return FileResponse(
         wheel.open("rb"), as_attachment=True, filename=wheel.name, content_type="application/zip"
     )
+
+
+# ---- monitoring: uptime, flips, maintenance windows, the account's SLA report ---------------
+
+MONTH = re.compile(r"^(20\d\d)-(0[1-9]|1[0-2])$")
+MONTH_PARAMETER = OpenApiParameter(
+    "month",
+    {"type": "string", "pattern": MONTH.pattern},
+    description="YYYY-MM (UTC); default: this month.",
+)
+
+
+def _month(request: Request) -> date:
+    raw = request.query_params.get("month")
+    if raw is None:
+        now = timezone.now()
+        return date(now.year, now.month, 1)
+    found = MONTH.match(raw)
+    if not found:
+        raise ValidationError({"month": [f"month is YYYY-MM (2000-2099), not {raw!r}."]})
+    return date(int(found[1]), int(found[2]), 1)
+
+
+def _uptime(value: uptime.Uptime) -> dict:
+    return {
+        "start": value.start,
+        "end": value.end,
+        "uptime_ratio": value.ratio,
+        "up_seconds": value.up_seconds,
+        "down_seconds": value.down_seconds,
+        "maintenance_seconds": value.maintenance_seconds,
+        "excluded_seconds": value.excluded_seconds,
+    }
+
+
+class NodeUptimeView(AccountView, APIView):
+    @extend_schema(
+        parameters=[MONTH_PARAMETER],
+        responses={200: s.NodeUptimeSerializer, **errors(400, 403, 404)},
+    )
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = self.own_node(node_id)
+        month, now = _month(request), timezone.now()
+        return Response(
+            {
+                "month": f"{month:%Y-%m}",
+                "sla_target": settings.SLA_TARGET,
+                "this_month": _uptime(uptime.node_uptime_month(node, month, now=now)),
+                "last_30_days": _uptime(uptime.node_uptime_30_days(node, now=now)),
+            }
+        )
+
+
+class NodeFlipsView(AccountView, APIView):
+    """Every change of the node between up and down, with its time and cause."""
+
+    @extend_schema(responses={200: s.FlipSerializer(many=True), **errors(403, 404)})
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        flips = uptime.node_flips(self.own_node(node_id))
+        return Response([{"at": f.at, "up": f.up, "cause": f.cause} for f in flips])
+
+
+class NodeMaintenanceView(AccountView, APIView):
+    """Planned maintenance that applies to the node (its own, its host's, the fleet's), past and
+    coming; downtime inside it does not count against the SLA."""
+
+    @extend_schema(responses={200: s.MaintenanceWindowSerializer(many=True), **errors(403, 404)})
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        windows = uptime.windows_for(self.own_node(node_id))
+        return Response(
+            [
+                {
+                    "id": w.pk,
+                    "scope": "node" if w.node_id else "host" if w.host_id else "fleet",
+                    "starts_at": w.starts_at,
+                    "ends_at": w.ends_at,
+                    "reason": w.reason,
+                }
+                for w in windows
+            ]
+        )
+
+
+class SlaReportView(AccountView, APIView):
+    """The account's monthly SLA report: each node's uptime that month, and its credit once the
+    month has closed below the target."""
+
+    @extend_schema(
+        parameters=[MONTH_PARAMETER], responses={200: s.SlaReportSerializer, **errors(400, 403)}
+    )
+    def get(self, request: Request) -> Response:
+        month, now = _month(request), timezone.now()
+        start, end = uptime.month_bounds(month)
+        credits = {
+            c.node_id: c.credit_percent
+            for c in SlaCredit.objects.filter(account=self.account, month=month)
+        }
+        rows = []
+        for node in selectors.node_list(account=self.account).filter(created__lt=end):
+            value = uptime.node_uptime_month(node, month, now=now)
+            ratio = value.ratio
+            rows.append(
+                {
+                    "node": node.pk,
+                    "name": node.name,
+                    "uptime_ratio": ratio,
+                    "down_seconds": value.down_seconds,
+                    "meets_sla": None if ratio is None else ratio >= settings.SLA_TARGET,
+                    "credit_percent": credits.get(node.pk),
+                }
+            )
+        return Response(
+            {
+                "month": f"{month:%Y-%m}",
+                "sla_target": settings.SLA_TARGET,
+                "closed": SlaMonthClosed.objects.filter(month=month).exists(),
+                "results": rows,
+            }
+        )

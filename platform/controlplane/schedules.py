@@ -35,6 +35,7 @@ SCHEDULES = (
         "terminate vanished enrolled nodes", "fleet.tasks.terminate_vanished_enrolled_nodes", 300
     ),
     Schedule("prune history", "fleet.tasks.prune_history", 3600),
+    Schedule("close the SLA month", "monitoring.tasks.close_sla_month", 3600),
 )
 
 

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_every_schedule_is_created_once_with_its_queue_and_expiry():
+    celery_app.app.loader.import_default_modules()  # what a worker does when it starts
     assert sync_schedules()["created"] == len(SCHEDULES)
     assert sync_schedules() == {"created": 0, "updated": 0, "deleted": 0}
     for entry in SCHEDULES:

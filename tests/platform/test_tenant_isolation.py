@@ -22,6 +22,9 @@ OBJECT_ROUTES = {
     "node-telemetry": (["get"], "node"),
     "node-credentials": (["get"], "node"),
     "node-credentials-rotate": (["post"], "node"),
+    "node-uptime": (["get"], "node"),
+    "node-flips": (["get"], "node"),
+    "node-maintenance": (["get"], "node"),
     "job-detail": (["get"], "job"),
     "job-events": (["get"], "job"),
     "job-cancel": (["post"], "job"),
@@ -31,6 +34,7 @@ LIST_ROUTES = {
     "node-list": "nodes",
     "token-list": "tokens",
     "enrollment-list": "enrollments",
+    "sla-report": "the SLA report's nodes",
 }
 # Not account-scoped: the schema, and the agents' own endpoints (secrets, not accounts), and the
 # enrollment link's script and wheel (a one-time secret in the path).

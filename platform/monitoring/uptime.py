@@ -1,0 +1,155 @@
+"""Uptime from flips, exactly to the second (docs/architecture.md, "Uptime and SLA").
+
+A node's life is the sequence of its transitions. Each stretch of time between two of them is:
+- `up`: the node was ready;
+- `down`: it was degraded, or failed after it had been serving (ready/degraded → failed);
+- `excluded`: it was not yet serving (requested, provisioning, failed before it ever served),
+  suspended (billing: non-payment is not downtime), or deleted (deprovisioning, terminated).
+Down time inside a maintenance window (of the node, its host, or the whole fleet) is counted as
+`maintenance`, not down. Uptime = up / (up + down); with neither it is None (nothing to judge).
+A flip is a change between up and down, with the transition's time and cause.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from django.db.models import Q
+
+from fleet.models import Node, NodeState, NodeTransition
+from monitoring.models import MaintenanceWindow
+
+S = NodeState
+SERVING = (S.READY, S.DEGRADED)
+
+
+@dataclass(frozen=True)
+class Uptime:
+    start: datetime
+    end: datetime
+    up_seconds: int
+    down_seconds: int
+    maintenance_seconds: int
+    excluded_seconds: int
+
+    @property
+    def ratio(self) -> float | None:
+        counted = self.up_seconds + self.down_seconds
+        return self.up_seconds / counted if counted else None
+
+
+@dataclass(frozen=True)
+class Flip:
+    at: datetime
+    up: bool
+    cause: str
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    """[first second of the month, first second of the next), UTC."""
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    days = calendar.monthrange(month.year, month.month)[1]
+    return start, start + timedelta(days=days)
+
+
+def previous_month(now: datetime) -> date:
+    first = date(now.year, now.month, 1)
+    return (first - timedelta(days=1)).replace(day=1)
+
+
+def _kind(transition: NodeTransition) -> str:
+    state = transition.to_state
+    if state == S.READY:
+        return "up"
+    if state == S.DEGRADED or (state == S.FAILED and transition.from_state in SERVING):
+        return "down"
+    return "excluded"
+
+
+def windows_for(node: Node):
+    """The maintenance windows that apply to `node`: its own, its host's, the whole fleet's."""
+    scope = Q(node=node) | Q(node__isnull=True, host__isnull=True)
+    if node.host_id is not None:
+        scope |= Q(host_id=node.host_id)
+    return MaintenanceWindow.objects.filter(scope)
+
+
+def _windows(node: Node, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+    rows = windows_for(node).filter(starts_at__lt=end, ends_at__gt=start)
+    return [(max(w.starts_at, start), min(w.ends_at, end)) for w in rows]
+
+
+def _overlap(a: tuple[datetime, datetime], windows: list[tuple[datetime, datetime]]) -> float:
+    """Seconds of [a) covered by the union of `windows`."""
+    covered, cursor = 0.0, a[0]
+    for w_start, w_end in sorted(windows):
+        lo, hi = max(w_start, cursor), min(w_end, a[1])
+        if hi > lo:
+            covered += (hi - lo).total_seconds()
+            cursor = hi
+    return covered
+
+
+def _stretches(node: Node, start: datetime, end: datetime) -> list[tuple[datetime, datetime, str]]:
+    """(from, to, kind) covering [start, end), from the node's transitions."""
+    before = (
+        NodeTransition.objects.filter(node=node, created__lt=start).order_by("-created", "-id")
+    ).first()
+    kind = _kind(before) if before else "excluded"
+    cursor = start
+    out = []
+    for t in NodeTransition.objects.filter(node=node, created__gte=start, created__lt=end).order_by(
+        "created", "id"
+    ):
+        if t.created > cursor:
+            out.append((cursor, t.created, kind))
+        cursor, kind = max(cursor, t.created), _kind(t)
+    if end > cursor:
+        out.append((cursor, end, kind))
+    return out
+
+
+def node_uptime(node: Node, start: datetime, end: datetime) -> Uptime:
+    """The node's up, down, maintenance and excluded seconds in [start, end)."""
+    windows = _windows(node, start, end)
+    up = down = maintenance = excluded = 0.0
+    for lo, hi, kind in _stretches(node, start, end):
+        seconds = (hi - lo).total_seconds()
+        if kind == "up":
+            up += seconds
+        elif kind == "down":
+            planned = _overlap((lo, hi), windows)
+            maintenance += planned
+            down += seconds - planned
+        else:
+            excluded += seconds
+    return Uptime(start, end, round(up), round(down), round(maintenance), round(excluded))
+
+
+def node_uptime_month(node: Node, month: date, *, now: datetime) -> Uptime:
+    """A calendar month (UTC), up to `now` while it is running."""
+    start, end = month_bounds(month)
+    return node_uptime(node, start, min(end, max(now, start)))
+
+
+def node_uptime_30_days(node: Node, *, now: datetime) -> Uptime:
+    return node_uptime(node, now - timedelta(days=30), now)
+
+
+def node_flips(node: Node, *, since: datetime | None = None) -> list[Flip]:
+    """Changes between up and down, oldest first (coming up after a stretch that did not count
+    is a flip too; going to an excluded state is not)."""
+    flips: list[Flip] = []
+    up: bool | None = None
+    for t in NodeTransition.objects.filter(node=node).order_by("created", "id"):
+        kind = _kind(t)
+        if kind == "excluded":
+            up = None
+            continue
+        now_up = kind == "up"
+        if now_up != up and (since is None or t.created >= since):
+            flips.append(Flip(at=t.created, up=now_up, cause=t.cause))
+        up = now_up
+    return flips
