@@ -39,6 +39,7 @@ nothing. For example:
 | `REPAIR_AFTER_SECONDS` | a provisioned node degraded this long gets a repair job | `600` |
 | `ENROLLED_DELETE_GRACE_SECONDS` | a deleted enrolled node that never calls again is terminated after | `86400` |
 | `TELEMETRY_RETENTION_DAYS`, `JOB_EVENT_RETENTION_DAYS` | history kept (transitions: for ever) | `7`, `90` |
+| `METRICS_TOKEN` (or `_FILE`) | bearer token Prometheus scrapes `/metrics` with; `/metrics` is off without it | unset |
 | `SLA_TARGET` | monthly uptime promised per node (credits: 10 % below it, 25 % below 0.99, 100 % below 0.95) | `0.999` |
 | `LOG_LEVEL` | root log level | `INFO` |
 | `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
@@ -239,6 +240,13 @@ REPAIR_AFTER_SECONDS = env_int("REPAIR_AFTER_SECONDS", 600)  # degraded this lon
 ENROLLED_DELETE_GRACE_SECONDS = env_int("ENROLLED_DELETE_GRACE_SECONDS", 86400)
 TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7)
 JOB_EVENT_RETENTION_DAYS = env_int("JOB_EVENT_RETENTION_DAYS", 90)
+# The bearer token Prometheus scrapes /metrics with; /metrics is off without one.
+_metrics_file = os.environ.get("METRICS_TOKEN_FILE")
+METRICS_TOKEN = (
+    Path(_metrics_file).read_text().strip()
+    if _metrics_file
+    else os.environ.get("METRICS_TOKEN", "")
+)
 # ---- uptime and SLA (monitoring) -----------------------------------------------------------
 SLA_TARGET = float(os.environ.get("SLA_TARGET", "0.999"))  # monthly uptime per node
 if not 0 < SLA_TARGET <= 1:

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from controlplane.devsecrets import ensure_dev_secrets
+from controlplane.devsecrets import dev_secret_path, ensure_dev_secrets
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MANAGE = REPO / "manage.py"
@@ -89,6 +89,9 @@ class Stack:
         }
         if not any(self.env.get(k) for k in ("SECRET_KEY", "SECRET_KEY_FILE")):
             self.env.update(ensure_dev_secrets(self.var_dir))
+        if not any(self.env.get(k) for k in ("METRICS_TOKEN", "METRICS_TOKEN_FILE")):
+            secrets_dir = self.var_dir / "secrets"
+            self.env["METRICS_TOKEN_FILE"] = str(dev_secret_path(secrets_dir, "METRICS_TOKEN"))
 
     # ---- processes -----------------------------------------------------------------------
 

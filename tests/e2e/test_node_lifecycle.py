@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import agent_get, create_host
 
@@ -46,6 +50,21 @@ def test_a_requested_node_becomes_ready_reports_telemetry_and_is_deprovisioned(
             break
         time.sleep(1)
     assert samples["latest"]["power_watts"] is not None, samples
+
+    # The control plane's /metrics shows it up, behind the scrape token.
+    scrape = Path(stack.env["METRICS_TOKEN_FILE"]).read_text().strip()
+    request = urllib.request.Request(
+        stack.url + "/metrics", headers={"Authorization": f"Bearer {scrape}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        text = reply.read().decode()
+    up = {
+        sample.labels["node"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vtpu_node_up"
+    }
+    assert up[node["id"]] == 1.0, text
 
     # The provisioning job and its Ansible events are kept; the token is in none of them.
     # (The first heartbeat can make the node ready while the playbook's last checks still run.)

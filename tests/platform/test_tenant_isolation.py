@@ -37,8 +37,9 @@ LIST_ROUTES = {
     "sla-report": "the SLA report's nodes",
 }
 # Not account-scoped: the schema, and the agents' own endpoints (secrets, not accounts), and the
-# enrollment link's script and wheel (a one-time secret in the path).
-UNSCOPED = {"schema", "enroll", "agent-heartbeat", "enroll-install", "enroll-wheel"}
+# enrollment link's script and wheel (a one-time secret in the path), and /metrics (the
+# operator's scrape token).
+UNSCOPED = {"schema", "enroll", "agent-heartbeat", "enroll-install", "enroll-wheel", "metrics"}
 
 
 def _api_routes(resolver=None, prefix=""):

@@ -108,5 +108,9 @@ class Command(BaseCommand):
         out(f"  demo API token    {token}")
         out(f"  API               {url}/api/v1/nodes   (Authorization: Bearer <token>)")
         out(f"  OpenAPI schema    {url}/api/v1/schema/")
+        if settings.METRICS_TOKEN:
+            out(
+                f"  Prometheus        {url}/metrics   (Authorization: Bearer {settings.METRICS_TOKEN})"
+            )
         out(f"  watch the node    curl -H 'Authorization: Bearer {token}' {url}/api/v1/nodes")
         out("")

@@ -1,0 +1,126 @@
+"""The control plane's /metrics: one prometheus-client collector that reads the database at
+scrape time, so every gunicorn worker answers the same (docs/architecture.md, "Metrics").
+
+Names follow Prometheus' conventions: the `vtpu_` prefix, base units (ops per second, watts,
+ratios), node id and account as labels and nothing unbounded. A figure a node did not measure is
+left out, never shown as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count
+from django.utils import timezone
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from fleet.models import UP_STATES, Node, NodeState, ProvisioningJob
+from monitoring.uptime import node_uptime_30_days
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+NODE_LABELS = ["node", "account", "name"]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _combined(value: Any) -> float | None:
+    return _number(value.get("combined")) if isinstance(value, dict) else _number(value)
+
+
+# (metric, help, how to read it from a node's latest telemetry)
+NODE_FIGURES = (
+    ("vtpu_node_ops_per_cycle", "Arithmetic ops per core cycle (the node's telemetry).",
+     lambda t: _number(t.get("ops_per_cycle"))),
+    ("vtpu_node_throughput_ops_per_second", "Ops per second over the node's last window.",
+     lambda t: None if _number(t.get("throughput_gops")) is None
+     else _number(t.get("throughput_gops")) * 1e9),
+    ("vtpu_node_cache_hit_ratio", "CPU cache hit ratio, combined (hardware counters only).",
+     lambda t: _combined(t.get("cache_hit_rate"))),
+    ("vtpu_node_ppt_hit_ratio", "Phext Page Table translation-cache hit ratio.",
+     lambda t: _combined(t.get("ppt_hit_rate"))),
+    ("vtpu_node_power_watts", "Package power (RAPL, or the node's TDP model).",
+     lambda t: _number(t.get("power_watts"))),
+    ("vtpu_node_mops_per_watt", "Millions of ops per second per watt.",
+     lambda t: _number(t.get("mops_per_watt"))),
+)  # fmt: skip
+
+
+class ControlPlaneCollector:
+    def collect(self) -> Iterator[Metric]:
+        nodes = list(Node.objects.exclude(state=NodeState.TERMINATED).select_related("account"))
+        now = timezone.now()
+        up = GaugeMetricFamily("vtpu_node_up", "1 while the node is ready.", labels=NODE_LABELS)
+        uptime = GaugeMetricFamily(
+            "vtpu_node_uptime_ratio_30d",
+            "Uptime over the last 30 days (up / (up + down)); absent before a node served.",
+            labels=NODE_LABELS,
+        )
+        figures = {
+            name: GaugeMetricFamily(name, help_, labels=NODE_LABELS)
+            for name, help_, _read in NODE_FIGURES
+        }
+        for node in nodes:
+            labels = [str(node.pk), str(node.account_id), node.name]
+            up.add_metric(labels, 1.0 if node.state in UP_STATES else 0.0)
+            ratio = node_uptime_30_days(node, now=now).ratio
+            if ratio is not None:
+                uptime.add_metric(labels, ratio)
+            telemetry = node.last_telemetry if isinstance(node.last_telemetry, dict) else {}
+            for name, _help, read in NODE_FIGURES:
+                value = read(telemetry)
+                if value is not None:
+                    figures[name].add_metric(labels, value)
+        yield up
+        yield uptime
+        yield from figures.values()
+        states = GaugeMetricFamily(
+            "vtpu_nodes", "Nodes by state (terminated excluded).", labels=["state"]
+        )
+        counts = {s: 0 for s in NodeState.values if s != NodeState.TERMINATED}
+        for node in nodes:
+            counts[node.state] += 1
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield states
+        jobs = GaugeMetricFamily(
+            "vtpu_provisioning_jobs",
+            "Provisioning jobs by kind and state.",
+            labels=["kind", "state"],
+        )
+        for row in ProvisioningJob.objects.values("kind", "state").annotate(n=Count("id")):
+            jobs.add_metric([row["kind"], row["state"]], row["n"])
+        yield jobs
+        queues = _queue_lengths()
+        if queues:
+            family = GaugeMetricFamily(
+                "vtpu_celery_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
+            )
+            for queue, length in queues.items():
+                family.add_metric([queue], length)
+            yield family
+
+
+def _queue_lengths() -> dict[str, int]:
+    """LLEN of each queue in the broker; empty (and left out) when the broker cannot be read."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=1)
+        return {q: int(client.llen(q)) for q in ("provisioning", "housekeeping")}
+    except Exception:  # a scrape must not fail because the broker is down
+        return {}
+
+
+def exposition() -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ControlPlaneCollector())
+    return generate_latest(registry)
