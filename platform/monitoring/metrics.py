@@ -8,7 +8,6 @@ left out, never shown as 0.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,37 +19,32 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from fleet.models import UP_STATES, Node, NodeState, ProvisioningJob
+from fleet.services.agents import finite_number
 from monitoring.uptime import node_uptime_30_days
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 NODE_LABELS = ["node", "account", "name"]
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _combined(value: Any) -> float | None:
-    return _number(value.get("combined")) if isinstance(value, dict) else _number(value)
+    return finite_number(value.get("combined")) if isinstance(value, dict) else finite_number(value)
 
 
 # (metric, help, how to read it from a node's latest telemetry)
 NODE_FIGURES = (
     ("vtpu_node_ops_per_cycle", "Arithmetic ops per core cycle (the node's telemetry).",
-     lambda t: _number(t.get("ops_per_cycle"))),
+     lambda t: finite_number(t.get("ops_per_cycle"))),
     ("vtpu_node_throughput_ops_per_second", "Ops per second over the node's last window.",
-     lambda t: None if _number(t.get("throughput_gops")) is None
-     else _number(t.get("throughput_gops")) * 1e9),
+     lambda t: None if finite_number(t.get("throughput_gops")) is None
+     else finite_number(t.get("throughput_gops")) * 1e9),
     ("vtpu_node_cache_hit_ratio", "CPU cache hit ratio, combined (hardware counters only).",
      lambda t: _combined(t.get("cache_hit_rate"))),
     ("vtpu_node_ppt_hit_ratio", "Phext Page Table translation-cache hit ratio.",
      lambda t: _combined(t.get("ppt_hit_rate"))),
     ("vtpu_node_power_watts", "Package power (RAPL, or the node's TDP model).",
-     lambda t: _number(t.get("power_watts"))),
+     lambda t: finite_number(t.get("power_watts"))),
     ("vtpu_node_mops_per_watt", "Millions of ops per second per watt.",
-     lambda t: _number(t.get("mops_per_watt"))),
+     lambda t: finite_number(t.get("mops_per_watt"))),
 )  # fmt: skip
 
 

@@ -68,7 +68,8 @@ def agent_healthy(node: Node, *, wait: float) -> bool:
             time.sleep(1)
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (bools, NaN, infinities, text)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
@@ -80,11 +81,11 @@ def store_sample(node: Node, telemetry: dict) -> TelemetrySample:
         cache = cache.get("combined")
     return TelemetrySample.objects.create(
         node=node,
-        ops_per_cycle=_number(telemetry.get("ops_per_cycle")),
-        throughput_gops=_number(telemetry.get("throughput_gops")),
-        power_watts=_number(telemetry.get("power_watts")),
-        mops_per_watt=_number(telemetry.get("mops_per_watt")),
-        cache_hit_rate=_number(cache),
+        ops_per_cycle=finite_number(telemetry.get("ops_per_cycle")),
+        throughput_gops=finite_number(telemetry.get("throughput_gops")),
+        power_watts=finite_number(telemetry.get("power_watts")),
+        mops_per_watt=finite_number(telemetry.get("mops_per_watt")),
+        cache_hit_rate=finite_number(cache),
         data=telemetry,
     )
 

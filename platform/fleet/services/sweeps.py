@@ -24,7 +24,7 @@ from fleet.models import (
     TelemetrySample,
 )
 from fleet.services import agents, queue
-from fleet.services.jobs import fail_running_job, kill_process_group, pid_alive
+from fleet.services.jobs import fail_running_job, job_recover_interrupted, pid_alive
 from fleet.services.transitions import try_transition
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,17 @@ def fail_orphaned_jobs() -> int:
     for job in ProvisioningJob.objects.filter(state=JobState.RUNNING).select_related("node"):
         last = job.last_event_at or job.started_at or job.created
         started = job.started_at or job.created
-        worker_gone = job.worker == here and job.worker_pid and not pid_alive(job.worker_pid)
-        if not worker_gone:
-            if last > idle_cutoff and started > total_cutoff:
-                continue
-            if job.worker == here and pid_alive(job.runner_pid):
-                continue  # still working here; its runner enforces its own timeouts
-        explanation = (
-            "The worker running this job died; retry the node."
-            if worker_gone
-            else f"No progress since {last:%H:%M:%S} UTC and its worker is gone; retry the node."
-        )
+        if job.worker == here and job.worker_pid and not pid_alive(job.worker_pid):
+            job_recover_interrupted(job=job)  # stops its leftover Ansible, fails job and node
+            failed += job.state == JobState.FAILED
+            continue
+        if last > idle_cutoff and started > total_cutoff:
+            continue
         if job.worker == here and pid_alive(job.runner_pid):
-            kill_process_group(job.runner_pid)
-            explanation += f" Its leftover Ansible process (pid {job.runner_pid}) was stopped."
+            continue  # still working here; its runner enforces its own timeouts
+        explanation = (
+            f"No progress since {last:%H:%M:%S} UTC and its worker is gone; retry the node."
+        )
         if fail_running_job(job, explanation, cause=f"job {job.pk}: {explanation}"):
             failed += 1
     return failed
