@@ -2,9 +2,11 @@
 
 Every endpoint but `GET /vTPU/health` wants `Authorization: Bearer <access token>`; only the
 token's SHA-256 is on the node (STATE_DIR/access_token.sha256), compared in constant time and
-never logged. Bad input gets a 4xx with a JSON reason and the service keeps running; a bug in a
-handler is a 500, counted in the node's `errors` counter, with the traceback in the agent's log,
-not in the answer. Connections are kept alive; programs wait in a bounded queue for a free
+never logged. `GET /metrics` also takes the fleet's scrape token (Prometheus), known here by the
+SHA-256 the control plane's heartbeat replies carry (STATE_DIR/scrape_token.sha256). Bad input
+gets a 4xx with a JSON reason and the service keeps running; a bug in a handler is a 500,
+counted in the node's `errors` counter, with the traceback in the agent's log, not in the
+answer. Connections are kept alive; programs wait in a bounded queue for a free
 sentron and run on their own threads, benchmarks and telemetry in the thread pool, so the event
 loop only moves bytes.
 
@@ -51,6 +53,7 @@ from vtpu.node_state import (
     ActionStore,
     AgentConfig,
     ConfigError,
+    ScrapeToken,
     claim_pid_file,
     ensure_state_dir,
     hash_token,
@@ -279,6 +282,7 @@ class Agent:
 
         self.config = config
         self.access = access
+        self.scrape = ScrapeToken(config.state_dir)  # the fleet's Prometheus: GET /metrics only
         self.started = time.monotonic()
         COUNTERS.attach(config.state_dir / COUNTERS_FILE)
         workers = config.workers or os.cpu_count() or 1
@@ -606,6 +610,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "/vTPU/programs": {"POST": "run_program"},
 }
 PUBLIC = {"/vTPU/health"}
+SCRAPE_PATH = "/metrics"  # the one endpoint the fleet's scrape token opens (GET only)
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -622,7 +627,7 @@ def _endpoint(agent: Agent, path: str) -> Callable[[Request], Awaitable[Response
                     f"{path} does not accept {_loggable(request.method)}; use {allow}",
                     headers={"Allow": allow},
                 )
-            if path not in PUBLIC and not agent.access.check(request.headers.get("authorization")):
+            if path not in PUBLIC and not _authorized(agent, request, path):
                 raise HTTPError(
                     401,
                     "missing or wrong token: send 'Authorization: Bearer <token>'",
@@ -644,6 +649,14 @@ def _endpoint(agent: Agent, path: str) -> Callable[[Request], Awaitable[Response
         return json_response(200, result)
 
     return endpoint
+
+
+def _authorized(agent: Agent, request: Request, path: str) -> bool:
+    """The access token opens every endpoint; the fleet's scrape token only GET /metrics."""
+    header = request.headers.get("authorization")
+    if agent.access.check(header):
+        return True
+    return path == SCRAPE_PATH and request.method == "GET" and agent.scrape.check(header)
 
 
 async def _not_found(request: Request) -> Response:

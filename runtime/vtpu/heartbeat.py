@@ -291,6 +291,8 @@ class HeartbeatClient:
                     self.interval = float(seconds)
             else:
                 log.warning("ignoring heartbeat_seconds %r from the control plane", seconds)
+        if "scrape_token_sha256" in reply:  # absent from an older control plane: keep ours
+            self._apply_scrape_token(reply["scrape_token_sha256"])
         actions = reply.get("actions") or []
         if not isinstance(actions, list):
             log.warning("ignoring 'actions' from the control plane: not a list")
@@ -298,6 +300,24 @@ class HeartbeatClient:
         for action in actions:
             self._take(action)
         return self.interval
+
+    def _apply_scrape_token(self, token_hash: Any) -> None:
+        """The fleet's scrape token for GET /metrics, as its SHA-256 (null: none any more)."""
+        if token_hash is not None and not (
+            isinstance(token_hash, str) and SHA256_HEX.fullmatch(token_hash)
+        ):
+            log.warning("ignoring scrape_token_sha256 from the control plane: not a sha256 hex")
+            return
+        try:
+            changed = self.agent.scrape.update(token_hash)
+        except OSError as exc:
+            log.error("cannot store the scrape token's hash: %s", exc)
+            return
+        if changed:
+            log.info(
+                "the control plane %s the fleet's scrape token for GET /metrics",
+                "removed" if token_hash is None else "set",
+            )
 
     def _refused(self, exc: ChannelError) -> float | None:
         if exc.status == 410:

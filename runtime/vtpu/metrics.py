@@ -34,6 +34,17 @@ def _gauge(name: str, help_: str, samples: list[tuple[dict, Any]]) -> Metric | N
     return family
 
 
+def _power_source(source: str) -> str | None:
+    """rapl or model, from the telemetry's sentence about power (also while its window is too
+    short to give a figure); None when power cannot be known at all."""
+    known = source.rpartition("Source when measured: ")[2]
+    if known.startswith("RAPL"):
+        return "rapl"
+    if known.startswith("model"):
+        return "model"
+    return None
+
+
 class VtpuCollector:
     """Reads the telemetry (and the agent's own state, when given) at every scrape."""
 
@@ -93,6 +104,11 @@ class VtpuCollector:
             ),
             _gauge("vtpu_utilization_ratio", src["utilization"], [({}, snap["utilization"])]),
             _gauge("vtpu_power_watts", src["power_watts"], [({}, snap["power_watts"])]),
+            _gauge(
+                "vtpu_power_source_info",
+                "where vtpu_power_watts comes from: rapl (measured) or model (TDP x utilisation)",
+                [({"source": kind}, 1) for kind in [_power_source(src["power_watts"])] if kind],
+            ),
             _gauge("vtpu_uptime_seconds", src["uptime_seconds"], [({}, snap["uptime_seconds"])]),
             _gauge(
                 "vtpu_cache_hit_ratio",

@@ -6,6 +6,8 @@ STATE_DIR (0700) holds:
                        stored on a node
   node_secret          the node secret in clear (0600): only the Bearer of heartbeats
   actions.json         the control plane's actions already done, with their results (0600)
+  scrape_token.sha256  sha256 hex of the fleet's scrape token (0600), from heartbeat replies:
+                       it opens GET /metrics only
   agent.pid, counters, suspended
 """
 
@@ -35,6 +37,7 @@ SUSPENDED_FILE = "suspended"  # present while the control plane has the node sus
 ACCESS_TOKEN_FILE = "access_token.sha256"
 NODE_SECRET_FILE = "node_secret"
 ACTIONS_FILE = "actions.json"
+SCRAPE_TOKEN_FILE = "scrape_token.sha256"
 MAX_REMEMBERED_ACTIONS = 500
 MIN_SECRET_CHARS = 16
 DEFAULT_TDP_WATTS = 125.0
@@ -278,6 +281,54 @@ class AccessToken:
             write_token_hash(self.state_dir, token_hash)
             update_saved_config(self.state_dir, token_sha256=token_hash)
             self._hash = token_hash
+
+
+class ScrapeToken:
+    """The fleet's scrape token (Prometheus), as its SHA-256 from the control plane's heartbeat
+    replies: it opens GET /metrics and nothing else. None until the control plane sends one."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / SCRAPE_TOKEN_FILE
+        self._lock = threading.Lock()
+        self._hash: str | None = None
+        try:
+            text = self.path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            log.warning("ignoring unreadable %s (%s)", self.path, exc)
+            text = ""
+        if text and SHA256_HEX.fullmatch(text):
+            self._hash = text
+        elif text:
+            log.warning("ignoring %s: not a sha256 hex digest", self.path)
+
+    @property
+    def sha256(self) -> str | None:
+        return self._hash
+
+    def check(self, header: str | None) -> bool:
+        expected = self._hash
+        if not header or expected is None:
+            return False
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return False
+        return hmac.compare_digest(hash_token(given.strip()), expected)
+
+    def update(self, token_hash: str | None) -> bool:
+        """Store a new hash (None: no scrape token any more); True when it changed."""
+        if token_hash is not None and not SHA256_HEX.fullmatch(token_hash):
+            raise ValueError("a scrape-token hash is 64 lowercase hex characters")
+        with self._lock:
+            if token_hash == self._hash:
+                return False
+            if token_hash is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                write_private(self.path, token_hash + "\n")
+            self._hash = token_hash
+            return True
 
 
 # ---------------------------------------------------------------------------------------------
