@@ -12,6 +12,16 @@ from fleet.models import (
     TelemetrySample,
 )
 from fleet.services.nodes import NAME_RULE, NODE_NAME
+from monitoring.benchmarks import SIZES as BENCHMARK_SIZES
+from monitoring.benchmarks import WORKLOAD_NAME
+from monitoring.models import (
+    Alert,
+    AlertChannel,
+    BenchmarkResult,
+    BenchmarkRun,
+    DeliveryAttempt,
+    Notification,
+)
 
 # What an agent URL may be, in the schema (`pattern`) and on the server alike: http(s), a host
 # name or address, an optional port and path.
@@ -23,10 +33,19 @@ SELF_REPORTED_NOTE = (
 )
 
 
+class StrictRegexField(serializers.RegexField):
+    """A string, never a number turned into one (the schema says `type: string`)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 def text(max_length: int, **kwargs) -> serializers.RegexField:
     """Text input that must hold something besides whitespace (surrounding whitespace is
     trimmed), with that rule in the schema as a pattern."""
-    return serializers.RegexField(r"\S", min_length=1, max_length=max_length, **kwargs)
+    return StrictRegexField(r"\S", min_length=1, max_length=max_length, **kwargs)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -241,10 +260,26 @@ class EnrolledSerializer(serializers.Serializer):
     control_plane_url = serializers.CharField()
 
 
+def no_nul(value: object) -> None:
+    """JSON that the database can store: PostgreSQL's jsonb refuses NUL characters in text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            raise serializers.ValidationError(
+                "Text in this JSON holds a NUL character (\\u0000), which cannot be stored."
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 class ActionResultSerializer(serializers.Serializer):
     action_id = text(50)
     ok = serializers.BooleanField()
-    result = serializers.JSONField(required=False, allow_null=True)
+    result = serializers.JSONField(required=False, allow_null=True, validators=[no_nul])
     error = serializers.CharField(required=False, allow_null=True, allow_blank=True)
 
 
@@ -252,7 +287,7 @@ class HeartbeatSerializer(serializers.Serializer):
     node_id = serializers.UUIDField()
     version = serializers.CharField(max_length=50, required=False, allow_blank=True)
     agent_url = serializers.RegexField(AGENT_URL, max_length=255, required=False, allow_null=True)
-    telemetry = serializers.DictField(required=False, allow_null=True)
+    telemetry = serializers.DictField(required=False, allow_null=True, validators=[no_nul])
     results = ActionResultSerializer(many=True, required=False)
 
 
@@ -262,6 +297,11 @@ class HeartbeatReplySerializer(serializers.Serializer):
     actions = serializers.ListField(child=serializers.DictField())
     acknowledged = serializers.ListField(
         child=serializers.CharField(), help_text="Action ids whose results are on record."
+    )
+    scrape_token_sha256 = serializers.CharField(
+        allow_null=True,
+        help_text="SHA-256 (hex) of the fleet's scrape token, which the agent accepts for "
+        "GET /metrics only; null when there is none.",
     )
 
 
@@ -293,6 +333,18 @@ class FlipSerializer(serializers.Serializer):
     at = serializers.DateTimeField()
     up = serializers.BooleanField()
     cause = serializers.CharField()
+    category = serializers.ChoiceField(
+        choices=[
+            "recovered",
+            "heartbeat_late",
+            "health_check_failed",
+            "agent_errors",
+            "suspended_billing",
+            "maintenance",
+            "other",
+        ],
+        help_text="The cause as a category; `recovered` for a flip up.",
+    )
 
 
 class MaintenanceWindowSerializer(serializers.Serializer):
@@ -314,8 +366,225 @@ class SlaNodeSerializer(serializers.Serializer):
     )
 
 
+class AccountUptimeSerializer(serializers.Serializer):
+    """The account's nodes together: up / (up + down) over all of them."""
+
+    this_month = serializers.FloatField(allow_null=True)
+    last_30_days = serializers.FloatField(allow_null=True)
+    down_seconds_this_month = serializers.IntegerField()
+
+
 class SlaReportSerializer(serializers.Serializer):
     month = serializers.CharField()
     sla_target = serializers.FloatField()
     closed = serializers.BooleanField(help_text="Whether the month has ended and was closed.")
+    account = AccountUptimeSerializer()
     results = SlaNodeSerializer(many=True)
+
+
+# ---- alerts -----------------------------------------------------------------------------------
+
+
+class DeliveryAttemptSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DeliveryAttempt
+        fields = ["at", "ok", "status_code", "error", "duration_ms"]
+        read_only_fields = fields
+
+
+class NotificationSerializer(serializers.ModelSerializer):
+    channel = serializers.CharField(source="channel.name")
+    delivery_attempts = DeliveryAttemptSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Notification
+        fields = [
+            "id",
+            "channel",
+            "event",
+            "state",
+            "attempts",
+            "created",
+            "sent_at",
+            "next_attempt_at",
+            "last_error",
+            "delivery_attempts",
+        ]
+        read_only_fields = fields
+
+
+class AlertSerializer(serializers.ModelSerializer):
+    node_name = serializers.CharField(source="node.name")
+
+    class Meta:
+        model = Alert
+        fields = [
+            "id",
+            "node",
+            "node_name",
+            "rule",
+            "workload",
+            "severity",
+            "state",
+            "summary",
+            "details",
+            "opened_at",
+            "resolved_at",
+            "resolution",
+            "last_notified_at",
+        ]
+        read_only_fields = fields
+
+
+class AlertDetailSerializer(AlertSerializer):
+    notifications = NotificationSerializer(many=True, read_only=True)
+
+    class Meta(AlertSerializer.Meta):
+        fields = [*AlertSerializer.Meta.fields, "notifications"]
+        read_only_fields = fields
+
+
+class AlertChannelSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AlertChannel
+        fields = ["id", "kind", "name", "target", "enabled", "created"]
+        read_only_fields = fields
+
+
+# A webhook's URL: http(s), a host, a port that is one, a path.
+WEBHOOK_URL = (
+    r"^https?://[A-Za-z0-9.-]+"
+    r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
+    r"(/[!-~]*)?$"
+)
+# An address Django's validator accepts (dot-atom local part, a domain with a TLD), as a schema
+# pattern; the webhook URL as for agents.
+EMAIL = r"^[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@([A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?\.)+[A-Za-z]{2,20}$"
+
+
+class EmailChannelCreateSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=[AlertChannel.Kind.EMAIL])
+    name = text(100)
+    target = StrictRegexField(
+        EMAIL,
+        max_length=254,
+        help_text="The e-mail address.",
+        error_messages={"invalid": "This is not an e-mail address (name@example.com)."},
+    )
+
+
+class WebhookChannelCreateSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=[AlertChannel.Kind.WEBHOOK])
+    name = text(100)
+    target = StrictRegexField(
+        WEBHOOK_URL,
+        max_length=500,
+        help_text="The URL messages are POSTed to (https, on a public address, in production).",
+        error_messages={"invalid": "This is not an http:// or https:// URL with a host."},
+    )
+
+
+class AlertChannelCreateSerializer(serializers.Serializer):
+    """Reads either shape (the schema shows both, by `kind`)."""
+
+    kind = serializers.ChoiceField(choices=AlertChannel.Kind.choices)
+    name = text(100)
+    target = text(500, help_text="An e-mail address, or the webhook's URL.")
+
+    def validate(self, data: dict) -> dict:
+        shape = (
+            EmailChannelCreateSerializer
+            if data["kind"] == AlertChannel.Kind.EMAIL
+            else WebhookChannelCreateSerializer
+        )(data=self.initial_data)
+        shape.is_valid(raise_exception=True)
+        return data
+
+
+class AlertChannelUpdateSerializer(serializers.Serializer):
+    name = text(100, required=False)
+    target = text(500, required=False)
+    enabled = serializers.BooleanField(required=False)
+    rotate_secret = serializers.BooleanField(
+        required=False, default=False, help_text="A webhook's new signing secret is answered once."
+    )
+
+
+class AlertChannelWithSecretSerializer(AlertChannelSerializer):
+    secret = serializers.CharField(
+        allow_blank=True,
+        help_text="A webhook's signing secret (HMAC-SHA256 over '<t>.<body>'); empty for e-mail."
+        " Answered when made or rotated.",
+    )
+
+    class Meta(AlertChannelSerializer.Meta):
+        fields = [*AlertChannelSerializer.Meta.fields, "secret"]
+        read_only_fields = fields
+
+
+# ---- monitoring: continuous benchmarks --------------------------------------------------------
+
+
+class BenchmarkResultSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = BenchmarkResult
+        fields = ["workload", "ops_per_second", "ops_per_cycle", "speedup", "baseline", "correct",
+                  "error", "sources", "created"]  # fmt: skip
+        read_only_fields = fields
+        extra_kwargs = {
+            "speedup": {"help_text": "baseline seconds / ours, measured in the same run"},
+            "correct": {"help_text": "Checked against a reference; null: no reference to check."},
+            "sources": {"help_text": "Where each figure comes from, as the node said."},
+        }
+
+
+class BenchmarkRunSerializer(serializers.ModelSerializer):
+    results = BenchmarkResultSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = BenchmarkRun
+        fields = ["id", "node", "trigger", "state", "reason", "size", "machine", "created",
+                  "finished_at", "results"]  # fmt: skip
+        read_only_fields = fields
+
+
+class BenchmarkRequestSerializer(serializers.Serializer):
+    workloads = serializers.ListField(
+        child=serializers.RegexField(WORKLOAD_NAME, max_length=50),
+        required=False,
+        allow_null=True,
+        min_length=1,
+        max_length=50,
+        help_text="Workloads by name (e.g. gemm_1024); absent or null: the whole suite. A name"
+        " the node's runtime does not know fails the run with the list of valid ones.",
+    )
+    size = serializers.ChoiceField(
+        choices=list(BENCHMARK_SIZES),
+        required=False,
+        help_text="tiny (seconds), quick or full; default: the platform's BENCHMARK_SIZE.",
+    )
+
+
+class FigureStatsSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="Results that measured this figure.")
+    median = serializers.FloatField()
+    p25 = serializers.FloatField()
+    p75 = serializers.FloatField()
+    min = serializers.FloatField()
+    max = serializers.FloatField()
+
+
+class WorkloadStatsSerializer(serializers.Serializer):
+    workload = serializers.CharField()
+    count = serializers.IntegerField(help_text="Correct results of completed runs in the window.")
+    speedup = FigureStatsSerializer(allow_null=True)
+    ops_per_cycle = FigureStatsSerializer(allow_null=True)
+    ops_per_second = FigureStatsSerializer(allow_null=True)
+
+
+class NodeBenchmarkStatsSerializer(serializers.Serializer):
+    node = serializers.UUIDField()
+    days = serializers.IntegerField()
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField()
+    workloads = WorkloadStatsSerializer(many=True)

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import date
+from datetime import date, timedelta
 
 from django.conf import settings
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.defaults import page_not_found
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import generics, status
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
@@ -37,8 +42,9 @@ from fleet import selectors
 from fleet.models import Host, Node, NodeAction, ProvisioningJob
 from fleet.services import enrollment, heartbeats, jobs, nodes
 from fleet.services.errors import FleetError, Forbidden
-from monitoring import uptime
-from monitoring.models import SlaCredit, SlaMonthClosed
+from monitoring import benchmarks, uptime
+from monitoring import services as monitoring_services
+from monitoring.models import Alert, AlertChannel, SlaCredit, SlaMonthClosed
 
 ERROR_TEXT = {
     400: "Bad input: the reason is under the field's name (and in `detail`).",
@@ -485,9 +491,8 @@ class HeartbeatView(AgentView):
         node = heartbeats.authenticate_node(node_id=node_id, secret=secret)
         if not valid:
             return Response(data.errors, status=status.HTTP_400_BAD_REQUEST)
-        reply = heartbeats.heartbeat_record(
-            node_id=node.pk,
-            secret=secret,
+        reply = heartbeats.heartbeat_accept(
+            node=node,
             version=data.validated_data.get("version", ""),
             agent_url=data.validated_data.get("agent_url"),
             telemetry=data.validated_data.get("telemetry"),
@@ -618,7 +623,9 @@ class NodeFlipsView(AccountView, APIView):
     @extend_schema(responses={200: s.FlipSerializer(many=True), **errors(403, 404)})
     def get(self, request: Request, node_id: uuid.UUID) -> Response:
         flips = uptime.node_flips(self.own_node(node_id))
-        return Response([{"at": f.at, "up": f.up, "cause": f.cause} for f in flips])
+        return Response(
+            [{"at": f.at, "up": f.up, "cause": f.cause, "category": f.category} for f in flips]
+        )
 
 
 class NodeMaintenanceView(AccountView, APIView):
@@ -657,8 +664,11 @@ class SlaReportView(AccountView, APIView):
             for c in SlaCredit.objects.filter(account=self.account, month=month)
         }
         rows = []
+        month_total, days_total = [], []
         for node in selectors.node_list(account=self.account).filter(created__lt=end):
             value = uptime.node_uptime_month(node, month, now=now)
+            month_total.append(value)
+            days_total.append(uptime.node_uptime_30_days(node, now=now))
             ratio = value.ratio
             rows.append(
                 {
@@ -675,6 +685,218 @@ class SlaReportView(AccountView, APIView):
                 "month": f"{month:%Y-%m}",
                 "sla_target": settings.SLA_TARGET,
                 "closed": SlaMonthClosed.objects.filter(month=month).exists(),
+                "account": {
+                    "this_month": uptime.combined_ratio(month_total),
+                    "last_30_days": uptime.combined_ratio(days_total),
+                    "down_seconds_this_month": sum(u.down_seconds for u in month_total),
+                },
                 "results": rows,
+            }
+        )
+
+
+# ---- alerts and their channels --------------------------------------------------------------
+
+ALERT_STATE_PARAMETER = OpenApiParameter(
+    "state", {"type": "string", "enum": ["open", "resolved"]}, description="Only these alerts."
+)
+ALERT_NODE_PARAMETER = OpenApiParameter(
+    "node", {"type": "string", "format": "uuid"}, description="Only this node's alerts."
+)
+
+
+class AlertListView(AccountView, generics.ListAPIView):
+    """The account's alerts, newest first: open ones and their history."""
+
+    serializer_class = s.AlertSerializer
+
+    def get_queryset(self):
+        rows = Alert.objects.filter(account=self.account).select_related("node")
+        state = self.request.query_params.get("state")
+        if state is not None:
+            if state not in Alert.State.values:
+                raise ValidationError({"state": [f"must be one of {Alert.State.values}"]})
+            rows = rows.filter(state=state)
+        node = self.request.query_params.get("node")
+        if node is not None:
+            try:
+                rows = rows.filter(node_id=uuid.UUID(node))
+            except ValueError:
+                raise ValidationError({"node": ["must be a node id (a UUID)"]}) from None
+        return rows
+
+    @extend_schema(
+        parameters=[ALERT_STATE_PARAMETER, ALERT_NODE_PARAMETER],
+        responses={200: s.AlertSerializer(many=True), **errors(400, 403)},
+    )
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class AlertDetailView(AccountView, APIView):
+    """One alert with every message sent about it and each delivery attempt."""
+
+    @extend_schema(
+        parameters=[_id_parameter("alert_id")],
+        responses={200: s.AlertDetailSerializer, **errors(403, 404)},
+    )
+    def get(self, request: Request, alert_id: int) -> Response:
+        alert = None
+        if 1 <= alert_id <= MAX_ID:
+            alert = (
+                Alert.objects.filter(account=self.account, pk=alert_id)
+                .select_related("node")
+                .prefetch_related("notifications__delivery_attempts", "notifications__channel")
+                .first()
+            )
+        if alert is None:
+            raise NotFound("No such alert in your account.")
+        return Response(s.AlertDetailSerializer(alert).data)
+
+
+class AlertChannelListView(AccountView, generics.ListCreateAPIView):
+    """Where the account's alerts go: e-mail addresses and signed webhooks."""
+
+    serializer_class = s.AlertChannelSerializer
+
+    def get_queryset(self):
+        return AlertChannel.objects.filter(account=self.account)
+
+    @extend_schema(responses={200: s.AlertChannelSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request=PolymorphicProxySerializer(
+            "AlertChannelCreate",
+            serializers={
+                "email": s.EmailChannelCreateSerializer,
+                "webhook": s.WebhookChannelCreateSerializer,
+            },
+            resource_type_field_name="kind",
+        ),
+        responses={201: s.AlertChannelWithSecretSerializer, **errors(400, 403, 409)},
+    )
+    def post(self, request: Request, *args, **kwargs) -> Response:
+        data = s.AlertChannelCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        channel = monitoring_services.channel_create(account=self.account, **data.validated_data)
+        body = s.AlertChannelSerializer(channel).data
+        body["secret"] = channel.secret
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class AlertChannelDetailView(AccountView, APIView):
+    def _channel(self, channel_id: int) -> AlertChannel:
+        channel = None
+        if 1 <= channel_id <= MAX_ID:
+            channel = AlertChannel.objects.filter(account=self.account, pk=channel_id).first()
+        if channel is None:
+            raise NotFound("No such alert channel in your account.")
+        return channel
+
+    @extend_schema(
+        parameters=[_id_parameter("channel_id")],
+        responses={200: s.AlertChannelSerializer, **errors(403, 404)},
+    )
+    def get(self, request: Request, channel_id: int) -> Response:
+        return Response(s.AlertChannelSerializer(self._channel(channel_id)).data)
+
+    @extend_schema(
+        parameters=[_id_parameter("channel_id")],
+        request=s.AlertChannelUpdateSerializer,
+        responses={200: s.AlertChannelWithSecretSerializer, **errors(400, 403, 404)},
+    )
+    def patch(self, request: Request, channel_id: int) -> Response:
+        channel = self._channel(channel_id)
+        data = s.AlertChannelUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        monitoring_services.channel_update(
+            channel=channel,
+            name=v.get("name"),
+            target=v.get("target"),
+            enabled=v.get("enabled"),
+            rotate_secret=v.get("rotate_secret", False),
+        )
+        body = s.AlertChannelSerializer(channel).data
+        body["secret"] = channel.secret if v.get("rotate_secret") else ""
+        return Response(body)
+
+    @extend_schema(
+        parameters=[_id_parameter("channel_id")], responses={204: None, **errors(403, 404)}
+    )
+    def delete(self, request: Request, channel_id: int) -> Response:
+        self._channel(channel_id).delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# ---- monitoring: continuous benchmarks ------------------------------------------------------
+
+
+class BenchmarkNodeView(AccountView):
+    """A node's benchmarks: its customer's, and any node's for staff (operators look into a
+    node's speed without borrowing the customer's token; their runs say `trigger: staff`)."""
+
+    def benchmark_node(self, node_id: uuid.UUID) -> Node:
+        if self.request.user.is_staff:
+            node = Node.objects.filter(pk=node_id).first()
+            if node is None:
+                raise NotFound("No such node in your account or the fleet.")
+            return node
+        return self.own_node(node_id)
+
+
+class NodeBenchmarksView(BenchmarkNodeView, generics.ListAPIView):
+    """The node's benchmark runs, newest first, with each workload's figures and sources;
+    skipped and failed runs say why."""
+
+    serializer_class = s.BenchmarkRunSerializer
+
+    def get_queryset(self):
+        return benchmarks.benchmark_run_list(node=self.benchmark_node(self.kwargs["node_id"]))
+
+    @extend_schema(responses={200: s.BenchmarkRunSerializer(many=True), **errors(400, 403, 404)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request=s.BenchmarkRequestSerializer,
+        responses={201: s.BenchmarkRunSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        """Benchmark the node now (through its heartbeats); 409 while one is pending or when
+        the node is not ready."""
+        node = self.benchmark_node(node_id)
+        data = s.BenchmarkRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run = benchmarks.benchmark_request(
+            node=node,
+            by=request.user,
+            workloads=data.validated_data.get("workloads"),
+            size=data.validated_data.get("size"),
+        )
+        return Response(s.BenchmarkRunSerializer(run).data, status=status.HTTP_201_CREATED)
+
+
+class NodeBenchmarkStatsView(BenchmarkNodeView, APIView):
+    """Per workload, the rolling statistics of the node's completed, correct results: count,
+    median, p25/p75 and min/max of the speedup, ops/cycle and ops/s."""
+
+    @extend_schema(
+        parameters=[_int_parameter("days", 1, 90, "The window, in days back from now (7).")],
+        responses={200: s.NodeBenchmarkStatsSerializer, **errors(400, 403, 404)},
+    )
+    def get(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = self.benchmark_node(node_id)
+        days = int_query_param(request, "days", default=7, low=1, high=90)
+        now = timezone.now()
+        return Response(
+            {
+                "node": node.pk,
+                "days": days,
+                "since": now - timedelta(days=days),
+                "until": now,
+                "workloads": benchmarks.node_benchmark_stats(node, now=now, days=days),
             }
         )

@@ -36,6 +36,10 @@ SCHEDULES = (
     ),
     Schedule("prune history", "fleet.tasks.prune_history", 3600),
     Schedule("close the SLA month", "monitoring.tasks.close_sla_month", 3600),
+    Schedule("schedule benchmarks", "monitoring.tasks.schedule_benchmarks", 60),
+    Schedule("evaluate alerts", "monitoring.tasks.evaluate_alerts", 15),
+    Schedule("deliver due alert messages", "monitoring.tasks.deliver_due_notifications", 30),
+    Schedule("prune benchmark history", "monitoring.tasks.prune_history", 3600),
 )
 
 

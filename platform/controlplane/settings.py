@@ -23,7 +23,7 @@ nothing. For example:
 | `HSTS_SECONDS`, `HSTS_INCLUDE_SUBDOMAINS`, `HSTS_PRELOAD` | the HSTS header (with `HTTPS`) | `31536000`, `true`, `true` |
 | `SECURE_SSL_REDIRECT` | redirect http to https (with `HTTPS`) | `true` |
 | `NUM_PROXIES` | reverse proxies in front, whose X-Forwarded-For entries name the client (throttling) | `0`: the peer address |
-| `DATABASE_URL`, `DATABASE_CONN_MAX_AGE` | the database; persistent connections (s) | SQLite in `var/`, `0` |
+| `DATABASE_URL`, `DATABASE_CONN_MAX_AGE` | the database; how long a connection is kept for reuse (s; `0`: one per request) | SQLite in `var/`, `60` |
 | `REDIS_URL` | Celery broker | `redis://127.0.0.1:6379/0` |
 | `CACHE_URL` | Django's cache (throttling, admin sign-in attempts), a Redis URL | `REDIS_URL` with db 1 |
 | `THROTTLE_RATE_TOKEN` | API requests per API token (or signed-in user) | `600/min` |
@@ -40,7 +40,19 @@ nothing. For example:
 | `ENROLLED_DELETE_GRACE_SECONDS` | a deleted enrolled node that never calls again is terminated after | `86400` |
 | `TELEMETRY_RETENTION_DAYS`, `JOB_EVENT_RETENTION_DAYS` | history kept (transitions: for ever) | `7`, `90` |
 | `METRICS_TOKEN` (or `_FILE`) | bearer token Prometheus scrapes `/metrics` with; `/metrics` is off without it | unset |
+| `AGENT_SCRAPE_TOKEN` (or `_FILE`) | fleet-wide bearer token Prometheus scrapes the agents' `/metrics` with (`/api/v1/prometheus/targets` lists them); agents learn only its SHA-256, through heartbeats, and accept it for `GET /metrics` only | unset: agents' `/metrics` wants each node's access token |
 | `SLA_TARGET` | monthly uptime promised per node (credits: 10 % below it, 25 % below 0.99, 100 % below 0.95) | `0.999` |
+| `BENCHMARK_INTERVAL_SECONDS` | every node is benchmarked once per interval, at its own offset (`0`: no schedule; a node never benchmarked is due at once) | `3600` |
+| `BENCHMARK_SIZE` | size of scheduled benchmarks and the API's default: `tiny`, `quick` or `full` | `quick` |
+| `BENCHMARK_TIMEOUT_SECONDS` | a benchmark with no result by then fails and its action is no longer sent | `900` |
+| `BENCHMARK_RETENTION_DAYS` | benchmark runs and their results are kept this long (alerts for ever) | `90` |
+| `ALERT_REMINDER_SECONDS` | an open alert is sent again after (0: never) | `14400` |
+| `ALERT_OPS_PER_CYCLE_FLOOR`, `ALERT_OPS_PER_CYCLE_RELATIVE` | ops/cycle alert floor: absolute (0: none), else this share of the node's first runs (per-workload floors in the admin) | `0`, `0.8` |
+| `ALERT_SLOWER_MARGIN`, `ALERT_MIN_HISTORY` | alert when a workload's same-run speedup falls this share below its 7-day median, once it has this many earlier results | `0.10`, `3` |
+| `ALERT_AGENT_ERRORS`, `ALERT_AGENT_ERRORS_WINDOW_SECONDS` | new agent errors within the window that raise an alert | `10`, `900` |
+| `NOTIFY_RETRY_SECONDS`, `NOTIFY_BACKOFF_SECONDS`, `NOTIFY_TIMEOUT_SECONDS` | alert messages: retried this long, first retry after (doubling, at most 2 h), per-attempt timeout | `86400`, `30`, `10` |
+| `WEBHOOK_ALLOW_PRIVATE` | customers' webhooks may point at private or loopback addresses | `DEBUG` |
+| `EMAIL_HOST`, `EMAIL_PORT`, `EMAIL_HOST_USER`, `EMAIL_HOST_PASSWORD`, `EMAIL_USE_TLS`, `DEFAULT_FROM_EMAIL` | SMTP for alert mails; without `EMAIL_HOST` mails are files in `EMAIL_FILE_PATH` | unset, `587`, …, `var/mail` |
 | `LOG_LEVEL` | root log level | `INFO` |
 | `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
 """
@@ -183,7 +195,11 @@ WSGI_APPLICATION = "controlplane.wsgi.application"
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'controlplane.sqlite3'}",
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+        # Persistent connections: a new PostgreSQL connection per request costs more than a
+        # heartbeat itself (manage.py bench_monitoring: 98 -> 253 heartbeats/s on 2 cores);
+        # each is checked before reuse, so a restarted database costs no failed request.
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
@@ -247,12 +263,59 @@ METRICS_TOKEN = (
     if _metrics_file
     else os.environ.get("METRICS_TOKEN", "")
 )
+# The fleet-wide token Prometheus scrapes the agents' /metrics with (agents get its SHA-256).
+_agent_scrape_file = os.environ.get("AGENT_SCRAPE_TOKEN_FILE")
+AGENT_SCRAPE_TOKEN = (
+    Path(_agent_scrape_file).read_text().strip()
+    if _agent_scrape_file
+    else os.environ.get("AGENT_SCRAPE_TOKEN", "")
+)
 # ---- uptime and SLA (monitoring) -----------------------------------------------------------
 SLA_TARGET = float(os.environ.get("SLA_TARGET", "0.999"))  # monthly uptime per node
 if not 0 < SLA_TARGET <= 1:
     raise RuntimeError(f"SLA_TARGET must be a ratio in (0, 1], not {SLA_TARGET}")
 # (below this monthly uptime, this percent of the month's fee is owed back), most severe first.
 SLA_CREDIT_SCHEDULE = ((0.95, 100), (0.99, 25), (SLA_TARGET, 10))
+# ---- continuous benchmarks (monitoring.benchmarks) -------------------------------------------
+BENCHMARK_INTERVAL_SECONDS = env_int("BENCHMARK_INTERVAL_SECONDS", 3600)  # 0: no schedule
+BENCHMARK_SIZE = os.environ.get("BENCHMARK_SIZE") or "quick"
+if BENCHMARK_SIZE not in ("tiny", "quick", "full"):
+    raise RuntimeError(f"BENCHMARK_SIZE must be tiny, quick or full, not {BENCHMARK_SIZE!r}")
+BENCHMARK_TIMEOUT_SECONDS = env_int("BENCHMARK_TIMEOUT_SECONDS", 900)  # no result: failed
+BENCHMARK_RETENTION_DAYS = env_int("BENCHMARK_RETENTION_DAYS", 90)  # runs and results kept
+if BENCHMARK_INTERVAL_SECONDS < 0 or BENCHMARK_TIMEOUT_SECONDS <= 0:
+    raise RuntimeError(
+        "BENCHMARK_INTERVAL_SECONDS must be 0 (off) or more, BENCHMARK_TIMEOUT_SECONDS more than 0"
+    )
+
+# ---- alerts (monitoring) -----------------------------------------------------------------------
+ALERT_REMINDER_SECONDS = env_int("ALERT_REMINDER_SECONDS", 4 * 3600)  # 0: never remind
+ALERT_OPS_PER_CYCLE_FLOOR = float(os.environ.get("ALERT_OPS_PER_CYCLE_FLOOR", "0") or 0)  # 0: none
+ALERT_OPS_PER_CYCLE_RELATIVE = float(os.environ.get("ALERT_OPS_PER_CYCLE_RELATIVE", "0.8"))
+ALERT_SLOWER_MARGIN = float(os.environ.get("ALERT_SLOWER_MARGIN", "0.10"))
+ALERT_MIN_HISTORY = env_int("ALERT_MIN_HISTORY", 3)  # earlier results before "slower" can judge
+ALERT_AGENT_ERRORS = env_int("ALERT_AGENT_ERRORS", 10)  # new agent errors per window that alert
+ALERT_AGENT_ERRORS_WINDOW_SECONDS = env_int("ALERT_AGENT_ERRORS_WINDOW_SECONDS", 900)
+NOTIFY_RETRY_SECONDS = env_int("NOTIFY_RETRY_SECONDS", 86400)  # a message is retried this long
+NOTIFY_BACKOFF_SECONDS = env_int("NOTIFY_BACKOFF_SECONDS", 30)  # first retry; doubles, ≤ 2 h
+NOTIFY_TIMEOUT_SECONDS = env_int("NOTIFY_TIMEOUT_SECONDS", 10)
+# Customers' webhooks may not point into our own network (server-side request forgery) unless
+# this is on (development and tests, whose receivers are local).
+WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", DEBUG)
+# ---- mail ---------------------------------------------------------------------------------
+# Without an SMTP host, mails are files under var/mail/ (one .log file per connection).
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 587)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.filebased.EmailBackend"
+)
+EMAIL_FILE_PATH = Path(os.environ.get("EMAIL_FILE_PATH", VAR_DIR / "mail"))
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "vTPU Cloud <alerts@localhost>")
 
 # Redis hands a task nobody acknowledged to another worker after the visibility timeout; with
 # late acks a task is acknowledged when it ends, so a shorter timeout would run a provisioning
@@ -306,7 +369,14 @@ SPECTACULAR_SETTINGS = {
         "JobStateEnum": "fleet.models.JobState",
         "NodeKindEnum": "fleet.models.Node.Kind",
         "JobKindEnum": "fleet.models.ProvisioningJob.Kind",
+        "BenchmarkRunStateEnum": "monitoring.models.BenchmarkRun.State",
+        "AlertStateEnum": "monitoring.models.Alert.State",
+        "AlertChannelKindEnum": "monitoring.models.AlertChannel.Kind",
     },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "api.schema_hooks.require_polymorphic_bodies",
+    ],
 }
 
 # Enrollment secrets travel in URL paths (/enroll/<secret>/install.sh): no log shows them.

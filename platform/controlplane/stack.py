@@ -92,6 +92,10 @@ class Stack:
         if not any(self.env.get(k) for k in ("METRICS_TOKEN", "METRICS_TOKEN_FILE")):
             secrets_dir = self.var_dir / "secrets"
             self.env["METRICS_TOKEN_FILE"] = str(dev_secret_path(secrets_dir, "METRICS_TOKEN"))
+        if not any(self.env.get(k) for k in ("AGENT_SCRAPE_TOKEN", "AGENT_SCRAPE_TOKEN_FILE")):
+            self.env["AGENT_SCRAPE_TOKEN_FILE"] = str(
+                dev_secret_path(self.var_dir / "secrets", "AGENT_SCRAPE_TOKEN")
+            )
 
     # ---- processes -----------------------------------------------------------------------
 
@@ -156,13 +160,7 @@ class Stack:
         self.manage("collectstatic", "--noinput", check=False)
         self.manage("sync_schedules")
         bin_dir = Path(sys.executable).parent
-        self._spawn(
-            "web",
-            [str(bin_dir / "gunicorn"), "controlplane.wsgi:application",
-             "--bind", f"{self.host}:{self.port}", "--workers", "2", "--threads", "4",
-             "--timeout", "120", "--access-logfile", "-",
-             "--logger-class", "controlplane.gunicorn_logging.RedactingLogger"],
-        )  # fmt: skip
+        self.start_web()
         self.start_worker()
         self.start_worker("housekeeping", queues="housekeeping", concurrency=1)
         if self.beat:
@@ -170,8 +168,22 @@ class Stack:
                 "beat",
                 [str(bin_dir / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO"],
             )  # fmt: skip
-        _wait(self._web_answers, "web app", 60, self.processes["web"])
+        self.wait_for_web()
         return self
+
+    def start_web(self) -> subprocess.Popen:
+        """gunicorn as production runs it (also alone: the monitoring benchmark drives it)."""
+        bin_dir = Path(sys.executable).parent
+        return self._spawn(
+            "web",
+            [str(bin_dir / "gunicorn"), "controlplane.wsgi:application",
+             "--bind", f"{self.host}:{self.port}", "--workers", "2", "--threads", "4",
+             "--timeout", "120", "--access-logfile", "-",
+             "--logger-class", "controlplane.gunicorn_logging.RedactingLogger"],
+        )  # fmt: skip
+
+    def wait_for_web(self, timeout: float = 60) -> None:
+        _wait(self._web_answers, "web app", timeout, self.processes["web"])
 
     def start_worker(
         self, name: str = "worker", *, queues: str = "provisioning", concurrency: int | None = None
@@ -223,7 +235,10 @@ class Stack:
 
 def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
-    stack = Stack(Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port)
+    # A local demo: webhooks to this machine's own receivers are allowed (production refuses
+    # private addresses); mails are files under var/mail/.
+    local = {"WEBHOOK_ALLOW_PRIVATE": os.environ.get("WEBHOOK_ALLOW_PRIVATE", "true")}
+    stack = Stack(Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port, env=local)
     print(f"==> starting the control plane on {stack.url} (Ctrl-C stops everything)", flush=True)
     # Ctrl-C and SIGTERM both stop everything, even when started from a shell that set SIGINT
     # to be ignored (a background job).

@@ -2,12 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 
 from controlplane.admin_throttle import throttled_login
-from monitoring.views import metrics
+from monitoring.views import metrics, prometheus_targets_view
 
 urlpatterns = [
     path("admin/login/", throttled_login),  # matched before the admin's own login view
     path("admin/", admin.site.urls),
     path("metrics", metrics, name="metrics"),  # Prometheus, with the scrape token
+    # Prometheus' http_sd of the node agents, with the same token (not in the OpenAPI schema)
+    path("api/v1/prometheus/targets", prometheus_targets_view, name="prometheus-targets"),
     path("", include("api.urls")),
 ]
 

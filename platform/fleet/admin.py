@@ -96,11 +96,12 @@ class NodeAdmin(admin.ModelAdmin):
         "state",
         "host",
         "agent_port",
+        "scrape_approved",
         "last_heartbeat_at",
         "version",
         "created",
     ]
-    list_filter = ["state", "kind", "host"]
+    list_filter = ["state", "kind", "host", "scrape_approved"]
     search_fields = ["name", "id", "account__name", "agent_url"]
     # State changes go through the services (so every one is recorded), never a form field.
     readonly_fields = [
@@ -118,12 +119,13 @@ class NodeAdmin(admin.ModelAdmin):
         "last_seen_at",
         "last_telemetry",
         "version",
+        "scrape_approved",
         "created",
         "updated",
     ]
     exclude = ["access_token", "access_token_sha256", "secret_sha256"]
     inlines = [TransitionInline, JobInline]
-    actions = ["force_terminate"]
+    actions = ["force_terminate", "approve_scraping"]
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -158,6 +160,28 @@ class NodeAdmin(admin.ModelAdmin):
                 "opts": self.model._meta,
             },
         )
+
+    @admin.action(description="Approve scraping by Prometheus (enrolled nodes' addresses)")
+    def approve_scraping(self, request, queryset):
+        """After checking each node's agent address is the customer's machine, not ours: the
+        Prometheus service discovery lists it until its agent reports another address."""
+        from fleet.services.nodes import node_scrape_approve
+
+        approved = []
+        for node in queryset:
+            if node_scrape_approve(node=node):
+                approved.append(f"{node} at {node.agent_url}")
+                # Who approved which address, in the node's admin history.
+                self.log_change(request, node, f"Approved scraping of {node.agent_url}")
+            else:
+                self.message_user(
+                    request,
+                    f"{node}: nothing to approve (provisioned nodes are listed anyway; an "
+                    "enrolled node must have reported its address)",
+                    messages.WARNING,
+                )
+        if approved:
+            self.message_user(request, "Prometheus may scrape: " + "; ".join(approved))
 
 
 class ForceTerminateForm(forms.Form):

@@ -149,6 +149,12 @@ class Node(models.Model):
     )
     last_telemetry = models.JSONField(null=True, blank=True)
     version = models.CharField(max_length=50, blank=True)
+    scrape_approved = models.BooleanField(
+        default=False,
+        help_text="Staff checked this enrolled node's agent address: Prometheus' service "
+        "discovery may list it. Cleared when the agent reports another address. Provisioned "
+        "nodes (addresses of our own hosts) are listed without it.",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -177,6 +183,8 @@ class NodeTransition(models.Model):
 
     class Meta:
         ordering = ["created", "id"]
+        # Kept for ever; uptime reads a node's (or the fleet's) transitions in a time range.
+        indexes = [models.Index(fields=["node", "created"], name="transition_node_time")]
 
     def __str__(self) -> str:
         return f"{self.from_state} -> {self.to_state}: {self.cause}"
@@ -301,6 +309,14 @@ class NodeAction(models.Model):
 
     class Meta:
         ordering = ["created", "id"]
+        # Every heartbeat looks up its node's pending actions; completed ones pile up.
+        indexes = [
+            models.Index(
+                fields=["node", "created"],
+                condition=models.Q(completed_at__isnull=True),
+                name="action_pending",
+            )
+        ]
 
 
 class Enrollment(models.Model):

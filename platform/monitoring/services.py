@@ -3,16 +3,17 @@ often or concurrently it runs) and staff's maintenance windows."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+import secrets
+from datetime import date, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from accounts.models import User
+from accounts.models import Account, User
 from controlplane.errors import ServiceError
 from fleet.models import Host, Node, NodeTransition
-from monitoring.models import MaintenanceWindow, SlaCredit, SlaMonthClosed
-from monitoring.uptime import month_bounds, node_uptime
+from monitoring.models import AlertChannel, MaintenanceWindow, SlaCredit, SlaMonthClosed
+from monitoring.uptime import month_bounds, nodes_uptime
 
 
 class MonitoringError(ServiceError):
@@ -40,8 +41,10 @@ def sla_month_close(*, month: date, now: datetime) -> int:
     target = settings.SLA_TARGET
     created = 0
     seen = NodeTransition.objects.filter(created__lt=end).values("node_id").distinct()
-    for node in Node.objects.filter(pk__in=seen).select_related("account"):
-        uptime = node_uptime(node, start, end)
+    nodes = list(Node.objects.filter(pk__in=seen).select_related("account"))
+    uptimes = nodes_uptime(nodes, start, end)  # three queries for the whole fleet
+    for node in nodes:
+        uptime = uptimes[node.pk]
         ratio = uptime.ratio
         if ratio is None or ratio >= target:
             continue
@@ -83,3 +86,79 @@ def maintenance_schedule(
         node=node, host=host, starts_at=starts_at, ends_at=ends_at, reason=reason.strip(),
         created_by=by,
     )  # fmt: skip
+
+
+# ---- alert channels ---------------------------------------------------------------------------
+
+MAX_CHANNELS_PER_ACCOUNT = 20
+
+
+def _channel_target_problem(kind: str, target: str) -> str | None:
+    from django.core.exceptions import ValidationError
+    from django.core.validators import validate_email
+
+    from monitoring.notify import webhook_url_problem
+
+    if kind == AlertChannel.Kind.EMAIL:
+        try:
+            validate_email(target)
+        except ValidationError:
+            return f"{target!r} is not an e-mail address."
+        return None
+    return webhook_url_problem(target)
+
+
+def channel_create(*, account: Account, kind: str, name: str, target: str) -> AlertChannel:
+    """A customer's channel for their own nodes' alerts. A webhook gets a fresh signing secret
+    (readable by the account, to verify signatures with)."""
+    if kind not in AlertChannel.Kind.values:
+        raise MonitoringError(f"kind must be one of {AlertChannel.Kind.values}.", field="kind")
+    problem = _channel_target_problem(kind, target)
+    if problem:
+        raise MonitoringError(problem, field="target")
+    if AlertChannel.objects.filter(account=account).count() >= MAX_CHANNELS_PER_ACCOUNT:
+        raise MonitoringError(
+            f"An account has at most {MAX_CHANNELS_PER_ACCOUNT} channels; delete one first."
+        )
+    secret = secrets.token_urlsafe(32) if kind == AlertChannel.Kind.WEBHOOK else ""
+    return AlertChannel.objects.create(
+        account=account, kind=kind, name=name, target=target, secret=secret
+    )
+
+
+def channel_update(
+    *,
+    channel: AlertChannel,
+    name: str | None,
+    target: str | None,
+    enabled: bool | None,
+    rotate_secret: bool = False,
+) -> AlertChannel:
+    if target is not None:
+        problem = _channel_target_problem(channel.kind, target)
+        if problem:
+            raise MonitoringError(problem, field="target")
+        channel.target = target
+    if name is not None:
+        channel.name = name
+    if enabled is not None:
+        channel.enabled = enabled
+    if rotate_secret:
+        if channel.kind != AlertChannel.Kind.WEBHOOK:
+            raise MonitoringError("Only a webhook has a signing secret.", field="rotate_secret")
+        channel.secret = secrets.token_urlsafe(32)
+    channel.save()
+    return channel
+
+
+def history_prune(*, now: datetime) -> dict[str, int]:
+    """Benchmark runs (their results with them) past BENCHMARK_RETENTION_DAYS; alerts, their
+    messages and SLA records are kept."""
+    from monitoring.models import BenchmarkRun
+
+    cutoff = now - timedelta(days=settings.BENCHMARK_RETENTION_DAYS)
+    deleted, by_model = BenchmarkRun.objects.filter(created__lt=cutoff).delete()
+    return {
+        "benchmark_runs": by_model.get("monitoring.BenchmarkRun", 0),
+        "benchmark_results": by_model.get("monitoring.BenchmarkResult", 0),
+    }

@@ -13,10 +13,13 @@ A flip is a change between up and down, with the transition's time and cause.
 from __future__ import annotations
 
 import calendar
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 
 from fleet.models import Node, NodeState, NodeTransition
 from monitoring.models import MaintenanceWindow
@@ -45,6 +48,30 @@ class Flip:
     at: datetime
     up: bool
     cause: str
+
+    @property
+    def category(self) -> str:
+        return "recovered" if self.up else flip_category(self.cause)
+
+
+# A flip's cause, as a category (the transition's words say it; these are the words the fleet's
+# services write: fleet.services.sweeps, fleet.services.agents, fleet.services.nodes).
+FLIP_CATEGORIES = (
+    ("no heartbeat", "heartbeat_late"),
+    ("health check failed: HTTP 5", "agent_errors"),
+    ("health check failed", "health_check_failed"),
+    ("suspend", "suspended_billing"),
+    ("maintenance", "maintenance"),
+)
+
+
+def flip_category(cause: str) -> str:
+    """heartbeat_late, health_check_failed, agent_errors, suspended_billing, maintenance, other."""
+    lowered = cause.lower()
+    for words, category in FLIP_CATEGORIES:
+        if lowered.startswith(words.lower()) or words.lower() in lowered:
+            return category
+    return "other"
 
 
 def month_bounds(month: date) -> tuple[datetime, datetime]:
@@ -76,9 +103,11 @@ def windows_for(node: Node):
     return MaintenanceWindow.objects.filter(scope)
 
 
-def _windows(node: Node, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    rows = windows_for(node).filter(starts_at__lt=end, ends_at__gt=start)
-    return [(max(w.starts_at, start), min(w.ends_at, end)) for w in rows]
+def _applies(window: MaintenanceWindow, node: Node) -> bool:
+    """Whether a loaded window is one of windows_for(node)."""
+    if window.node_id is not None:
+        return window.node_id == node.pk
+    return window.host_id is None or window.host_id == node.host_id
 
 
 def _overlap(a: tuple[datetime, datetime], windows: list[tuple[datetime, datetime]]) -> float:
@@ -92,17 +121,15 @@ def _overlap(a: tuple[datetime, datetime], windows: list[tuple[datetime, datetim
     return covered
 
 
-def _stretches(node: Node, start: datetime, end: datetime) -> list[tuple[datetime, datetime, str]]:
-    """(from, to, kind) covering [start, end), from the node's transitions."""
-    before = (
-        NodeTransition.objects.filter(node=node, created__lt=start).order_by("-created", "-id")
-    ).first()
+def _stretches(
+    before: NodeTransition | None, during: list[NodeTransition], start: datetime, end: datetime
+) -> list[tuple[datetime, datetime, str]]:
+    """(from, to, kind) covering [start, end), from the node's last transition before `start`
+    and its transitions inside, oldest first."""
     kind = _kind(before) if before else "excluded"
     cursor = start
     out = []
-    for t in NodeTransition.objects.filter(node=node, created__gte=start, created__lt=end).order_by(
-        "created", "id"
-    ):
+    for t in during:
         if t.created > cursor:
             out.append((cursor, t.created, kind))
         cursor, kind = max(cursor, t.created), _kind(t)
@@ -111,11 +138,14 @@ def _stretches(node: Node, start: datetime, end: datetime) -> list[tuple[datetim
     return out
 
 
-def node_uptime(node: Node, start: datetime, end: datetime) -> Uptime:
-    """The node's up, down, maintenance and excluded seconds in [start, end)."""
-    windows = _windows(node, start, end)
+def _measure(
+    stretches: list[tuple[datetime, datetime, str]],
+    windows: list[tuple[datetime, datetime]],
+    start: datetime,
+    end: datetime,
+) -> Uptime:
     up = down = maintenance = excluded = 0.0
-    for lo, hi, kind in _stretches(node, start, end):
+    for lo, hi, kind in stretches:
         seconds = (hi - lo).total_seconds()
         if kind == "up":
             up += seconds
@@ -128,6 +158,49 @@ def node_uptime(node: Node, start: datetime, end: datetime) -> Uptime:
     return Uptime(start, end, round(up), round(down), round(maintenance), round(excluded))
 
 
+def nodes_uptime(nodes: Iterable[Node], start: datetime, end: datetime) -> dict[uuid.UUID, Uptime]:
+    """node_uptime of each node, by node id, in three queries however many nodes there are
+    (the /metrics scrape and the SLA month close walk the whole fleet)."""
+    nodes = list(nodes)
+    ids = [node.pk for node in nodes]
+    if not ids:
+        return {}
+    last_before = (
+        NodeTransition.objects.filter(node=OuterRef("pk"), created__lt=start)
+        .order_by("-created", "-id")
+        .values("pk")[:1]
+    )
+    before_ids = Node.objects.filter(pk__in=ids).annotate(last=Subquery(last_before)).values("last")
+    before = {t.node_id: t for t in NodeTransition.objects.filter(pk__in=before_ids)}
+    during: dict[uuid.UUID, list[NodeTransition]] = defaultdict(list)
+    for t in NodeTransition.objects.filter(
+        node_id__in=ids, created__gte=start, created__lt=end
+    ).order_by("created", "id"):
+        during[t.node_id].append(t)
+    windows = list(MaintenanceWindow.objects.filter(starts_at__lt=end, ends_at__gt=start))
+    return {
+        node.pk: _measure(
+            _stretches(before.get(node.pk), during[node.pk], start, end),
+            [(max(w.starts_at, start), min(w.ends_at, end)) for w in windows if _applies(w, node)],
+            start,
+            end,
+        )
+        for node in nodes
+    }
+
+
+def node_uptime(node: Node, start: datetime, end: datetime) -> Uptime:
+    """The node's up, down, maintenance and excluded seconds in [start, end)."""
+    return nodes_uptime([node], start, end)[node.pk]
+
+
+def combined_ratio(values: list[Uptime]) -> float | None:
+    """Several nodes (an account's) as one: their up seconds over up + down; None with neither."""
+    up = sum(v.up_seconds for v in values)
+    counted = up + sum(v.down_seconds for v in values)
+    return up / counted if counted else None
+
+
 def node_uptime_month(node: Node, month: date, *, now: datetime) -> Uptime:
     """A calendar month (UTC), up to `now` while it is running."""
     start, end = month_bounds(month)
@@ -136,6 +209,10 @@ def node_uptime_month(node: Node, month: date, *, now: datetime) -> Uptime:
 
 def node_uptime_30_days(node: Node, *, now: datetime) -> Uptime:
     return node_uptime(node, now - timedelta(days=30), now)
+
+
+def nodes_uptime_30_days(nodes: Iterable[Node], *, now: datetime) -> dict[uuid.UUID, Uptime]:
+    return nodes_uptime(nodes, now - timedelta(days=30), now)
 
 
 def node_flips(node: Node, *, since: datetime | None = None) -> list[Flip]:

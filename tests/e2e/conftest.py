@@ -33,6 +33,17 @@ def _e2e_database_url(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'e2e.sqlite3'}"
 
 
+def _drop_e2e_database(url: str) -> None:
+    """The run's own PostgreSQL database goes when the run ends (SQLite lives in tmp)."""
+    if not url.startswith(("postgres://", "postgresql://")):
+        return
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @dataclass
 class Api:
     url: str
@@ -85,6 +96,8 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
             "HEARTBEAT_SECONDS": "2",
             "REPAIR_AFTER_SECONDS": "10",  # a dead agent is repaired soon after it goes silent
             "PROVISIONING_JOB_TIMEOUT": "600",
+            "WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' webhook receivers are local
+            "BENCHMARK_SIZE": "tiny",  # a new node's first scheduled benchmark takes ~1 s
         },
     )
     stack.env.pop("REDIS_URL")
@@ -92,6 +105,7 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
     with stack.running():
         yield stack
     stop_local_agents(var / "nodes")  # agents of nodes a failed test left behind
+    _drop_e2e_database(stack.env["DATABASE_URL"])
     for log in sorted((var / "logs").glob("*.log")):
         print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
 

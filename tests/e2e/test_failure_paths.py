@@ -1,4 +1,5 @@
-"""Jobs that end early: a cancel, and a Celery worker killed in the middle of a provision."""
+"""Things that go wrong: a cancel, a Celery worker killed in the middle of a provision, Redis
+down, and a node's agent killed (alerts, repair, downtime)."""
 
 from __future__ import annotations
 
@@ -95,29 +96,110 @@ def test_a_node_requested_while_redis_is_down_is_provisioned_once_redis_is_back(
     alice.wait_for_state(node["id"], {"terminated"}, timeout=180)
 
 
-def test_a_node_whose_agent_died_is_repaired_by_a_recorded_job(stack, alice, local_host):
-    """The agent of a ready node is killed: the node goes degraded (no heartbeat), and after
-    REPAIR_AFTER_SECONDS a repair job re-runs the role, which starts the agent again."""
+def test_a_dead_agent_alerts_is_repaired_and_its_downtime_is_counted(stack, alice, local_host):
+    """The agent of a ready node is killed: the node goes down within the grace period; the
+    alert reaches a real webhook receiver (signature verified) and the mail outbox (var/mail);
+    after REPAIR_AFTER_SECONDS a repair job re-runs the role, which starts the agent again; the
+    node is up, the resolved message follows, and the downtime is in the month's uptime, to the
+    second."""
+    import json
     import os
 
-    status, node = alice.call("POST", "/api/v1/nodes", {"name": "e2e-repair"})
-    assert status == 201, node
-    assert alice.wait_for_state(node["id"], {"ready", "failed"})["state"] == "ready"
-    _wait_job(alice, node["id"], {"successful"})
-    pid_file = stack.var_dir / "nodes" / node["id"] / "agent.pid"
-    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-    alice.wait_for_state(node["id"], {"degraded"}, timeout=120)
-    repaired = alice.wait_for_state(node["id"], {"ready"}, timeout=300)
-    jobs = alice.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
-    assert [j["kind"] for j in jobs] == ["repair", "provision"], jobs
-    assert jobs[0]["state"] in ("successful", "running"), jobs[0]
-    causes = [
-        t["cause"]
-        for t in alice.call("GET", f"/api/v1/nodes/{node['id']}/transitions")[1]["results"]
-    ]
-    # Silent (no heartbeat) or refused (the health check): either is recorded as the cause.
-    assert any("no heartbeat" in c or "health check failed" in c for c in causes), causes
-    assert repaired["state"] == "ready"
-    assert _wait_job(alice, node["id"], {"successful", "failed"})["kind"] == "repair"
-    assert alice.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
-    alice.wait_for_state(node["id"], {"terminated"}, timeout=180)
+    from tests.receiver import Receiver, signature_valid
+
+    receiver = Receiver()
+    try:
+        status, hook = alice.call(
+            "POST",
+            "/api/v1/alert-channels",
+            {"kind": "webhook", "name": "e2e hook", "target": receiver.url},
+        )
+        assert status == 201, hook
+        status, _ = alice.call(
+            "POST",
+            "/api/v1/alert-channels",
+            {"kind": "email", "name": "e2e mail", "target": "alice@example.com"},
+        )
+        assert status == 201
+        status, node = alice.call("POST", "/api/v1/nodes", {"name": "e2e-repair"})
+        assert status == 201, node
+        state = alice.wait_for_state(node["id"], {"ready", "failed"})["state"]
+        assert state == "ready", _job_log(alice, node["id"])
+        _wait_job(alice, node["id"], {"successful"})
+        pid_file = stack.var_dir / "nodes" / node["id"] / "agent.pid"
+        killed_at = time.monotonic()
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        alice.wait_for_state(node["id"], {"degraded"}, timeout=120)
+        # Grace: 3 missed heartbeats (2 s each here) plus one sweep period (15 s), with slack.
+        assert time.monotonic() - killed_at < 45
+
+        opened = _wait_webhook(receiver, node["id"], "opened")
+        headers, body = opened
+        assert signature_valid(hook["secret"], headers["X-Vtpu-Signature"], body, now=time.time())
+        message = json.loads(body)
+        assert message["alert"]["rule"] == "node_down"
+        assert message["alert"]["details"]["category"] in ("heartbeat_late", "health_check_failed")
+        assert _wait_mail(stack, "FIRING critical", "e2e-repair")
+
+        repaired = alice.wait_for_state(node["id"], {"ready"}, timeout=300)
+        jobs = alice.call("GET", f"/api/v1/nodes/{node['id']}/jobs")[1]["results"]
+        assert [j["kind"] for j in jobs] == ["repair", "provision"], jobs
+        assert jobs[0]["state"] in ("successful", "running"), jobs[0]
+        assert repaired["state"] == "ready"
+        _, resolved = _wait_webhook(receiver, node["id"], "resolved")
+        assert json.loads(resolved)["alert"]["state"] == "resolved"
+        assert _wait_mail(stack, "RESOLVED", "e2e-repair")
+        status, alerts = alice.call("GET", f"/api/v1/alerts?node={node['id']}")
+        assert [(a["rule"], a["state"]) for a in alerts["results"]] == [("node_down", "resolved")]
+
+        # The downtime, to the second: from the flip down to the flip up.
+        flips = alice.call("GET", f"/api/v1/nodes/{node['id']}/flips")[1]
+        down = [f for f in flips if not f["up"]][-1]
+        up = [f for f in flips if f["up"]][-1]
+        seconds = _seconds_between(down["at"], up["at"])
+        uptime = alice.call("GET", f"/api/v1/nodes/{node['id']}/uptime")[1]
+        assert uptime["this_month"]["down_seconds"] == round(seconds), (uptime, flips)
+        assert 0 < uptime["this_month"]["uptime_ratio"] < 1
+        assert _wait_job(alice, node["id"], {"successful", "failed"})["kind"] == "repair"
+        assert alice.call("DELETE", f"/api/v1/nodes/{node['id']}")[0] == 202
+        alice.wait_for_state(node["id"], {"terminated"}, timeout=180)
+    finally:
+        receiver.close()
+
+
+def _job_log(api: Api, node_id: str) -> str:
+    job = _job(api, node_id)
+    events = api.call("GET", f"/api/v1/jobs/{job['id']}/events")[1]["events"]
+    return "\n".join(str(e.get("stdout") or e.get("event")) for e in events[-15:])
+
+
+def _seconds_between(start: str, end: str) -> float:
+    from datetime import datetime
+
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def _wait_webhook(receiver, node_id: str, event: str, timeout: float = 90) -> tuple[dict, bytes]:
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for headers, body in list(receiver.requests):
+            message = json.loads(body)
+            if message["event"] == event and message["node"]["id"] == node_id:
+                return headers, body
+        time.sleep(0.5)
+    raise AssertionError(f"no {event!r} webhook for {node_id} in {timeout} s")
+
+
+def _wait_mail(stack, *words: str, timeout: float = 90) -> str:
+    """A mail the run command's file backend wrote under var/mail/ that holds every word."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in sorted((stack.var_dir / "mail").glob("*.log")):
+            text = path.read_text(errors="replace")
+            if all(w in text for w in words):
+                return text
+        time.sleep(0.5)
+    raise AssertionError(f"no mail with {words} under {stack.var_dir / 'mail'}")

@@ -56,6 +56,7 @@ def test_the_first_heartbeat_makes_a_provisioning_node_ready(alice_node):
         "heartbeat_seconds": 15,
         "actions": [],
         "acknowledged": [],
+        "scrape_token_sha256": None,  # no AGENT_SCRAPE_TOKEN in these settings
     }
     alice_node.refresh_from_db()
     assert alice_node.state == "ready" and alice_node.version == "0.1.0"
@@ -266,3 +267,16 @@ def test_an_offline_enrolled_node_deleted_ends_terminated_after_the_grace_period
     assert node.state == "terminated"
     assert "never called again" in node.transitions.last().cause
     assert heartbeat(node, enrolled.secret).status_code == 410  # if it ever returns
+
+
+def test_nul_characters_in_telemetry_or_a_result_get_400_and_the_node_keeps_beating(alice_node):
+    """PostgreSQL cannot store NUL in JSON text: refused with the reason, never a 500."""
+    secret = provisioning(alice_node)
+    action = nodes.node_action_request(node=alice_node, kind="benchmark")
+    bad = heartbeat(alice_node, secret, telemetry={**TELEMETRY, "note": "a\x00b"})
+    assert bad.status_code == 400 and "NUL" in str(bad.json()["telemetry"])
+    result = {"action_id": str(action.pk), "ok": True, "result": {"x\x00": 1}}
+    bad = heartbeat(alice_node, secret, results=[result])
+    assert bad.status_code == 400 and "NUL" in str(bad.json())
+    assert NodeAction.objects.get(pk=action.pk).completed_at is None
+    assert heartbeat(alice_node, secret).status_code == 200

@@ -27,7 +27,9 @@ def test_an_unreachable_host_fails_the_job_and_the_node_with_a_reason(staff, set
     job = node_provision(job_id=node.jobs.get().pk)
     node.refresh_from_db()
     assert job.state == "failed", job.explanation
-    assert job.explanation and job.finished_at and job.runner_pid
+    # runner_pid is recorded when the cancel poll first sees ansible-playbook; a refused SSH
+    # connection can end the run before that, so it is not asserted here.
+    assert job.explanation and job.finished_at
     assert node.state == "failed" and job.explanation in node.transitions.last().cause
     assert JobEvent.objects.filter(job=job).exists()
     assert node.access_token not in job.stdout

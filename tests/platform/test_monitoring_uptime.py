@@ -160,7 +160,12 @@ def test_the_api_shows_uptime_flips_maintenance_and_the_sla_report(
     assert alice_api.get(f"{base}/uptime?month=2026-13").status_code == 400
     assert alice_api.get(f"{base}/uptime?month=nov").status_code == 400
     flips = alice_api.get(f"{base}/flips").json()
-    assert flips[1] == {"at": "2026-10-31T23:50:00Z", "up": False, "cause": "no heartbeat for 45 s"}
+    assert flips[1] == {
+        "at": "2026-10-31T23:50:00Z",
+        "up": False,
+        "cause": "no heartbeat for 45 s",
+        "category": "heartbeat_late",
+    }
     windows = alice_api.get(f"{base}/maintenance").json()
     assert [(w["scope"], w["reason"]) for w in windows] == [("host", "kernel update")]
     sla_month_close(month=date(2026, 11, 1), now=timezone.now())
@@ -169,6 +174,11 @@ def test_the_api_shows_uptime_flips_maintenance_and_the_sla_report(
     (row,) = report["results"]
     assert row["node"] == str(served_node.pk) and row["meets_sla"] is False
     assert row["credit_percent"] == 10
+    # The account as a whole: one node, so its figures; up and down seconds over all nodes.
+    down = 10 * 60 + 15 * 60 + 2 * 3600
+    counted = 30 * 86400 - 2 * 86400 - 1800  # November less the suspension and maintenance
+    assert report["account"]["down_seconds_this_month"] == down
+    assert report["account"]["this_month"] == pytest.approx((counted - down) / counted)
     assert bob_api.get("/api/v1/sla?month=2026-11").json()["results"] == []
     assert bob_api.get(f"{base}/uptime").status_code == 404
 

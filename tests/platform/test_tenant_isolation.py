@@ -25,21 +25,35 @@ OBJECT_ROUTES = {
     "node-uptime": (["get"], "node"),
     "node-flips": (["get"], "node"),
     "node-maintenance": (["get"], "node"),
+    "node-benchmarks": (["get", "post"], "node"),
+    "node-benchmark-stats": (["get"], "node"),
     "job-detail": (["get"], "job"),
     "job-events": (["get"], "job"),
     "job-cancel": (["post"], "job"),
     "token-detail": (["delete"], "token"),
+    "alert-detail": (["get"], "alert"),
+    "channel-detail": (["get", "patch", "delete"], "channel"),
 }
 LIST_ROUTES = {
     "node-list": "nodes",
     "token-list": "tokens",
     "enrollment-list": "enrollments",
     "sla-report": "the SLA report's nodes",
+    "alert-list": "alerts",
+    "channel-list": "alert channels",
 }
 # Not account-scoped: the schema, and the agents' own endpoints (secrets, not accounts), and the
-# enrollment link's script and wheel (a one-time secret in the path), and /metrics (the
-# operator's scrape token).
-UNSCOPED = {"schema", "enroll", "agent-heartbeat", "enroll-install", "enroll-wheel", "metrics"}
+# enrollment link's script and wheel (a one-time secret in the path), and /metrics and the
+# Prometheus targets (the operator's scrape token).
+UNSCOPED = {
+    "schema",
+    "enroll",
+    "agent-heartbeat",
+    "enroll-install",
+    "enroll-wheel",
+    "metrics",
+    "prometheus-targets",
+}
 
 
 def _api_routes(resolver=None, prefix=""):
@@ -65,7 +79,16 @@ def alices_things(alice, alice_node):
 
     api_client_for(alice)  # a token of alice's account
     enrollment.enrollment_create(account=account(alice), user=alice)
+    from monitoring.alerts import alert_open
+    from monitoring.models import AlertChannel
+
+    alert = alert_open(alice_node, "node_down", severity="critical", summary="down")
+    channel = AlertChannel.objects.create(
+        account=account(alice), kind="email", name="me", target="alice@example.com"
+    )
     return {
+        "alert": alert.pk,
+        "channel": channel.pk,
         "node": alice_node.pk,
         "job": alice_node.jobs.get().pk,
         "token": account(alice).api_tokens.first().pk,
@@ -77,7 +100,13 @@ def test_bob_gets_404_on_alices_objects(route, alices_things, bob_api):
     from django.urls import reverse
 
     methods, kind = OBJECT_ROUTES[route]
-    arg = {"node": "node_id", "job": "job_id", "token": "token_id"}[kind]
+    arg = {
+        "node": "node_id",
+        "job": "job_id",
+        "token": "token_id",
+        "alert": "alert_id",
+        "channel": "channel_id",
+    }[kind]
     url = reverse(route, kwargs={arg: alices_things[kind]})
     before = NodeTransition.objects.count()
     for method in methods:

@@ -29,6 +29,7 @@ class FakeControlPlane:
         self.actions: list[dict] = []  # handed out with the next heartbeat reply
         self.heartbeat_status = 200
         self.heartbeat_seconds: float = 0.3
+        self.reply_extra: dict[str, Any] = {}  # more keys for heartbeat replies
         self.enroll_status = 201
         self.enroll_raw: bytes | None = None  # a reply body to send instead of JSON
         self.files: dict[str, bytes] = {}  # GET path -> body
@@ -82,6 +83,7 @@ class FakeControlPlane:
                             "state": "ready",
                             "heartbeat_seconds": plane.heartbeat_seconds,
                             "actions": actions,
+                            **plane.reply_extra,
                         }
                         self._answer(200, reply)
                 else:

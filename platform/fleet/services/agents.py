@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from fleet.models import Node, NodeState, TelemetrySample
@@ -101,18 +102,33 @@ def _reason(exc: Exception) -> str:
 def poll_node(*, node: Node) -> TelemetrySample | None:
     """Confirm the node's agent and read its telemetry; a failure degrades a ready node (once:
     a node already degraded gets no new row)."""
+    return poll_record(node, poll_fetch(node))
+
+
+def poll_fetch(node: Node) -> dict | Exception:
+    """The network half of a poll, without the database (so many can run side by side): the
+    telemetry of the agent that answered as this node, or why there is none."""
     try:
         agent_check(node)
         telemetry = agent_get(node, "/vTPU/telemetry")
         if not isinstance(telemetry, dict):
             raise ValueError("telemetry is not a JSON object")
     except (OSError, ValueError) as exc:
+        return exc
+    return telemetry
+
+
+def poll_record(node: Node, fetched: dict | Exception) -> TelemetrySample | None:
+    """The database half of a poll: store what poll_fetch brought, or degrade the node."""
+    if isinstance(fetched, Exception):
         try_transition(
-            node, S.DEGRADED, f"health check failed: {_reason(exc)}", from_states=(S.READY,)
+            node, S.DEGRADED, f"health check failed: {_reason(fetched)}", from_states=(S.READY,)
         )
         return None
-    now = timezone.now()
-    sample = store_sample(node, telemetry)
-    Node.objects.filter(pk=node.pk).update(last_seen_at=now, last_telemetry=telemetry)
-    try_transition(node, S.READY, "health check answered again", from_states=(S.DEGRADED,))
+    # One transaction (one commit to wait for, not three) per node.
+    with transaction.atomic():
+        now = timezone.now()
+        sample = store_sample(node, fetched)
+        Node.objects.filter(pk=node.pk).update(last_seen_at=now, last_telemetry=fetched)
+        try_transition(node, S.READY, "health check answered again", from_states=(S.DEGRADED,))
     return sample

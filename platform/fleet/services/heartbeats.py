@@ -13,6 +13,7 @@ id once, so a lost reply never loses (nor doubles) a suspend.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +28,9 @@ from fleet.services.agents import store_sample
 from fleet.services.credentials import hash_secret
 from fleet.services.errors import Gone, NotAuthenticated
 from fleet.services.transitions import try_transition
+from fleet.signals import action_completed
 
+log = logging.getLogger(__name__)
 S = NodeState
 
 
@@ -37,7 +40,9 @@ def authenticate_node(*, node_id: uuid.UUID, secret: str | None) -> Node:
     if not secret:
         raise NotAuthenticated("Send the node secret as 'Authorization: Bearer <secret>'.")
     digest = hash_secret(secret)
-    node = Node.objects.filter(secret_sha256=digest).first()
+    # Not the telemetry (kilobytes of JSON) nor the access token (a decryption): a heartbeat
+    # needs neither, and they load on first use if anything does.
+    node = Node.objects.filter(secret_sha256=digest).defer("last_telemetry", "access_token").first()
     if (
         node is None
         or not hmac.compare_digest(node.secret_sha256 or "", digest)
@@ -60,7 +65,25 @@ def heartbeat_record(
 
     Raises Gone (410) for a node that is deprovisioning or terminated; an enrolled node that
     was deprovisioning is terminated by that very heartbeat (its agent stops on the 410)."""
-    node = authenticate_node(node_id=node_id, secret=secret)
+    return heartbeat_accept(
+        node=authenticate_node(node_id=node_id, secret=secret),
+        version=version,
+        agent_url=agent_url,
+        telemetry=telemetry,
+        results=results,
+    )
+
+
+def heartbeat_accept(
+    *,
+    node: Node,
+    version: str = "",
+    agent_url: str | None = None,
+    telemetry: dict | None = None,
+    results: list[dict] | None = None,
+) -> dict:
+    """heartbeat_record for the node `authenticate_node` just returned (the API authenticates
+    before it validates anything, and a heartbeat is not worth a second lookup)."""
     if node.state == S.DEPROVISIONING and node.kind == Node.Kind.ENROLLED:
         try_transition(node, S.TERMINATED, "its agent was told to stop at its heartbeat (410)")
     if node.state in (S.DEPROVISIONING, S.TERMINATED):
@@ -72,6 +95,9 @@ def heartbeat_record(
             fields["version"] = version[:50]
         if node.kind == Node.Kind.ENROLLED and agent_url is not None:
             fields["agent_url"] = agent_url[:255]
+            if fields["agent_url"] != node.agent_url:
+                # Staff approved scraping the address they saw, not whatever comes next.
+                fields["scrape_approved"] = False
         if isinstance(telemetry, dict):
             fields["last_telemetry"] = telemetry
             store_sample(node, telemetry)
@@ -89,7 +115,15 @@ def heartbeat_record(
         "heartbeat_seconds": settings.HEARTBEAT_SECONDS,
         "actions": actions,
         "acknowledged": acknowledged,
+        # The agent accepts this token for GET /metrics (Prometheus, through http_sd).
+        "scrape_token_sha256": agent_scrape_token_sha256(),
     }
+
+
+def agent_scrape_token_sha256() -> str | None:
+    """SHA-256 of the fleet's agent scrape token (AGENT_SCRAPE_TOKEN), None when there is none."""
+    token = settings.AGENT_SCRAPE_TOKEN
+    return hash_secret(token) if token else None
 
 
 def _record_action_results(node: Node, results: list[dict]) -> list[str]:
@@ -100,15 +134,28 @@ def _record_action_results(node: Node, results: list[dict]) -> list[str]:
         action_id = str(result.get("action_id") or "")
         if not action_id.isdigit():
             continue
-        NodeAction.objects.filter(node=node, pk=int(action_id), completed_at__isnull=True).update(
+        recorded = NodeAction.objects.filter(
+            node=node, pk=int(action_id), completed_at__isnull=True
+        ).update(
             completed_at=timezone.now(),
             ok=bool(result.get("ok")),
             result=result.get("result") if isinstance(result.get("result"), dict) else None,
             error=str(result.get("error") or "")[:10000],
         )
-        if NodeAction.objects.filter(node=node, pk=int(action_id)).exists():
+        if recorded:
+            _completed(NodeAction.objects.get(pk=int(action_id)))
+            acknowledged.append(action_id)
+        elif NodeAction.objects.filter(node=node, pk=int(action_id)).exists():
             acknowledged.append(action_id)
     return acknowledged
+
+
+def _completed(action: NodeAction) -> None:
+    """Tell listeners (monitoring's benchmarks) once; a failing listener never fails the
+    heartbeat (fleet.signals)."""
+    for receiver, outcome in action_completed.send_robust(sender=NodeAction, action=action):
+        if isinstance(outcome, Exception):
+            log.error("%r failed on action %s", receiver, action.pk, exc_info=outcome)
 
 
 def _due(now: datetime) -> Q:

@@ -296,6 +296,27 @@ def node_action_request(*, node: Node, kind: str, payload: dict | None = None) -
     return NodeAction.objects.create(node=node, kind=kind, payload=payload or {})
 
 
+def node_actions_request_many(
+    *, node_ids: list[uuid.UUID], kind: str, payload: dict
+) -> dict[uuid.UUID, NodeAction]:
+    """The same action for many nodes in one INSERT (a periodic schedule over the whole fleet);
+    the caller has chosen nodes that take actions. Returns each node's action, with its id."""
+    if kind not in NodeAction.Kind.values:
+        raise InvalidInput(f"Unknown action {kind!r}.", field="type")
+    actions = NodeAction.objects.bulk_create(
+        [NodeAction(node_id=node_id, kind=kind, payload=payload) for node_id in node_ids]
+    )
+    return {action.node_id: action for action in actions}
+
+
+def node_actions_expire(*, action_ids: list[int], error: str) -> int:
+    """Give up on actions whose result never came: they are completed as failed with `error`
+    and no longer sent; a result arriving later is acknowledged but changes nothing."""
+    return NodeAction.objects.filter(pk__in=action_ids, completed_at__isnull=True).update(
+        completed_at=timezone.now(), ok=False, error=error
+    )
+
+
 @transaction.atomic
 def node_access_token_rotate(*, node: Node) -> Node:
     """A new access token for the node's agent: the control plane answers with it at once, and
@@ -317,3 +338,18 @@ def node_access_token_rotate(*, node: Node) -> Node:
     )
     node.refresh_from_db()
     return node
+
+
+# ---- Prometheus: scraping enrolled nodes ----------------------------------------------------
+
+
+def node_scrape_approve(*, node: Node) -> bool:
+    """Staff checked an enrolled node's agent address: service discovery may list it from now
+    on (until its agent reports another address). False when there is nothing to approve:
+    a provisioned node (listed anyway) or an enrolled one that reported no address yet."""
+    if node.kind != Node.Kind.ENROLLED or not node.agent_url:
+        return False
+    approved = Node.objects.filter(
+        pk=node.pk, kind=Node.Kind.ENROLLED, agent_url=node.agent_url
+    ).update(scrape_approved=True)
+    return bool(approved)

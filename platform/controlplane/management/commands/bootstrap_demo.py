@@ -16,6 +16,7 @@ from accounts.services import account_create, account_set_quota, token_create, t
 from fleet.models import Host, Node, NodeState
 from fleet.services.nodes import node_request, node_retry
 from fleet.wheel import node_wheel_path
+from monitoring.models import AlertChannel
 
 DEMO_NODE = "demo-node"
 RUN_TOKEN = "run command"
@@ -101,6 +102,18 @@ class Command(BaseCommand):
         ):
             if _restart_local_agent(hosted):
                 out(f"==> node {hosted.name} ({hosted.id}): agent started again")
+        # Alerts of the whole fleet to staff, and the demo's own to its customer: as mails,
+        # which the run command writes to var/mail/ (no SMTP host).
+        AlertChannel.objects.get_or_create(
+            account=None,
+            kind=AlertChannel.Kind.EMAIL,
+            defaults={"name": "operators", "target": "ops@localhost"},
+        )
+        AlertChannel.objects.get_or_create(
+            account=account,
+            kind=AlertChannel.Kind.EMAIL,
+            defaults={"name": "demo", "target": "demo@localhost"},
+        )
         url = settings.PUBLIC_URL
         out("")
         out(f"  admin (staff)     {url}/admin/    user admin  password {admin_password}")
@@ -112,5 +125,16 @@ class Command(BaseCommand):
             out(
                 f"  Prometheus        {url}/metrics   (Authorization: Bearer {settings.METRICS_TOKEN})"
             )
+            out(
+                "  Prometheus config dashboards/prometheus/prometheus.yml (platform + agents via"
+                " http_sd; see its README.md)"
+            )
+        if not settings.EMAIL_HOST:
+            out(f"  alert mails       {settings.EMAIL_FILE_PATH}/")
         out(f"  watch the node    curl -H 'Authorization: Bearer {token}' {url}/api/v1/nodes")
+        # The schedule benchmarks a new node within a minute of it being ready, then hourly.
+        out(
+            f"  its benchmarks    curl -H 'Authorization: Bearer {token}'"
+            f" {url}/api/v1/nodes/{node.id}/benchmarks"
+        )
         out("")
