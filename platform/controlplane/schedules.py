@@ -40,6 +40,7 @@ SCHEDULES = (
     Schedule("evaluate alerts", "monitoring.tasks.evaluate_alerts", 15),
     Schedule("deliver due alert messages", "monitoring.tasks.deliver_due_notifications", 30),
     Schedule("prune benchmark history", "monitoring.tasks.prune_history", 3600),
+    Schedule("retry Stripe events", "billing.tasks.retry_stripe_events", 30),
 )
 
 

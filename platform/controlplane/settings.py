@@ -53,6 +53,12 @@ nothing. For example:
 | `NOTIFY_RETRY_SECONDS`, `NOTIFY_BACKOFF_SECONDS`, `NOTIFY_TIMEOUT_SECONDS` | alert messages: retried this long, first retry after (doubling, at most 2 h), per-attempt timeout | `86400`, `30`, `10` |
 | `WEBHOOK_ALLOW_PRIVATE` | customers' webhooks may point at private or loopback addresses | `DEBUG` |
 | `EMAIL_HOST`, `EMAIL_PORT`, `EMAIL_HOST_USER`, `EMAIL_HOST_PASSWORD`, `EMAIL_USE_TLS`, `DEFAULT_FROM_EMAIL` | SMTP for alert mails; without `EMAIL_HOST` mails are files in `EMAIL_FILE_PATH` | unset, `587`, …, `var/mail` |
+| `STRIPE_SECRET_KEY` (or `_FILE`) | Stripe secret key (`sk_...`): billing talks to Stripe with it; billing is off without it | unset |
+| `STRIPE_PUBLISHABLE_KEY` (or `_FILE`) | Stripe publishable key (`pk_...`), for Stripe.js in the browser | unset |
+| `STRIPE_WEBHOOK_SECRET` (or `_FILE`) | signing secret of the webhook `/billing/stripe/webhook` (`whsec_...`); deliveries are refused (503, stored) without it | unset |
+| `STRIPE_API_BASE` | URL of a local Stripe API server (localstripe) | unset: Stripe itself |
+| `STRIPE_WEBHOOK_TOLERANCE_SECONDS` | a webhook whose signed timestamp is older is refused | `300` |
+| `STRIPE_MAX_NETWORK_RETRIES` | the Stripe client's retries of a failed request | `2` |
 | `LOG_LEVEL` | root log level | `INFO` |
 | `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
 """
@@ -114,6 +120,21 @@ def env_secret(name: str, *, generate_in: Path | None, hint: str) -> str:
     return dev_secret_path(generate_in, name).read_text().strip()
 
 
+def env_optional_secret(name: str) -> str:
+    """A secret from NAME or the file named by NAME_FILE (which must be readable and not
+    empty); "" when neither is set."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
+        if not value:
+            raise RuntimeError(f"{name}_FILE={path} is empty")
+        return value
+    return os.environ.get(name, "").strip()
+
+
 VAR_DIR = Path(os.environ.get("VTPU_VAR_DIR", BASE_DIR / "var"))
 DEBUG = env_bool("DEBUG", False)
 _dev_secrets = VAR_DIR / "secrets" if DEBUG else None
@@ -164,6 +185,7 @@ INSTALLED_APPS = [
     "fleet",
     "api",
     "monitoring",
+    "billing",  # at the repository root (docs/architecture.md, "Billing")
 ]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -316,6 +338,28 @@ EMAIL_BACKEND = (
 )
 EMAIL_FILE_PATH = Path(os.environ.get("EMAIL_FILE_PATH", VAR_DIR / "mail"))
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "vTPU Cloud <alerts@localhost>")
+
+# ---- billing (Stripe; billing.stripe_client) --------------------------------------------------
+STRIPE_SECRET_KEY = env_optional_secret("STRIPE_SECRET_KEY")
+if STRIPE_SECRET_KEY.startswith("pk_"):
+    raise RuntimeError("STRIPE_SECRET_KEY holds a publishable key (pk_...); give the secret key")
+STRIPE_PUBLISHABLE_KEY = env_optional_secret("STRIPE_PUBLISHABLE_KEY")
+STRIPE_WEBHOOK_SECRET = env_optional_secret("STRIPE_WEBHOOK_SECRET")
+STRIPE_API_BASE = os.environ.get("STRIPE_API_BASE", "").strip().rstrip("/")
+_stripe_base = urlsplit(STRIPE_API_BASE)
+if STRIPE_API_BASE and (_stripe_base.scheme not in ("http", "https") or not _stripe_base.netloc):
+    raise RuntimeError(
+        f"STRIPE_API_BASE must be an http:// or https:// URL, not {STRIPE_API_BASE!r}"
+    )
+# Stripe's library treats 0 as "no check": a tolerance must be a positive number of seconds.
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = env_int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300)
+if STRIPE_WEBHOOK_TOLERANCE_SECONDS <= 0:
+    raise RuntimeError(
+        f"STRIPE_WEBHOOK_TOLERANCE_SECONDS must be more than 0, not {STRIPE_WEBHOOK_TOLERANCE_SECONDS}"
+    )
+STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2)
+if STRIPE_MAX_NETWORK_RETRIES < 0:
+    raise RuntimeError("STRIPE_MAX_NETWORK_RETRIES must be 0 or more")
 
 # Redis hands a task nobody acknowledged to another worker after the visibility timeout; with
 # late acks a task is acknowledged when it ends, so a shorter timeout would run a provisioning

@@ -10,6 +10,7 @@ urlpatterns = [
     path("metrics", metrics, name="metrics"),  # Prometheus, with the scrape token
     # Prometheus' http_sd of the node agents, with the same token (not in the OpenAPI schema)
     path("api/v1/prometheus/targets", prometheus_targets_view, name="prometheus-targets"),
+    path("billing/", include("billing.urls")),  # Stripe's webhook (its signature, no session)
     path("", include("api.urls")),
 ]
 

@@ -53,6 +53,7 @@ UNSCOPED = {
     "enroll-wheel",
     "metrics",
     "prometheus-targets",
+    "billing-stripe-webhook",  # Stripe's signature is its credential (tests/billing)
 }
 
 

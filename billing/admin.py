@@ -1,0 +1,75 @@
+"""Staff's view of billing: plans (editable; "mirror to Stripe" pushes them), the accounts'
+Stripe customers (read-only), and every Stripe webhook request as received (read-only, with
+"process again")."""
+
+import stripe
+from django.contrib import admin, messages
+
+from billing.models import BillingCustomer, Plan, StripeEvent
+from billing.services import events_process_again, plan_sync
+from controlplane.errors import ServiceError
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = ["name", "amount_cents", "currency", "interval", "node_kind", "active",
+                    "stripe_plan_id", "synced_at"]  # fmt: skip
+    list_filter = ["active", "node_kind"]
+    search_fields = ["name", "stripe_product_id", "stripe_plan_id"]
+    readonly_fields = ["stripe_product_id", "stripe_plan_id", "synced_at", "created"]
+    actions = ["mirror_to_stripe"]
+
+    @admin.action(description="Mirror to Stripe (a new price makes a new Stripe Plan)")
+    def mirror_to_stripe(self, request, queryset) -> None:
+        for plan in queryset:
+            try:
+                plan = plan_sync(plan=plan)
+            except ServiceError as exc:  # Stripe is not configured
+                self.message_user(request, exc.message, messages.WARNING)
+                return
+            except stripe.StripeError as exc:
+                self.message_user(request, f"{plan}: Stripe refused: {exc}", messages.ERROR)
+                continue
+            self.message_user(request, f"{plan}: Stripe Plan {plan.stripe_plan_id}.")
+
+
+@admin.register(BillingCustomer)
+class BillingCustomerAdmin(admin.ModelAdmin):
+    list_display = ["account", "stripe_customer_id", "linked_at", "unlinked_at"]
+    search_fields = ["account__name", "stripe_customer_id"]
+    readonly_fields = [f.name for f in BillingCustomer._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(StripeEvent)
+class StripeEventAdmin(admin.ModelAdmin):
+    """Every request to the Stripe webhook: refused ones with why, events with what processing
+    did or why it failed (failed ones are retried by a sweep)."""
+
+    list_display = ["received_at", "stripe_id", "type", "state", "attempts", "processed_at",
+                    "last_error"]  # fmt: skip
+    list_filter = ["state", "type"]
+    search_fields = ["=stripe_id", "type", "last_error"]
+    readonly_fields = [f.name for f in StripeEvent._meta.fields]
+    actions = ["process_again"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Process again", permissions=["view"])
+    def process_again(self, request, queryset) -> None:
+        queued = events_process_again(events=queryset)
+        skipped = queryset.count() - queued
+        self.message_user(
+            request,
+            f"{queued} event(s) queued again"
+            + (f"; {skipped} refused request(s) have no event to process." if skipped else "."),
+        )
