@@ -360,6 +360,7 @@ class SlaNodeSerializer(serializers.Serializer):
     name = serializers.CharField()
     uptime_ratio = serializers.FloatField(allow_null=True)
     down_seconds = serializers.IntegerField()
+    sla_target = serializers.FloatField(help_text="The node's target: its plan's, or the default.")
     meets_sla = serializers.BooleanField(allow_null=True)
     credit_percent = serializers.IntegerField(
         allow_null=True, help_text="Recorded once the month has closed below the target."
@@ -376,7 +377,9 @@ class AccountUptimeSerializer(serializers.Serializer):
 
 class SlaReportSerializer(serializers.Serializer):
     month = serializers.CharField()
-    sla_target = serializers.FloatField()
+    sla_target = serializers.FloatField(
+        help_text="The default target (SLA_TARGET); a node on a plan has its plan's (per row)."
+    )
     closed = serializers.BooleanField(help_text="Whether the month has ended and was closed.")
     account = AccountUptimeSerializer()
     results = SlaNodeSerializer(many=True)

@@ -610,7 +610,7 @@ class NodeUptimeView(AccountView, APIView):
         return Response(
             {
                 "month": f"{month:%Y-%m}",
-                "sla_target": settings.SLA_TARGET,
+                "sla_target": monitoring_services.sla_terms(node)[0],
                 "this_month": _uptime(uptime.node_uptime_month(node, month, now=now)),
                 "last_30_days": _uptime(uptime.node_uptime_30_days(node, now=now)),
             }
@@ -665,18 +665,22 @@ class SlaReportView(AccountView, APIView):
         }
         rows = []
         month_total, days_total = [], []
-        for node in selectors.node_list(account=self.account).filter(created__lt=end):
+        for node in (
+            selectors.node_list(account=self.account).filter(created__lt=end).select_related("plan")
+        ):
             value = uptime.node_uptime_month(node, month, now=now)
             month_total.append(value)
             days_total.append(uptime.node_uptime_30_days(node, now=now))
             ratio = value.ratio
+            target = monitoring_services.sla_terms(node)[0]
             rows.append(
                 {
                     "node": node.pk,
                     "name": node.name,
                     "uptime_ratio": ratio,
                     "down_seconds": value.down_seconds,
-                    "meets_sla": None if ratio is None else ratio >= settings.SLA_TARGET,
+                    "sla_target": target,
+                    "meets_sla": None if ratio is None else ratio >= target,
                     "credit_percent": credits.get(node.pk),
                 }
             )

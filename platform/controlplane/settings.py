@@ -41,7 +41,7 @@ nothing. For example:
 | `TELEMETRY_RETENTION_DAYS`, `JOB_EVENT_RETENTION_DAYS` | history kept (transitions: for ever) | `7`, `90` |
 | `METRICS_TOKEN` (or `_FILE`) | bearer token Prometheus scrapes `/metrics` with; `/metrics` is off without it | unset |
 | `AGENT_SCRAPE_TOKEN` (or `_FILE`) | fleet-wide bearer token Prometheus scrapes the agents' `/metrics` with (`/api/v1/prometheus/targets` lists them); agents learn only its SHA-256, through heartbeats, and accept it for `GET /metrics` only | unset: agents' `/metrics` wants each node's access token |
-| `SLA_TARGET` | monthly uptime promised per node (credits: 10 % below it, 25 % below 0.99, 100 % below 0.95) | `0.999` |
+| `SLA_TARGET` | monthly uptime promised per node without a billing plan (a plan sets its own target and credit; credits: 10 % below it, at least 25 % below 0.99, 100 % below 0.95) | `0.999` |
 | `BENCHMARK_INTERVAL_SECONDS` | every node is benchmarked once per interval, at its own offset (`0`: no schedule; a node never benchmarked is due at once) | `3600` |
 | `BENCHMARK_SIZE` | size of scheduled benchmarks and the API's default: `tiny`, `quick` or `full` | `quick` |
 | `BENCHMARK_TIMEOUT_SECONDS` | a benchmark with no result by then fails and its action is no longer sent | `900` |
@@ -297,7 +297,9 @@ SLA_TARGET = float(os.environ.get("SLA_TARGET", "0.999"))  # monthly uptime per 
 if not 0 < SLA_TARGET <= 1:
     raise RuntimeError(f"SLA_TARGET must be a ratio in (0, 1], not {SLA_TARGET}")
 # (below this monthly uptime, this percent of the month's fee is owed back), most severe first.
-SLA_CREDIT_SCHEDULE = ((0.95, 100), (0.99, 25), (SLA_TARGET, 10))
+SLA_CREDIT_PERCENT = 10  # below the target; a node's billing plan may set both its own
+# Deeper breaches, whatever the plan: (below this monthly uptime, at least this percent).
+SLA_CREDIT_SCHEDULE = ((0.95, 100), (0.99, 25))
 # ---- continuous benchmarks (monitoring.benchmarks) -------------------------------------------
 BENCHMARK_INTERVAL_SECONDS = env_int("BENCHMARK_INTERVAL_SECONDS", 3600)  # 0: no schedule
 BENCHMARK_SIZE = os.environ.get("BENCHMARK_SIZE") or "quick"

@@ -110,6 +110,14 @@ class Node(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     account = models.ForeignKey("accounts.Account", on_delete=models.PROTECT, related_name="nodes")
+    plan = models.ForeignKey(
+        "billing.Plan",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="nodes",
+        help_text="What the node is billed by; its SLA comes from it (none: SLA_TARGET).",
+    )
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,

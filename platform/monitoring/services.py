@@ -20,13 +20,28 @@ class MonitoringError(ServiceError):
     status = 400
 
 
-def credit_percent(uptime_ratio: float) -> int:
-    """The share of the monthly fee owed for a month at `uptime_ratio` (SLA_CREDIT_SCHEDULE:
-    (below this ratio, this percent), most severe first)."""
-    for below, percent in settings.SLA_CREDIT_SCHEDULE:
+def sla_terms(node: Node) -> tuple[float, int]:
+    """The node's SLA: (monthly uptime target, percent of the fee credited below it), from its
+    billing plan, else SLA_TARGET and SLA_CREDIT_PERCENT."""
+    if node.plan_id is not None:
+        return node.plan.sla_target, node.plan.sla_credit_percent
+    return settings.SLA_TARGET, settings.SLA_CREDIT_PERCENT
+
+
+def credit_percent(
+    uptime_ratio: float, *, target: float | None = None, percent: int | None = None
+) -> int:
+    """The share of the monthly fee owed for a month at `uptime_ratio`: none at or above the
+    target, `percent` below it, and at least the SLA_CREDIT_SCHEDULE's share of a deeper breach
+    ((below this ratio, this percent), most severe first)."""
+    target = settings.SLA_TARGET if target is None else target
+    percent = settings.SLA_CREDIT_PERCENT if percent is None else percent
+    if uptime_ratio >= target:
+        return 0
+    for below, deeper in settings.SLA_CREDIT_SCHEDULE:
         if uptime_ratio < below:
-            return percent
-    return 0
+            return max(deeper, percent)
+    return percent
 
 
 def sla_month_close(*, month: date, now: datetime) -> int:
@@ -38,14 +53,14 @@ def sla_month_close(*, month: date, now: datetime) -> int:
         raise MonitoringError(f"{month:%Y-%m} has not ended yet.", field="month")
     if SlaMonthClosed.objects.filter(month=month).exists():
         return 0
-    target = settings.SLA_TARGET
     created = 0
     seen = NodeTransition.objects.filter(created__lt=end).values("node_id").distinct()
-    nodes = list(Node.objects.filter(pk__in=seen).select_related("account"))
+    nodes = list(Node.objects.filter(pk__in=seen).select_related("account", "plan"))
     uptimes = nodes_uptime(nodes, start, end)  # three queries for the whole fleet
     for node in nodes:
         uptime = uptimes[node.pk]
         ratio = uptime.ratio
+        target, percent = sla_terms(node)
         if ratio is None or ratio >= target:
             continue
         try:
@@ -57,7 +72,7 @@ def sla_month_close(*, month: date, now: datetime) -> int:
                     uptime_ratio=ratio,
                     sla_target=target,
                     down_seconds=uptime.down_seconds,
-                    credit_percent=credit_percent(ratio),
+                    credit_percent=credit_percent(ratio, target=target, percent=percent),
                 )
         except IntegrityError:
             continue  # another run recorded it first

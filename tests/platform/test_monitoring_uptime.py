@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from fleet.models import NodeTransition
-from monitoring.models import MaintenanceWindow, SlaCredit
+from monitoring.models import MaintenanceWindow, SlaCredit, SlaMonthClosed
 from monitoring.services import MonitoringError, credit_percent, sla_month_close
 from monitoring.uptime import month_bounds, node_flips, node_uptime, node_uptime_30_days
 
@@ -121,6 +121,37 @@ def test_the_credit_schedule(settings):
     assert credit_percent(0.995) == 10
     assert credit_percent(0.98) == 25
     assert credit_percent(0.5) == 100
+    # A plan's own target and credit; a deeper breach still owes at least the schedule's share.
+    assert credit_percent(0.9995, target=0.9999, percent=20) == 20
+    assert credit_percent(0.98, target=0.9999, percent=20) == 25
+    assert credit_percent(0.98, target=0.9999, percent=40) == 40
+    assert credit_percent(0.995, target=0.99, percent=20) == 0
+
+
+def test_a_nodes_plan_sets_its_sla(served_node, alice_api):
+    """November at 99.64 %: below the default 99.9 % (10 %), above a plan's 99 % (no credit);
+    another plan promising 99.99 % with a 20 % credit owes 20 %."""
+    from billing.models import Plan
+
+    lenient = Plan.objects.create(name="own machine", amount_cents=5000, sla_target=0.99)
+    strict = Plan.objects.create(
+        name="premium", amount_cents=40000, sla_target=0.9999, sla_credit_percent=20
+    )
+    served_node.plan = lenient
+    served_node.save(update_fields=["plan"])
+    assert sla_month_close(month=date(2026, 11, 1), now=at("2026-12-01 00:00:01")) == 0
+    report = alice_api.get("/api/v1/sla?month=2026-11").json()
+    assert report["results"][0]["sla_target"] == 0.99
+    assert report["results"][0]["meets_sla"] is True
+    uptime = alice_api.get(f"/api/v1/nodes/{served_node.pk}/uptime?month=2026-11").json()
+    assert uptime["sla_target"] == 0.99
+
+    SlaMonthClosed.objects.all().delete()
+    served_node.plan = strict
+    served_node.save(update_fields=["plan"])
+    assert sla_month_close(month=date(2026, 11, 1), now=at("2026-12-01 00:00:02")) == 1
+    credit = SlaCredit.objects.get()
+    assert (credit.sla_target, credit.credit_percent) == (0.9999, 20)
 
 
 @pytest.mark.django_db(transaction=True)
