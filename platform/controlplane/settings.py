@@ -96,18 +96,27 @@ def env_int(name: str, default: int) -> int:
         raise RuntimeError(f"{name} must be an integer, not {raw!r}") from None
 
 
+def _secret_file(name: str, hint: str = "") -> str | None:
+    """The secret in the file named by NAME_FILE (readable, not empty); None when unset."""
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
+    if not value:
+        must = f"; it must hold {hint}" if hint else ""
+        raise RuntimeError(f"{name}_FILE={path} is empty{must}")
+    return value
+
+
 def env_secret(name: str, *, generate_in: Path | None, hint: str) -> str:
     """A secret from NAME, or the file named by NAME_FILE, or (DEBUG=true only) a file under
     var/ generated once, so restarts keep sessions and encrypted fields."""
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as exc:
-            raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
-        if not value:
-            raise RuntimeError(f"{name}_FILE={path} is empty; it must hold {hint}")
-        return value
+    from_file = _secret_file(name, hint)
+    if from_file is not None:
+        return from_file
     value = os.environ.get(name, "").strip()
     if value:
         return value
@@ -121,18 +130,9 @@ def env_secret(name: str, *, generate_in: Path | None, hint: str) -> str:
 
 
 def env_optional_secret(name: str) -> str:
-    """A secret from NAME or the file named by NAME_FILE (which must be readable and not
-    empty); "" when neither is set."""
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as exc:
-            raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
-        if not value:
-            raise RuntimeError(f"{name}_FILE={path} is empty")
-        return value
-    return os.environ.get(name, "").strip()
+    """A secret from NAME or the file named by NAME_FILE; "" when neither is set."""
+    from_file = _secret_file(name)
+    return from_file if from_file is not None else os.environ.get(name, "").strip()
 
 
 VAR_DIR = Path(os.environ.get("VTPU_VAR_DIR", BASE_DIR / "var"))
@@ -279,19 +279,9 @@ ENROLLED_DELETE_GRACE_SECONDS = env_int("ENROLLED_DELETE_GRACE_SECONDS", 86400)
 TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7)
 JOB_EVENT_RETENTION_DAYS = env_int("JOB_EVENT_RETENTION_DAYS", 90)
 # The bearer token Prometheus scrapes /metrics with; /metrics is off without one.
-_metrics_file = os.environ.get("METRICS_TOKEN_FILE")
-METRICS_TOKEN = (
-    Path(_metrics_file).read_text().strip()
-    if _metrics_file
-    else os.environ.get("METRICS_TOKEN", "")
-)
+METRICS_TOKEN = env_optional_secret("METRICS_TOKEN")
 # The fleet-wide token Prometheus scrapes the agents' /metrics with (agents get its SHA-256).
-_agent_scrape_file = os.environ.get("AGENT_SCRAPE_TOKEN_FILE")
-AGENT_SCRAPE_TOKEN = (
-    Path(_agent_scrape_file).read_text().strip()
-    if _agent_scrape_file
-    else os.environ.get("AGENT_SCRAPE_TOKEN", "")
-)
+AGENT_SCRAPE_TOKEN = env_optional_secret("AGENT_SCRAPE_TOKEN")
 # ---- uptime and SLA (monitoring) -----------------------------------------------------------
 SLA_TARGET = float(os.environ.get("SLA_TARGET", "0.999"))  # monthly uptime per node
 if not 0 < SLA_TARGET <= 1:

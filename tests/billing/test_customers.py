@@ -1,14 +1,13 @@
 """One Stripe customer per account (billing.services.customer_ensure), against a real local
 Stripe server."""
 
-import threading
-
 import pytest
 from django.db import connection
 
 from billing.models import BillingCustomer
 from billing.services import customer_ensure, customer_link_from_stripe
 from billing.stripe_client import StripeNotConfigured
+from tests.concurrency import at_once
 from tests.platform.conftest import account
 
 
@@ -52,23 +51,7 @@ def test_two_concurrent_calls_make_one_customer(customer, stripe_api):
     if connection.vendor == "sqlite":
         pytest.skip("SQLite serialises writers: concurrency is exercised on PostgreSQL (CI)")
     acct = account(customer)
-    start = threading.Barrier(3)
-    results, errors = [], []
-
-    def ensure():
-        try:
-            start.wait(10)
-            results.append(customer_ensure(account=acct).stripe_customer_id)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=ensure) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results, errors = at_once(lambda: customer_ensure(account=acct).stripe_customer_id, 3)
     assert not errors
     assert len(set(results)) == 1 and len(results) == 3
     assert [c.id for c in stripe_customers(stripe_api, customer)] == results[:1]

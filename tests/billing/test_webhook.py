@@ -2,7 +2,6 @@
 verified, each event processed exactly once (twice delivered, concurrently delivered, or failed
 and retried), against a real local Stripe server whose objects the handlers re-read."""
 
-import threading
 import time
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ from billing.models import BillingCustomer, StripeEvent
 from billing.services import PROCESS_EVENT_TASK, events_retry_due, retry_delay
 from billing.views import MAX_BODY_BYTES
 from tests.billing.conftest import WEBHOOK_SECRET, customer_event, free_port, signed
+from tests.concurrency import at_once
 from tests.platform.conftest import account
 
 URL = "/billing/stripe/webhook"
@@ -185,28 +185,15 @@ def test_two_concurrent_deliveries_are_processed_once(
         pytest.skip("SQLite serialises writers: concurrency is exercised on PostgreSQL (CI)")
     event = customer_event(stripe_customer_for(stripe_api, customer))
     body, header = signed(event)
-    start = threading.Barrier(4)
-    replies, errors = [], []
-
-    def deliver():
-        try:
-            start.wait(10)
-            replies.append(
-                requests.post(
-                    live_server.url + URL,
-                    data=body,
-                    headers={"Stripe-Signature": header, "Content-Type": "application/json"},
-                    timeout=30,
-                )
-            )
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=deliver) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    replies, errors = at_once(
+        lambda: requests.post(
+            live_server.url + URL,
+            data=body,
+            headers={"Stripe-Signature": header, "Content-Type": "application/json"},
+            timeout=30,
+        ),
+        4,
+    )
     assert not errors
     assert [r.status_code for r in replies] == [200] * 4
     assert StripeEvent.objects.count() == 1

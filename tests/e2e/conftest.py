@@ -143,6 +143,17 @@ def local_host(stack) -> int:
     return create_host(stack, "this-machine", "--local", "--ports", "19100-19199")
 
 
+def wait_for(check, timeout: float, what: str, interval: float = 1.0):
+    """What `check()` returns once it is truthy; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(interval)
+    raise AssertionError(f"no {what} within {timeout:g} s")
+
+
 def agent_get(url: str, path: str, token: str | None) -> tuple[int, dict]:
     request = urllib.request.Request(url + path)
     if token:

@@ -5,23 +5,12 @@ back through the API, the 7-day statistics and /metrics."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import _customer
-
-
-def _wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"no {what} within {timeout:g} s")
+from tests.e2e.conftest import _customer, wait_for
 
 
 def test_benchmarks_reach_a_real_agent_and_their_results_come_back(stack, local_host):
@@ -47,14 +36,14 @@ def test_benchmarks_reach_a_real_agent_and_their_results_come_back(stack, local_
         assert status == 201, run
         return run
 
-    run = _wait(asked, 120, "accepted benchmark request")
+    run = wait_for(asked, 120, "accepted benchmark request")
     assert run["state"] == "pending" and run["size"] == "tiny" and run["trigger"] == "customer"
 
     def finished():
         mine = next(r for r in runs() if r["id"] == run["id"])
         return mine if mine["state"] != "pending" else None
 
-    done = _wait(finished, 120, "result of the requested benchmark")
+    done = wait_for(finished, 120, "result of the requested benchmark")
     assert done["state"] == "done", done
     assert [r["workload"] for r in done["results"]] == ["gemm_256", "gather"]
     for result in done["results"]:
@@ -68,7 +57,7 @@ def test_benchmarks_reach_a_real_agent_and_their_results_come_back(stack, local_
     assert gather["ops_per_second"] is None and gather["sources"]["ops_per_second"]
 
     # Celery beat's schedule benchmarked the new node at once, with the whole suite.
-    scheduled = _wait(
+    scheduled = wait_for(
         lambda: [r for r in runs() if r["trigger"] == "schedule" and r["state"] == "done"],
         120,
         "scheduled benchmark",

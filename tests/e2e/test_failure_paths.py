@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.e2e.conftest import Api
+from tests.e2e.conftest import Api, wait_for
 
 
 def _job(api: Api, node_id: str) -> dict:
@@ -183,23 +183,24 @@ def _seconds_between(start: str, end: str) -> float:
 def _wait_webhook(receiver, node_id: str, event: str, timeout: float = 90) -> tuple[dict, bytes]:
     import json
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def received():
         for headers, body in list(receiver.requests):
             message = json.loads(body)
             if message["event"] == event and message["node"]["id"] == node_id:
                 return headers, body
-        time.sleep(0.5)
-    raise AssertionError(f"no {event!r} webhook for {node_id} in {timeout} s")
+        return None
+
+    return wait_for(received, timeout, f"{event!r} webhook for {node_id}", interval=0.5)
 
 
 def _wait_mail(stack, *words: str, timeout: float = 90) -> str:
     """A mail the run command's file backend wrote under var/mail/ that holds every word."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def written():
         for path in sorted((stack.var_dir / "mail").glob("*.log")):
             text = path.read_text(errors="replace")
             if all(w in text for w in words):
                 return text
-        time.sleep(0.5)
-    raise AssertionError(f"no mail with {words} under {stack.var_dir / 'mail'}")
+        return None
+
+    return wait_for(written, timeout, f"mail with {words} under {stack.var_dir / 'mail'}", 0.5)

@@ -2,7 +2,6 @@
 suspension; SLA credits recorded exactly once per node and month (controlled time: transitions
 are written at chosen instants)."""
 
-import threading
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -12,6 +11,7 @@ from fleet.models import NodeTransition
 from monitoring.models import MaintenanceWindow, SlaCredit, SlaMonthClosed
 from monitoring.services import MonitoringError, credit_percent, sla_month_close
 from monitoring.uptime import month_bounds, node_flips, node_uptime, node_uptime_30_days
+from tests.concurrency import at_once
 
 pytestmark = pytest.mark.django_db
 
@@ -158,21 +158,9 @@ def test_a_nodes_plan_sets_its_sla(served_node, alice_api):
 def test_concurrent_month_closes_record_one_credit(served_node):
     if connection.vendor == "sqlite":
         pytest.skip("SQLite serialises writers: concurrency is exercised on PostgreSQL (CI)")
-    results, errors = [], []
-
-    def close():
-        try:
-            results.append(sla_month_close(month=date(2026, 11, 1), now=at("2026-12-01 01:00:00")))
-        except Exception as exc:  # reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=close) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = at_once(
+        lambda: sla_month_close(month=date(2026, 11, 1), now=at("2026-12-01 01:00:00")), 3
+    )
     assert not errors
     assert sum(results) == 1 and SlaCredit.objects.count() == 1
 
