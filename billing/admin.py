@@ -1,11 +1,12 @@
 """Staff's view of billing: plans (editable; "mirror to Stripe" pushes them), the accounts'
-Stripe customers (read-only), and every Stripe webhook request as received (read-only, with
-"process again")."""
+Stripe customers (read-only), every Stripe webhook request as received (read-only, with
+"process again"), and the economics' assumptions (a change is a new row)."""
 
 import stripe
 from django.contrib import admin, messages
 
-from billing.models import BillingCustomer, Plan, StripeEvent
+from billing.economics import ASSUMPTION_FIELDS, assumptions_current, assumptions_values
+from billing.models import BillingCustomer, EconomicAssumptions, Plan, StripeEvent
 from billing.services import events_process_again, plan_sync
 from controlplane.errors import ServiceError
 
@@ -73,3 +74,23 @@ class StripeEventAdmin(admin.ModelAdmin):
             f"{queued} event(s) queued again"
             + (f"; {skipped} refused request(s) have no event to process." if skipped else "."),
         )
+
+
+@admin.register(EconomicAssumptions)
+class EconomicAssumptionsAdmin(admin.ModelAdmin):
+    """The economics' assumptions as history: the newest row is used; a change is a new row
+    (prefilled with the current values) that records who made it, so old rows stay as they were.
+    The staff API (PUT /api/v1/economics/assumptions) does the same."""
+
+    list_display = ["updated", "updated_by", *ASSUMPTION_FIELDS]
+    readonly_fields = ["updated", "updated_by"]
+
+    def get_changeform_initial_data(self, request) -> dict:
+        return assumptions_values(assumptions_current())
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change) -> None:
+        obj.updated_by = request.user
+        super().save_model(request, obj, form, change)

@@ -20,6 +20,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from accounts.models import Account, Membership
+from billing.errors import BadInput, BillingError, NotFound, StripeUnavailable
 from billing.events import NO_HANDLER, handler_for
 from billing.models import BillingCustomer, Plan, StripeEvent
 from billing.stripe_client import is_missing, stripe_client
@@ -185,6 +186,83 @@ def customer_link_from_stripe(*, stripe_customer_id: str) -> str:
     customer.linked_at = timezone.now()
     customer.save(update_fields=["stripe_customer_id", "linked_at"])
     return f"{stripe_customer_id} linked to account {account.pk}"
+
+
+# ---- the card ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetupIntent:
+    id: str
+    client_secret: str
+
+
+def setup_intent_create(*, account: Account) -> SetupIntent:
+    """A SetupIntent for the account's Stripe customer: the browser confirms the card with it
+    (Stripe.js), so the card number goes from the browser to Stripe and never through us."""
+    customer = customer_ensure(account=account)
+    intent = stripe_client().v1.setup_intents.create(
+        params={
+            "customer": customer.stripe_customer_id,
+            "payment_method_types": ["card"],
+            "usage": "off_session",
+            "metadata": {"vtpu_account_id": str(account.pk)},
+        }
+    )
+    return SetupIntent(id=intent.id, client_secret=intent.client_secret)
+
+
+def _card_fields(payment_method) -> dict:
+    card = payment_method["card"]
+    return {
+        "payment_method_id": payment_method.id,
+        "card_brand": str(card["brand"] or "")[:30],
+        "card_last4": str(card["last4"] or "")[:4],
+        "card_exp": f"{int(card['exp_month']):02d}/{int(card['exp_year'])}",
+    }
+
+
+def payment_method_save(*, account: Account, setup_intent_id: str) -> BillingCustomer:
+    """Make the card of a confirmed SetupIntent the account's default, read back from Stripe
+    (never from the browser's word): it must have succeeded and belong to this account's
+    customer. Money the account owes is then collected with it at once."""
+    if not isinstance(setup_intent_id, str) or not setup_intent_id.startswith("seti_"):
+        raise BadInput("Give the id of a confirmed SetupIntent (seti_...).", field="setup_intent")
+    customer = customer_ensure(account=account)
+    client = stripe_client()
+    try:
+        intent = client.v1.setup_intents.retrieve(setup_intent_id).to_dict()
+    except stripe.StripeError as exc:
+        if is_missing(exc):
+            raise NotFound("No such SetupIntent in your account.", field="setup_intent") from None
+        raise StripeUnavailable(f"Stripe did not answer: {exc.user_message or exc}") from exc
+    if intent.get("customer") != customer.stripe_customer_id:
+        raise NotFound("No such SetupIntent in your account.", field="setup_intent")
+    if intent.get("status") != "succeeded" or not intent.get("payment_method"):
+        error = (intent.get("last_setup_error") or {}).get("message")
+        reason = error or f"it is {intent.get('status')}, not succeeded"
+        raise BillingError(f"The card was not saved: {reason}.", field="setup_intent")
+    method_id = intent["payment_method"]
+    if not isinstance(method_id, str):
+        method_id = method_id["id"]
+    method = client.v1.payment_methods.retrieve(method_id)
+    if not method["customer"]:
+        # The local Stripe server does not attach a confirmed SetupIntent's card (Stripe does).
+        method = client.v1.payment_methods.attach(
+            method_id, params={"customer": customer.stripe_customer_id}
+        )
+    client.v1.customers.update(
+        customer.stripe_customer_id,
+        params={"invoice_settings": {"default_payment_method": method_id}},
+    )
+    fields = _card_fields(method)
+    BillingCustomer.objects.filter(pk=customer.pk).update(**fields)
+    customer.refresh_from_db()
+    log.info("account %s: card %s saved", account.pk, fields["card_last4"])
+    from billing import subscriptions  # the card pays what is owed (a cycle: it imports us)
+
+    subscriptions.invoices_pay_open(account=account)
+    return customer
 
 
 # ---- webhook events ------------------------------------------------------------------------

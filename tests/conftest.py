@@ -1,9 +1,12 @@
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
 # platform/ is a source root (see manage.py); its apps import as top-level modules.
@@ -51,3 +54,84 @@ def ssh_host(tmp_path_factory):
         yield host
     finally:
         netns.stop(host.namespace, host.sshd)
+
+
+# ---- a real local Stripe API server -------------------------------------------------------------
+
+STRIPE_SECRET_KEY = "sk_test_vtpu"
+STRIPE_PUBLISHABLE_KEY = "pk_test_vtpu"
+STRIPE_WEBHOOK_SECRET = "whsec_vtpu_tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory):
+    """The base URL of a localstripe server of this session (../shared/STRIPE.md), started with
+    --from-scratch (it never reads the state file another run may be writing) and always
+    stopped."""
+    executable = Path(sys.executable).with_name("localstripe")
+    if not executable.exists():
+        pytest.fail(f"{executable} is missing: install the dev extra (localstripe)")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(executable), "--port", str(port), "--from-scratch"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{base}/v1/customers", auth=(STRIPE_SECRET_KEY, ""), timeout=2)
+                break
+            except requests.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"localstripe did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+
+
+def use_stripe(settings, base: str) -> None:
+    """Point billing at the local Stripe server (Django's `settings` fixture)."""
+    settings.STRIPE_SECRET_KEY = STRIPE_SECRET_KEY
+    settings.STRIPE_PUBLISHABLE_KEY = STRIPE_PUBLISHABLE_KEY
+    settings.STRIPE_WEBHOOK_SECRET = STRIPE_WEBHOOK_SECRET
+    settings.STRIPE_API_BASE = base
+    settings.STRIPE_JS_URL = f"{base}/js.stripe.com/v3/"
+    settings.STRIPE_MAX_NETWORK_RETRIES = 0  # a 500 is an answer here, not a reason to resend
+
+
+def give_card(account, number: str = "4242424242424242"):
+    """Save a test card as `account`'s default the way the card form does, minus the browser: a
+    SetupIntent confirmed with the card (server-side here, Stripe.js there), then saved through
+    billing.services.payment_method_save. Returns the BillingCustomer; a declined card raises
+    stripe.CardError."""
+    from billing import services
+    from billing.stripe_client import stripe_client
+
+    client = stripe_client()
+    intent = services.setup_intent_create(account=account)
+    method = client.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {"number": number, "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        }
+    )
+    client.v1.setup_intents.confirm(intent.id, params={"payment_method": method.id})
+    return services.payment_method_save(account=account, setup_intent_id=intent.id)

@@ -1,8 +1,21 @@
 """Input parsing and output shapes of the API. Business rules stay in the services."""
 
+from decimal import Decimal
+
+from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
 from accounts.models import ApiToken
+from billing import economics
+from billing.models import (
+    BillingCustomer,
+    EconomicAssumptions,
+    Invoice,
+    NodeCharge,
+    Plan,
+    ReconciliationIssue,
+    Subscription,
+)
 from fleet.models import (
     Enrollment,
     JobEvent,
@@ -61,10 +74,24 @@ class FieldErrorsSerializer(serializers.Serializer):
     detail = serializers.CharField(required=False)
 
 
+class NodePaymentSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(
+        choices=NodeCharge.State.choices,
+        help_text="A node on a paid plan is provisioned once its invoice is paid.",
+    )
+    message = serializers.CharField(help_text="Why it waits, or why the payment failed.")
+    invoice = serializers.IntegerField(allow_null=True, help_text="GET /api/v1/billing/invoices")
+    paid_at = serializers.DateTimeField(allow_null=True)
+
+
 class NodeSerializer(serializers.ModelSerializer):
     self_reported = serializers.SerializerMethodField(
         help_text="True for an enrolled node: its figures are its own machine's word."
     )
+    plan = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, help_text="The billing plan (GET /api/v1/billing/plans)."
+    )
+    payment = serializers.SerializerMethodField(help_text="Null when the node has no plan.")
 
     class Meta:
         model = Node
@@ -82,11 +109,33 @@ class NodeSerializer(serializers.ModelSerializer):
             "delete_requested_at",
             "created",
             "updated",
+            "plan",
+            "payment",
         ]
         read_only_fields = fields
 
     def get_self_reported(self, node: Node) -> bool:
         return node.kind == Node.Kind.ENROLLED
+
+    @extend_schema_field(NodePaymentSerializer(allow_null=True))
+    def get_payment(self, node: Node) -> dict | None:
+        try:
+            charge = node.charge  # select_related by the views that list nodes
+        except NodeCharge.DoesNotExist:
+            return None
+        invoice = None
+        if charge.stripe_invoice_id:
+            invoice = (
+                Invoice.objects.filter(stripe_invoice_id=charge.stripe_invoice_id)
+                .values_list("pk", flat=True)
+                .first()
+            )
+        return {
+            "state": charge.state,
+            "message": charge.message,
+            "invoice": invoice,
+            "paid_at": charge.paid_at,
+        }
 
 
 class NodeCreateSerializer(serializers.Serializer):
@@ -99,6 +148,31 @@ class NodeCreateSerializer(serializers.Serializer):
     host = serializers.IntegerField(
         min_value=1, max_value=2**63 - 1, required=False, help_text="Staff only: the host to use."
     )
+    plan = serializers.IntegerField(
+        min_value=1,
+        max_value=2**63 - 1,
+        required=False,
+        help_text="The plan to bill it by (default: the cheapest active one).",
+    )
+
+
+class NodeDeclinedSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    node = NodeSerializer(required=False, help_text="The node, held unprovisioned (a decline).")
+
+
+class NodeOrderedSerializer(NodeSerializer):
+    client_secret = serializers.SerializerMethodField(
+        help_text="When the bank asks for 3-D Secure (payment.state requires_action): confirm"
+        " with Stripe.js `confirmCardPayment(client_secret)`; the node is provisioned then."
+    )
+
+    class Meta(NodeSerializer.Meta):
+        fields = [*NodeSerializer.Meta.fields, "client_secret"]
+        read_only_fields = fields
+
+    def get_client_secret(self, node: Node) -> str | None:
+        return self.context.get("client_secret") or None
 
 
 class NodeCredentialsSerializer(serializers.Serializer):
@@ -591,3 +665,249 @@ class NodeBenchmarkStatsSerializer(serializers.Serializer):
     since = serializers.DateTimeField()
     until = serializers.DateTimeField()
     workloads = WorkloadStatsSerializer(many=True)
+
+
+# ---- billing ----------------------------------------------------------------------------------
+
+
+class PlanSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Plan
+        fields = [
+            "id",
+            "name",
+            "amount_cents",
+            "currency",
+            "interval",
+            "node_kind",
+            "sla_target",
+            "sla_credit_percent",
+        ]
+        read_only_fields = fields
+
+
+class CardSerializer(serializers.Serializer):
+    brand = serializers.CharField()
+    last4 = serializers.CharField()
+    exp = serializers.CharField(help_text="MM/YYYY")
+
+
+class SubscriptionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Subscription
+        fields = [
+            "id",
+            "plan",
+            "status",
+            "quantity",
+            "current_period_start",
+            "current_period_end",
+            "cancel_at_period_end",
+            "ended_at",
+        ]
+        read_only_fields = fields
+
+
+class BillingSerializer(serializers.Serializer):
+    enabled = serializers.BooleanField(help_text="False: billing is off here (no Stripe key).")
+    publishable_key = serializers.CharField()
+    stripe_js_url = serializers.CharField()
+    card = CardSerializer(allow_null=True)
+    standing = serializers.ChoiceField(choices=BillingCustomer.Standing.choices)
+    past_due_since = serializers.DateTimeField(allow_null=True)
+    suspend_at = serializers.DateTimeField(allow_null=True)
+    deprovision_at = serializers.DateTimeField(allow_null=True)
+    cancel_requested_at = serializers.DateTimeField(allow_null=True)
+    subscriptions = SubscriptionSerializer(many=True)
+
+
+class SetupIntentSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    client_secret = serializers.CharField(
+        help_text="For Stripe.js `confirmCardSetup`; the card number goes to Stripe, not to us."
+    )
+    publishable_key = serializers.CharField()
+    stripe_js_url = serializers.CharField()
+
+
+class PaymentMethodSaveSerializer(serializers.Serializer):
+    setup_intent = StrictRegexField(
+        r"^seti_[A-Za-z0-9_]+$", max_length=255, help_text="The confirmed SetupIntent's id."
+    )
+
+
+class SavedCardSerializer(serializers.Serializer):
+    card = CardSerializer()
+
+
+class InvoiceSerializer(serializers.ModelSerializer):
+    payment = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Invoice
+        fields = [
+            "id",
+            "stripe_invoice_id",
+            "status",
+            "currency",
+            "total_cents",
+            "amount_due_cents",
+            "amount_paid_cents",
+            "period_start",
+            "period_end",
+            "stripe_created",
+            "paid_at",
+            "hosted_invoice_url",
+            "payment",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(
+        inline_serializer(
+            "InvoicePayment",
+            {
+                "id": serializers.CharField(),
+                "status": serializers.CharField(),
+                "error": serializers.CharField(),
+            },
+            allow_null=True,
+        )
+    )
+    def get_payment(self, invoice: Invoice) -> dict | None:
+        if not invoice.payment_intent_id:
+            return None
+        return {
+            "id": invoice.payment_intent_id,
+            "status": invoice.payment_status,
+            "error": invoice.payment_error,
+        }
+
+
+class ReconciliationIssueSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ReconciliationIssue
+        fields = ["id", "kind", "key", "account", "detail", "first_seen", "last_seen"]
+        read_only_fields = fields
+
+
+# ---- economics (staff only) -----------------------------------------------------------------
+
+
+class EconomicAssumptionsSerializer(serializers.ModelSerializer):
+    """The staff's assumptions; a PUT may give any of them (the rest are kept) and records a
+    new row with who made it."""
+
+    updated = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="Null: the defaults (none saved yet)."
+    )
+    updated_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
+    source = serializers.SerializerMethodField(help_text="Whose assumptions these are.")
+
+    class Meta:
+        model = EconomicAssumptions
+        fields = [
+            "electricity_usd_per_kwh",
+            "host_hardware_cost_usd",
+            "amortisation_months",
+            "modelled_watts_per_node",
+            "cloud_tpu_usd_per_hour",
+            "cloud_tpu_ops_per_second",
+            "burn_usd_per_month",
+            "updated",
+            "updated_by",
+            "source",
+        ]
+        extra_kwargs = {
+            "electricity_usd_per_kwh": {"min_value": Decimal(0)},
+            "host_hardware_cost_usd": {"min_value": Decimal("0.01")},
+            "amortisation_months": {"min_value": 1, "max_value": 600},
+            "modelled_watts_per_node": {"min_value": Decimal("0.01")},
+            "cloud_tpu_usd_per_hour": {"min_value": Decimal("0.0001")},
+            "cloud_tpu_ops_per_second": {"min_value": 1.0, "max_value": 1e21},
+            "burn_usd_per_month": {"min_value": Decimal("0.01")},
+        }
+
+    def get_source(self, row: EconomicAssumptions) -> str:
+        return economics.assumptions_source(row)
+
+    def validate(self, attrs: dict) -> dict:
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            known = ", ".join(ASSUMPTIONS)
+            raise serializers.ValidationError(
+                {name: [f"No such assumption; they are: {known}."] for name in unknown}
+            )
+        return attrs
+
+
+ASSUMPTIONS = EconomicAssumptionsSerializer.Meta.fields[:7]
+
+
+class EconomicFigureSerializer(serializers.Serializer):
+    value = serializers.JSONField(
+        allow_null=True, help_text="Null when it cannot be computed; decimals as exact strings."
+    )
+    unit = serializers.CharField()
+    reason = serializers.CharField(allow_null=True, help_text="Why the value is null.")
+    inputs = serializers.DictField(help_text="The numbers it was computed from.")
+    assumptions = serializers.DictField(help_text="The staff's assumptions it used.")
+    sources = serializers.DictField(
+        child=serializers.CharField(), help_text="Where each input came from."
+    )
+
+
+class EconomicsWindowSerializer(serializers.Serializer):
+    days = serializers.IntegerField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+
+
+class NodeCostSerializer(serializers.Serializer):
+    node = serializers.UUIDField()
+    name = serializers.CharField()
+    account = serializers.CharField()
+    kind = serializers.CharField()
+    host = serializers.CharField(allow_null=True)
+    state = serializers.CharField()
+    cost_per_trillion_ops = EconomicFigureSerializer()
+
+
+class CostPerTrillionOpsSerializer(serializers.Serializer):
+    fleet = EconomicFigureSerializer()
+    nodes = NodeCostSerializer(many=True)
+
+
+class HostBreakEvenSerializer(serializers.Serializer):
+    host = serializers.CharField()
+    host_id = serializers.IntegerField()
+    hours_to_repay_from_revenue = EconomicFigureSerializer()
+    hours_to_repay_vs_cloud_tpu = EconomicFigureSerializer()
+
+
+class MrrMonthSerializer(serializers.Serializer):
+    month = serializers.CharField(help_text="YYYY-MM")
+    at = serializers.DateTimeField(help_text="The moment MRR was taken: month end, or now.")
+    mrr_usd = serializers.DecimalField(max_digits=14, decimal_places=2)
+    paying_accounts = serializers.IntegerField()
+    paid_usd = serializers.DecimalField(
+        max_digits=14, decimal_places=2, help_text="Paid invoices of periods starting that month."
+    )
+
+
+class EconomicsReportSerializer(serializers.Serializer):
+    generated_at = serializers.DateTimeField()
+    window = EconomicsWindowSerializer()
+    assumptions = serializers.DictField(help_text="The assumptions used, with their source.")
+    cost_per_trillion_ops = CostPerTrillionOpsSerializer()
+    break_even = HostBreakEvenSerializer(many=True)
+    roi_3_years = serializers.DictField(
+        child=EconomicFigureSerializer(), help_text="ranch, own_node, managed."
+    )
+    revenue = serializers.DictField(
+        child=EconomicFigureSerializer(),
+        help_text="mrr, paying_accounts, churn_monthly, revenue_per_node,"
+        " revenue_collected_30_days, burn_coverage.",
+    )
+    mrr_history = MrrMonthSerializer(many=True)

@@ -9,10 +9,12 @@ operation can answer is in its OpenAPI description (`errors(...)`).
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import date, timedelta
 
+import stripe
 from django.conf import settings
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
@@ -27,7 +29,7 @@ from rest_framework import generics, status
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.parsers import JSONParser
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import AllowAny, IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -37,6 +39,9 @@ from accounts import services as account_services
 from accounts.models import Account, ApiToken
 from api import serializers as s
 from api.pagination import int_query_param
+from billing import economics, subscriptions
+from billing import services as billing_services
+from billing.models import BillingCustomer, Invoice, NodeCharge, Plan, ReconciliationIssue
 from controlplane.errors import ServiceError
 from fleet import selectors
 from fleet.models import Host, Node, NodeAction, ProvisioningJob
@@ -46,16 +51,19 @@ from monitoring import benchmarks, uptime
 from monitoring import services as monitoring_services
 from monitoring.models import Alert, AlertChannel, SlaCredit, SlaMonthClosed
 
+log = logging.getLogger(__name__)
 ERROR_TEXT = {
     400: "Bad input: the reason is under the field's name (and in `detail`).",
     401: "No valid credentials.",
     403: "Not allowed (e.g. over the account's node quota, or a staff-only choice).",
     404: "No such thing in your account.",
     409: "Not possible in the current state; the sentence says why.",
+    402: "Payment needed: no card, a declined card, or money owed; the sentence says what to do.",
     410: "Gone: used, expired, or deprovisioned.",
     413: "The request is too large.",
     429: "Too many requests; retry after `Retry-After` seconds.",
-    503: "No capacity right now; retry later.",
+    502: "Stripe did not answer; nothing was charged. Retry in a minute.",
+    503: "No capacity right now (or billing is off here); retry later.",
 }
 
 
@@ -86,6 +94,12 @@ class AccountView:
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, ServiceError):
             return service_error_response(exc)
+        if isinstance(exc, stripe.StripeError):  # a Stripe failure nothing above turned into words
+            log.warning("Stripe failed: %s", exc)
+            return Response(
+                {"detail": f"Stripe did not answer: {exc.user_message or exc}. Retry in a minute."},
+                status=status.HTTP_502_BAD_GATEWAY,
+            )
         return super().handle_exception(exc)  # type: ignore[misc]
 
     @property
@@ -142,7 +156,7 @@ class NodeListView(AccountView, generics.ListCreateAPIView):
     serializer_class = s.NodeSerializer
 
     def get_queryset(self):
-        return selectors.node_list(account=self.account)
+        return selectors.node_list(account=self.account).select_related("charge")
 
     @extend_schema(responses={200: s.NodeSerializer(many=True), **errors(400, 403)})
     def get(self, request: Request, *args, **kwargs) -> Response:
@@ -150,18 +164,35 @@ class NodeListView(AccountView, generics.ListCreateAPIView):
 
     @extend_schema(
         request=s.NodeCreateSerializer,
-        responses={201: s.NodeSerializer, **errors(400, 403, 404, 409, 503)},
+        responses={
+            201: s.NodeOrderedSerializer,
+            402: OpenApiResponse(
+                s.NodeDeclinedSerializer,
+                description="No card, money owed, or the card was declined: nothing is"
+                " provisioned; `detail` says what to do.",
+            ),
+            **errors(400, 403, 404, 409, 502, 503),
+        },
     )
     def post(self, request: Request, *args, **kwargs) -> Response:
         data = s.NodeCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        requested = nodes.node_request(
+        order = subscriptions.node_order(
             account=self.account,
             user=request.user,
             name=data.validated_data["name"],
             host=self._host(data.validated_data.get("host")),
+            plan_id=data.validated_data.get("plan"),
         )
-        return Response(s.NodeSerializer(requested.node).data, status=status.HTTP_201_CREATED)
+        body = s.NodeOrderedSerializer(
+            order.node, context={"client_secret": order.client_secret}
+        ).data
+        if order.charge is not None and order.charge.state == NodeCharge.State.DECLINED:
+            return Response(
+                {"detail": order.charge.message, "node": body},
+                status=status.HTTP_402_PAYMENT_REQUIRED,
+            )
+        return Response(body, status=status.HTTP_201_CREATED)
 
     def _host(self, host_id: int | None) -> Host | None:
         if host_id is None:
@@ -398,6 +429,10 @@ class EnrollmentListView(AccountView, generics.ListCreateAPIView):
 
     @extend_schema(request=None, responses={201: s.EnrollmentCreatedSerializer, **errors(403)})
     def post(self, request: Request, *args, **kwargs) -> Response:
+        subscriptions.order_check(
+            account=self.account,
+            plan=subscriptions.plan_for_order(plan_id=None, node_kind=Plan.NodeKind.ENROLLED),
+        )
         created = enrollment.enrollment_create(account=self.account, user=request.user)
         url = f"{settings.PUBLIC_URL}/enroll/{created.secret}/install.sh"
         return Response(
@@ -457,6 +492,7 @@ class EnrollView(AgentView):
             agent_url=data.validated_data.get("agent_url"),
             port=data.validated_data.get("port"),
         )
+        subscriptions.enrolled_node_bill(node=enrolled.node)
         return Response(
             {
                 "node_id": str(enrolled.node.pk),
@@ -904,3 +940,197 @@ class NodeBenchmarkStatsView(BenchmarkNodeView, APIView):
                 "workloads": benchmarks.node_benchmark_stats(node, now=now, days=days),
             }
         )
+
+
+# ---- billing --------------------------------------------------------------------------------
+
+
+def _card(customer: BillingCustomer | None) -> dict | None:
+    if customer is None or not customer.payment_method_id:
+        return None
+    return {"brand": customer.card_brand, "last4": customer.card_last4, "exp": customer.card_exp}
+
+
+def _billing(account: Account) -> dict:
+    customer = BillingCustomer.objects.filter(account=account).first()
+    since = customer.past_due_since if customer else None
+    return {
+        "enabled": subscriptions.billing_enabled(),
+        "publishable_key": settings.STRIPE_PUBLISHABLE_KEY,
+        "stripe_js_url": settings.STRIPE_JS_URL,
+        "card": _card(customer),
+        "standing": customer.standing if customer else BillingCustomer.Standing.GOOD,
+        "past_due_since": since,
+        "suspend_at": since + timedelta(days=settings.BILLING_GRACE_DAYS) if since else None,
+        "deprovision_at": (
+            since + timedelta(days=settings.BILLING_DEPROVISION_DAYS) if since else None
+        ),
+        "cancel_requested_at": customer.cancel_requested_at if customer else None,
+        "subscriptions": s.SubscriptionSerializer(
+            account.subscriptions.order_by("-created"), many=True
+        ).data,
+    }
+
+
+class BillingView(AccountView, APIView):
+    """The account's billing: its card (brand and last digits), standing, subscriptions."""
+
+    @extend_schema(responses={200: s.BillingSerializer, **errors(403)})
+    def get(self, request: Request) -> Response:
+        return Response(_billing(self.account))
+
+
+class PlanListView(AccountView, generics.ListAPIView):
+    """The plans a node can be ordered on."""
+
+    serializer_class = s.PlanSerializer
+
+    def get_queryset(self):
+        return Plan.objects.filter(active=True).order_by("node_kind", "amount_cents", "pk")
+
+    @extend_schema(responses={200: s.PlanSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class SetupIntentView(AccountView, APIView):
+    """Start saving a card: the browser confirms it with Stripe.js (`confirmCardSetup`)."""
+
+    @extend_schema(request=None, responses={201: s.SetupIntentSerializer, **errors(403, 502, 503)})
+    def post(self, request: Request) -> Response:
+        intent = billing_services.setup_intent_create(account=self.account)
+        return Response(
+            {
+                "id": intent.id,
+                "client_secret": intent.client_secret,
+                "publishable_key": settings.STRIPE_PUBLISHABLE_KEY,
+                "stripe_js_url": settings.STRIPE_JS_URL,
+            },
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class PaymentMethodView(AccountView, APIView):
+    """Save the card of a confirmed SetupIntent as the account's default (read from Stripe)."""
+
+    @extend_schema(
+        request=s.PaymentMethodSaveSerializer,
+        responses={200: s.SavedCardSerializer, **errors(400, 403, 404, 409, 502, 503)},
+    )
+    def post(self, request: Request) -> Response:
+        data = s.PaymentMethodSaveSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        customer = billing_services.payment_method_save(
+            account=self.account, setup_intent_id=data.validated_data["setup_intent"]
+        )
+        return Response({"card": _card(customer)})
+
+
+class InvoiceListView(AccountView, generics.ListAPIView):
+    """The account's invoices, newest first, each with its payment."""
+
+    serializer_class = s.InvoiceSerializer
+
+    def get_queryset(self):
+        return Invoice.objects.filter(account=self.account).order_by("-stripe_created", "-id")
+
+    @extend_schema(responses={200: s.InvoiceSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class InvoicePayView(AccountView, APIView):
+    """Pay an open invoice with the account's card (after saving a new one)."""
+
+    @extend_schema(
+        parameters=[_id_parameter("invoice_id")],
+        request=None,
+        responses={200: s.InvoiceSerializer, **errors(402, 403, 404, 409, 502, 503)},
+    )
+    def post(self, request: Request, invoice_id: int) -> Response:
+        invoice = None
+        if 1 <= invoice_id <= MAX_ID:
+            invoice = Invoice.objects.filter(account=self.account, pk=invoice_id).first()
+        if invoice is None:
+            raise NotFound("No such invoice in your account.")
+        paid = subscriptions.invoice_pay(account=self.account, invoice=invoice)
+        return Response(s.InvoiceSerializer(paid).data)
+
+
+class BillingCancelView(AccountView, APIView):
+    """Cancel the account: nodes run until the end of the paid period, then are deprovisioned.
+    DELETE takes the cancellation back before then."""
+
+    @extend_schema(request=None, responses={202: s.BillingSerializer, **errors(403, 502, 503)})
+    def post(self, request: Request) -> Response:
+        subscriptions.account_cancel(account=self.account, user=request.user)
+        return Response(_billing(self.account), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={200: s.BillingSerializer, **errors(403, 409, 502, 503)})
+    def delete(self, request: Request) -> Response:
+        subscriptions.account_cancel_undo(account=self.account)
+        return Response(_billing(self.account))
+
+
+class ReconciliationIssueListView(generics.ListAPIView):
+    """Staff only: what billing's reconciliation found and could not repair."""
+
+    serializer_class = s.ReconciliationIssueSerializer
+    permission_classes = [IsAdminUser]
+
+    def get_queryset(self):
+        return ReconciliationIssue.objects.filter(resolved_at=None).order_by("-last_seen", "-id")
+
+    @extend_schema(responses={200: s.ReconciliationIssueSerializer(many=True), **errors(400, 403)})
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+# ---- economics (staff only) -----------------------------------------------------------------
+
+
+class StaffOnly(IsAdminUser):
+    message = "Staff only: the economics are the operator's."
+
+
+class EconomicsView(APIView):
+    """The economics of the current fleet (billing.economics): cost per trillion ops, break-even
+    per host, 3-year ROI of the seed's scenarios, revenue, MRR history; each figure with its
+    inputs, assumptions and sources, or null with its reason."""
+
+    permission_classes = [StaffOnly]
+
+    @extend_schema(
+        parameters=[
+            _int_parameter("days", 1, economics.MAX_DAYS, "Telemetry window in days back (30).")
+        ],
+        responses={200: s.EconomicsReportSerializer, **errors(400, 403)},
+    )
+    def get(self, request: Request) -> Response:
+        days = int_query_param(
+            request, "days", default=economics.DEFAULT_DAYS, low=1, high=economics.MAX_DAYS
+        )
+        return Response(economics.jsonable(economics.economics_report(days=days)))
+
+
+class EconomicAssumptionsView(APIView):
+    """The staff's economic assumptions; PUT records new ones (any subset; the rest are kept)
+    with who changed them."""
+
+    permission_classes = [StaffOnly]
+    parser_classes = [JSONParser]
+
+    @extend_schema(responses={200: s.EconomicAssumptionsSerializer, **errors(403)})
+    def get(self, request: Request) -> Response:
+        row = economics.assumptions_current()
+        return Response(s.EconomicAssumptionsSerializer(row).data)
+
+    @extend_schema(
+        request=s.EconomicAssumptionsSerializer,
+        responses={200: s.EconomicAssumptionsSerializer, **errors(400, 403)},
+    )
+    def put(self, request: Request) -> Response:
+        data = s.EconomicAssumptionsSerializer(data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        row = economics.assumptions_record(by=request.user, values=data.validated_data)
+        return Response(s.EconomicAssumptionsSerializer(row).data)

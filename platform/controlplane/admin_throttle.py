@@ -1,12 +1,14 @@
-"""The admin's sign-in, throttled: after ADMIN_LOGIN_MAX_FAILURES failed attempts for one user
-name from one address within ADMIN_LOGIN_WINDOW_SECONDS, further attempts get 429 with
-Retry-After until the window ends. Counted in Django's cache (Redis), in fixed windows."""
+"""Sign-in pages, throttled (the admin's, and the customers' /accounts/login/): after
+ADMIN_LOGIN_MAX_FAILURES failed attempts for one user name from one address within
+ADMIN_LOGIN_WINDOW_SECONDS, further attempts get 429 with Retry-After until the window ends.
+Counted in Django's cache (Redis), in fixed windows shared by both pages."""
 
 import hashlib
 import time
 
 from django.conf import settings
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from rest_framework.throttling import BaseThrottle
@@ -23,10 +25,11 @@ def _failures_key(request: HttpRequest, window: int) -> str:
     return f"admin-login-failures:{window}:{who}"
 
 
-def throttled_login(request: HttpRequest, extra_context=None) -> HttpResponse:
-    """admin.site.login, refusing a POST once its address and user name failed too often."""
+def _throttled(request: HttpRequest, login, signed_in) -> HttpResponse:
+    """`login(request)`, refusing a POST once its address and user name failed too often;
+    `signed_in(request)` says whether the attempt succeeded."""
     if request.method != "POST":
-        return admin.site.login(request, extra_context)
+        return login(request)
     period = settings.ADMIN_LOGIN_WINDOW_SECONDS
     now = time.time()
     window = int(now // period)
@@ -41,8 +44,8 @@ def throttled_login(request: HttpRequest, extra_context=None) -> HttpResponse:
         )
         response["Retry-After"] = str(retry_after)
         return response
-    response = admin.site.login(request, extra_context)
-    if not request.user.is_authenticated or not request.user.is_staff:
+    response = login(request)
+    if not signed_in(request):
         # A failed attempt (the form again, 200); the key lives as long as its window.
         cache.add(key, 0, timeout=period + 1)
         try:
@@ -50,3 +53,22 @@ def throttled_login(request: HttpRequest, extra_context=None) -> HttpResponse:
         except ValueError:  # expired between add and incr
             cache.set(key, 1, timeout=period + 1)
     return response
+
+
+def throttled_login(request: HttpRequest, extra_context=None) -> HttpResponse:
+    """admin.site.login, throttled: only staff sign in there."""
+    return _throttled(
+        request,
+        lambda r: admin.site.login(r, extra_context),
+        lambda r: r.user.is_authenticated and r.user.is_staff,
+    )
+
+
+_customer_login = LoginView.as_view(
+    template_name="accounts/login.html", redirect_authenticated_user=True
+)
+
+
+def throttled_customer_login(request: HttpRequest) -> HttpResponse:
+    """Everyone's sign-in page (customers and staff), throttled like the admin's."""
+    return _throttled(request, _customer_login, lambda r: r.user.is_authenticated)

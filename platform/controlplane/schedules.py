@@ -41,6 +41,9 @@ SCHEDULES = (
     Schedule("deliver due alert messages", "monitoring.tasks.deliver_due_notifications", 30),
     Schedule("prune benchmark history", "monitoring.tasks.prune_history", 3600),
     Schedule("retry Stripe events", "billing.tasks.retry_stripe_events", 30),
+    Schedule("reconcile billing with Stripe", "billing.tasks.reconcile", 300),
+    Schedule("dunning", "billing.tasks.dunning", 60),
+    Schedule("apply SLA credits", "billing.tasks.apply_sla_credits", 3600),
 )
 
 

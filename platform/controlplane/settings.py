@@ -59,6 +59,9 @@ nothing. For example:
 | `STRIPE_API_BASE` | URL of a local Stripe API server (localstripe) | unset: Stripe itself |
 | `STRIPE_WEBHOOK_TOLERANCE_SECONDS` | a webhook whose signed timestamp is older is refused | `300` |
 | `STRIPE_MAX_NETWORK_RETRIES` | the Stripe client's retries of a failed request | `2` |
+| `STRIPE_JS_URL` | where the card form loads Stripe.js | the local server's, or `https://js.stripe.com/v3/` |
+| `BILLING_GRACE_DAYS`, `BILLING_DEPROVISION_DAYS`, `BILLING_DEPROVISION_NOTICE_DAYS` | dunning: days past due before nodes are suspended, before they are deprovisioned, and how long before that it is announced | `7`, `30`, `7` |
+| `BILLING_UNPAID_ORDER_HOURS` | a node ordered but never paid for is removed after this | `24` |
 | `LOG_LEVEL` | root log level | `INFO` |
 | `VTPU_VAR_DIR`, `VTPU_NODES_DIR`, `VTPU_WHEEL_DIR` | state, local nodes, node wheels | `var/`, `var/nodes`, `var/wheels` |
 """
@@ -234,7 +237,8 @@ TIME_ZONE = "UTC"
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"  # collectstatic fills it; WhiteNoise serves it
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/billing/card"  # until the portal (issue 9) has a home page
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -352,6 +356,30 @@ if STRIPE_WEBHOOK_TOLERANCE_SECONDS <= 0:
 STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2)
 if STRIPE_MAX_NETWORK_RETRIES < 0:
     raise RuntimeError("STRIPE_MAX_NETWORK_RETRIES must be 0 or more")
+# Stripe.js for the card form: the local server serves its own (../shared/STRIPE.md).
+STRIPE_JS_URL = os.environ.get("STRIPE_JS_URL", "").strip() or (
+    f"{STRIPE_API_BASE}/js.stripe.com/v3/" if STRIPE_API_BASE else "https://js.stripe.com/v3/"
+)
+# Dunning (billing.dunning): a failed payment makes the account past due; its nodes are
+# suspended after the grace period and deprovisioned after the second period, announced
+# BILLING_DEPROVISION_NOTICE_DAYS before. A node ordered but never paid for goes after
+# BILLING_UNPAID_ORDER_HOURS.
+BILLING_GRACE_DAYS = env_int("BILLING_GRACE_DAYS", 7)
+BILLING_DEPROVISION_DAYS = env_int("BILLING_DEPROVISION_DAYS", 30)
+BILLING_DEPROVISION_NOTICE_DAYS = env_int("BILLING_DEPROVISION_NOTICE_DAYS", 7)
+BILLING_UNPAID_ORDER_HOURS = env_int("BILLING_UNPAID_ORDER_HOURS", 24)
+if not 0 < BILLING_GRACE_DAYS < BILLING_DEPROVISION_DAYS:
+    raise RuntimeError(
+        "BILLING_GRACE_DAYS must be more than 0 and less than BILLING_DEPROVISION_DAYS"
+        f" ({BILLING_GRACE_DAYS}, {BILLING_DEPROVISION_DAYS})"
+    )
+if not 0 < BILLING_DEPROVISION_NOTICE_DAYS <= BILLING_DEPROVISION_DAYS - BILLING_GRACE_DAYS:
+    raise RuntimeError(
+        "BILLING_DEPROVISION_NOTICE_DAYS must be more than 0 and at most the days between"
+        " suspension and deprovisioning"
+    )
+if BILLING_UNPAID_ORDER_HOURS <= 0:
+    raise RuntimeError("BILLING_UNPAID_ORDER_HOURS must be more than 0")
 
 # Redis hands a task nobody acknowledged to another worker after the visibility timeout; with
 # late acks a task is acknowledged when it ends, so a shorter timeout would run a provisioning

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,22 @@ from controlplane.devsecrets import dev_secret_path, ensure_dev_secrets
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MANAGE = REPO / "manage.py"
+
+
+LOCAL_STRIPE_SECRET_KEY = "sk_test_local"  # localstripe takes any key; nothing real is charged
+LOCAL_STRIPE_PUBLISHABLE_KEY = "pk_test_local"
+
+
+def _stripe_answers(base: str) -> bool:
+    request = urllib.request.Request(
+        f"{base}/v1/customers?limit=1",
+        headers={"Authorization": f"Bearer {LOCAL_STRIPE_SECRET_KEY}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -69,6 +86,7 @@ class Stack:
         log_to_files: bool = False,
         worker_concurrency: int = 2,
         beat: bool = True,
+        local_stripe: bool = False,
     ) -> None:
         self.var_dir = Path(var_dir)
         self.port = port
@@ -77,6 +95,8 @@ class Stack:
         self.log_to_files = log_to_files
         self.worker_concurrency = worker_concurrency
         self.beat = beat
+        self.local_stripe = local_stripe
+        self.stripe_base: str | None = None
         self.processes: dict[str, subprocess.Popen] = {}
         self.env = {
             **os.environ,
@@ -151,8 +171,50 @@ class Stack:
         self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         return self.env["REDIS_URL"]
 
+    def start_local_stripe(self) -> str | None:
+        """Test mode, the run command's embedded default: without STRIPE_SECRET_KEY, a local Stripe
+        API server (localstripe, ../shared/STRIPE.md) of this stack's own, and the keys that
+        point billing at it. Its state persists across starts in its own file under /tmp; its
+        webhook registration does not (register_stripe_webhook, after the web app is up)."""
+        if any(self.env.get(k) for k in ("STRIPE_SECRET_KEY", "STRIPE_SECRET_KEY_FILE")):
+            return None  # real Stripe (or another server): the operator's keys decide
+        server = Path(sys.executable).with_name("localstripe")
+        if not server.exists():
+            print("warning: no localstripe next to this Python: billing is off", file=sys.stderr)
+            return None
+        port = int(self.env.get("STRIPE_LOCAL_PORT") or free_port())
+        process = self._spawn("stripe", [str(server), "--port", str(port)])
+        base = f"http://127.0.0.1:{port}"
+        self.env.update(
+            STRIPE_SECRET_KEY=LOCAL_STRIPE_SECRET_KEY,
+            STRIPE_PUBLISHABLE_KEY=LOCAL_STRIPE_PUBLISHABLE_KEY,
+            STRIPE_API_BASE=base,
+            STRIPE_WEBHOOK_SECRET_FILE=str(
+                dev_secret_path(self.var_dir / "secrets", "STRIPE_WEBHOOK_SECRET")
+            ),
+        )
+        _wait(lambda: _stripe_answers(base), "localstripe", 30, process)
+        self.stripe_base = base
+        return base
+
+    def register_stripe_webhook(self) -> None:
+        """Make the local Stripe server deliver every event to this stack's webhook, signed with
+        the stack's webhook secret (what a Stripe dashboard's webhook endpoint is)."""
+        secret = Path(self.env["STRIPE_WEBHOOK_SECRET_FILE"]).read_text().strip()
+        data = urllib.parse.urlencode(
+            {"url": f"{self.url}/billing/stripe/webhook", "secret": secret}
+        ).encode()
+        request = urllib.request.Request(
+            f"{self.stripe_base}/_config/webhooks/vtpu-run", data=data, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if response.status != 200:
+                raise RuntimeError(f"localstripe refused the webhook: HTTP {response.status}")
+
     def start(self) -> Stack:
         self.var_dir.mkdir(parents=True, exist_ok=True)
+        if self.local_stripe:
+            self.start_local_stripe()
         self.ensure_redis()
         migrate = self.manage("migrate", "--noinput", check=False)
         if migrate.returncode != 0:
@@ -169,6 +231,11 @@ class Stack:
                 [str(bin_dir / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO"],
             )  # fmt: skip
         self.wait_for_web()
+        if self.stripe_base:
+            self.register_stripe_webhook()
+            plans = self.manage("sync_plans", check=False)
+            if plans.returncode != 0:
+                raise RuntimeError(f"sync_plans failed:\n{plans.stdout}\n{plans.stderr}")
         return self
 
     def start_web(self) -> subprocess.Popen:
@@ -238,7 +305,9 @@ def main() -> int:
     # A local demo: webhooks to this machine's own receivers are allowed (production refuses
     # private addresses); mails are files under var/mail/.
     local = {"WEBHOOK_ALLOW_PRIVATE": os.environ.get("WEBHOOK_ALLOW_PRIVATE", "true")}
-    stack = Stack(Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port, env=local)
+    stack = Stack(
+        Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port, env=local, local_stripe=True
+    )
     print(f"==> starting the control plane on {stack.url} (Ctrl-C stops everything)", flush=True)
     # Ctrl-C and SIGTERM both stop everything, even when started from a shell that set SIGINT
     # to be ignored (a background job).

@@ -10,12 +10,8 @@ each other's objects (../shared/STRIPE.md).
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
@@ -25,60 +21,16 @@ import requests  # noqa: E402
 
 django.setup()
 
-WEBHOOK_SECRET = "whsec_vtpu_tests"
-SECRET_KEY = "sk_test_vtpu"
+from tests.conftest import STRIPE_WEBHOOK_SECRET as WEBHOOK_SECRET  # noqa: E402
+from tests.conftest import use_stripe  # noqa: E402
+from tests.platform.conftest import local_host  # noqa: E402, F401 - a fixture for these tests
+
 WEBHOOK_ID = "vtpu-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def localstripe(tmp_path_factory):
-    """The base URL of a localstripe server of this session."""
-    executable = Path(sys.executable).with_name("localstripe")
-    if not executable.exists():
-        pytest.fail(f"{executable} is missing: install the dev extra (localstripe)")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(executable), "--port", str(port), "--from-scratch"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"{base}/v1/customers", auth=(SECRET_KEY, ""), timeout=2)
-                break
-            except requests.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"localstripe did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
 
 
 @pytest.fixture(autouse=True)
 def stripe_settings(settings, localstripe, tmp_path):
-    settings.STRIPE_SECRET_KEY = SECRET_KEY
-    settings.STRIPE_PUBLISHABLE_KEY = "pk_test_vtpu"
-    settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
-    settings.STRIPE_API_BASE = localstripe
-    settings.STRIPE_MAX_NETWORK_RETRIES = 0  # a 500 is an answer here, not a reason to resend
+    use_stripe(settings, localstripe)
     settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS = 300
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.CACHES = {
@@ -92,8 +44,8 @@ def stripe_settings(settings, localstripe, tmp_path):
 
 @pytest.fixture(autouse=True)
 def tasks(monkeypatch):
-    """Tasks sent by name run at once, in-process, through Celery's own task objects; the names
-    sent are recorded."""
+    """Billing's tasks sent by name run at once, in-process, through Celery's own task objects;
+    every name sent is recorded (other apps' tasks, such as provisioning jobs, only that)."""
     import billing.tasks  # noqa: F401 - registers the tasks with the app
     from controlplane.celery import app
     from fleet.services import queue
@@ -102,7 +54,8 @@ def tasks(monkeypatch):
 
     def send_task(name, *args, **options):
         sent.append((name, args))
-        app.tasks[name].apply(args=args)
+        if name.startswith("billing."):  # provisioning jobs are only recorded, never run here
+            app.tasks[name].apply(args=args)
         return True
 
     monkeypatch.setattr(queue, "send_task", send_task)
@@ -177,3 +130,64 @@ def register_webhook(localstripe):
 
     yield register
     register("http://127.0.0.1:9/unused", ["vtpu.never"])
+
+
+def set_default_card(account, number: str):
+    """Make a test card the account's default straight through the Stripe API (a card that
+    would fail or need 3-D Secure as a SetupIntent, for testing what happens at payment)."""
+    from billing.models import BillingCustomer
+    from billing.services import customer_ensure
+    from billing.stripe_client import stripe_client
+
+    client = stripe_client()
+    customer = customer_ensure(account=account)
+    method = client.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {"number": number, "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        }
+    )
+    client.v1.payment_methods.attach(method.id, params={"customer": customer.stripe_customer_id})
+    client.v1.customers.update(
+        customer.stripe_customer_id,
+        params={"invoice_settings": {"default_payment_method": method.id}},
+    )
+    BillingCustomer.objects.filter(pk=customer.pk).update(
+        payment_method_id=method.id, card_last4=number[-4:]
+    )
+
+
+@pytest.fixture
+def plan(db):
+    """The default plan, mirrored to this session's Stripe server."""
+    from billing.services import plan_default_ensure, plan_sync
+
+    return plan_sync(plan=plan_default_ensure())
+
+
+@pytest.fixture
+def committed(django_capture_on_commit_callbacks):
+    """Run a call and then what it left for after its commit (queued tasks, the quantity's
+    sync), as a real commit would."""
+
+    def run(call, *args, **kwargs):
+        with django_capture_on_commit_callbacks(execute=True):
+            return call(*args, **kwargs)
+
+    return run
+
+
+def order(api, name: str, **extra):
+    from django.urls import reverse
+
+    return api.post(reverse("node-list"), {"name": name, **extra}, format="json")
+
+
+def make_ready(node):
+    """What a provisioning job and the agent's first heartbeat do to a node."""
+    from fleet.models import JobState
+    from fleet.services.transitions import node_transition
+
+    node_transition(node=node, to_state="provisioning", cause="test: job started")
+    node_transition(node=node, to_state="ready", cause="test: first heartbeat")
+    node.jobs.update(state=JobState.SUCCESSFUL)

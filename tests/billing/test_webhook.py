@@ -14,8 +14,9 @@ from django.utils import timezone
 from billing.models import BillingCustomer, StripeEvent
 from billing.services import PROCESS_EVENT_TASK, events_retry_due, retry_delay
 from billing.views import MAX_BODY_BYTES
-from tests.billing.conftest import WEBHOOK_SECRET, customer_event, free_port, signed
+from tests.billing.conftest import WEBHOOK_SECRET, customer_event, signed
 from tests.concurrency import at_once
+from tests.conftest import free_port
 from tests.platform.conftest import account
 
 URL = "/billing/stripe/webhook"

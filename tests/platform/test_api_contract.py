@@ -15,13 +15,15 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from schemathesis.schemas import BaseSchema
 
+from tests.conftest import give_card, use_stripe
+
 from .conftest import give_secret, request_node
 
 MAX_EXAMPLES = 15
 
 
 @pytest.fixture
-def contract(transactional_db, settings, live_server, alice, local_host, monkeypatch):
+def contract(transactional_db, settings, live_server, alice, local_host, monkeypatch, localstripe):
     """The schema as served, with alice's token for apiToken operations, her node's secret for
     the heartbeat, and the ids that exist (so calls reach real objects, not only 404s)."""
     from accounts.services import token_create
@@ -43,6 +45,9 @@ def contract(transactional_db, settings, live_server, alice, local_host, monkeyp
     # but schemathesis counts every 5xx as a server error.
     # Webhook channels on any host name (production would resolve it and refuse private ones).
     settings.WEBHOOK_ALLOW_PRIVATE = True
+    # Billing on, against a real local Stripe server: its operations answer for real.
+    use_stripe(settings, localstripe)
+    give_card(alice.membership.account)
     local_host.capacity, local_host.port_range_end = 1000, 19999
     local_host.save()
     node = request_node(alice, "alpha")

@@ -33,6 +33,7 @@ OBJECT_ROUTES = {
     "token-detail": (["delete"], "token"),
     "alert-detail": (["get"], "alert"),
     "channel-detail": (["get", "patch", "delete"], "channel"),
+    "billing-invoice-pay": (["post"], "invoice"),
 }
 LIST_ROUTES = {
     "node-list": "nodes",
@@ -41,6 +42,7 @@ LIST_ROUTES = {
     "sla-report": "the SLA report's nodes",
     "alert-list": "alerts",
     "channel-list": "alert channels",
+    "billing-invoices": "invoices",
 }
 # Not account-scoped: the schema, and the agents' own endpoints (secrets, not accounts), and the
 # enrollment link's script and wheel (a one-time secret in the path), and /metrics and the
@@ -54,6 +56,20 @@ UNSCOPED = {
     "metrics",
     "prometheus-targets",
     "billing-stripe-webhook",  # Stripe's signature is its credential (tests/billing)
+    "billing-plans",  # the catalogue, the same for everyone
+    "login",  # signing in and out: no account yet
+    "logout",
+    "billing-reconciliation",  # staff only (tests/billing/test_reconciliation.py)
+    "economics",  # staff only (tests/billing/test_economics.py)
+    "economics-assumptions",  # staff only (tests/billing/test_economics.py)
+}
+# No id in the path: they act on the caller's own account and nothing else (tests/billing).
+OWN_ACCOUNT_ROUTES = {
+    "billing",
+    "billing-setup",
+    "billing-payment-method",
+    "billing-cancel",
+    "billing-card",
 }
 
 
@@ -70,7 +86,7 @@ def _api_routes(resolver=None, prefix=""):
 
 def test_every_endpoint_is_in_the_table():
     names = {name for name, _ in _api_routes()}
-    unknown = names - set(OBJECT_ROUTES) - set(LIST_ROUTES) - UNSCOPED
+    unknown = names - set(OBJECT_ROUTES) - set(LIST_ROUTES) - UNSCOPED - OWN_ACCOUNT_ROUTES
     assert not unknown, f"add these routes to the tenant-isolation table: {sorted(unknown)}"
 
 
@@ -87,7 +103,20 @@ def alices_things(alice, alice_node):
     channel = AlertChannel.objects.create(
         account=account(alice), kind="email", name="me", target="alice@example.com"
     )
+    from billing.models import Invoice
+
+    invoice = Invoice.objects.create(
+        account=account(alice),
+        stripe_invoice_id="in_alices",
+        status="open",
+        currency="usd",
+        total_cents=20000,
+        amount_due_cents=20000,
+        amount_paid_cents=0,
+        stripe_created=alice_node.created,
+    )
     return {
+        "invoice": invoice.pk,
         "alert": alert.pk,
         "channel": channel.pk,
         "node": alice_node.pk,
@@ -107,6 +136,7 @@ def test_bob_gets_404_on_alices_objects(route, alices_things, bob_api):
         "token": "token_id",
         "alert": "alert_id",
         "channel": "channel_id",
+        "invoice": "invoice_id",
     }[kind]
     url = reverse(route, kwargs={arg: alices_things[kind]})
     before = NodeTransition.objects.count()

@@ -193,3 +193,23 @@ def test_failed_admin_sign_ins_are_limited_per_address_and_user_name(rates):
     elsewhere = Client(REMOTE_ADDR="203.0.113.51")
     assert elsewhere.post("/admin/login/", right).status_code == 302
     assert client.get("/admin/login/").status_code == 200
+
+
+def test_customers_sign_in_on_their_own_page_throttled_like_the_admins(rates):
+    make_user("carol")
+    client = Client(REMOTE_ADDR="203.0.113.60")
+    assert client.get("/billing/card")["Location"] == "/accounts/login/?next=/billing/card"
+    page = client.get("/accounts/login/?next=/billing/card")
+    assert page.status_code == 200 and b'<label for="id_username">' in page.content
+    wrong = {"username": "carol", "password": "guess", "next": "/billing/card"}
+    for _ in range(3):
+        reply = client.post("/accounts/login/", wrong)
+        assert reply.status_code == 200 and b'role="alert"' in reply.content
+    assert client.post("/accounts/login/", wrong).status_code == 429
+    elsewhere = Client(REMOTE_ADDR="203.0.113.61")
+    signed_in = elsewhere.post("/accounts/login/", {**wrong, "password": "pw-carol"})
+    assert signed_in.status_code == 302 and signed_in["Location"] == "/billing/card"
+    # A customer still cannot use the admin.
+    assert elsewhere.get("/admin/")["Location"].startswith("/admin/login/")
+    assert elsewhere.post("/accounts/logout/").status_code == 302
+    assert elsewhere.get("/billing/card").status_code == 302

@@ -146,15 +146,22 @@ def check_quota(account: Account) -> None:
 @dataclass(frozen=True)
 class RequestedNode:
     node: Node
-    job: ProvisioningJob
+    job: ProvisioningJob | None  # None while held for payment
 
 
 @transaction.atomic
 def node_request(
-    *, account: Account, user: User, name: str, host: Host | None = None
+    *,
+    account: Account,
+    user: User,
+    name: str,
+    host: Host | None = None,
+    plan_id: int | None = None,
+    hold: bool = False,
 ) -> RequestedNode:
-    """A new node for `account` on `host` (staff only) or the host with most room; its
-    provisioning job is queued once this transaction commits."""
+    """A new node for `account` on `host` (staff only) or the host with most room, billed by
+    `plan_id`; its provisioning job is queued once this transaction commits, or (`hold`) when
+    billing says its invoice is paid (node_provision_release)."""
     name = _validate_node_name(name)
     if host is not None and not user.is_staff:
         raise Forbidden("Only staff can choose the host of a node.", field="host")
@@ -173,12 +180,30 @@ def node_request(
         node_dir=_node_dir(host, node_id),
         agent_port=port,
         agent_url=agent_url_for(host, port),
+        plan_id=plan_id,
         **new_access_token(),
     )
     record_birth(node, f"requested by {user.get_username()} on host {host.name}")
+    if hold:
+        return RequestedNode(node=node, job=None)
     job = ProvisioningJob.objects.create(node=node, kind=ProvisioningJob.Kind.PROVISION)
     queue.queue_job(job.pk)
     return RequestedNode(node=node, job=job)
+
+
+@transaction.atomic
+def node_provision_release(*, node: Node) -> ProvisioningJob | None:
+    """Start provisioning a node that node_request held (its payment came): one job, queued at
+    commit. None when there is nothing to start: the node is no longer requested (deleted
+    meanwhile), or a job already exists (a payment reported twice)."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if node.state != S.REQUESTED or node.kind != Node.Kind.PROVISIONED:
+        return None
+    if node.jobs.exists():
+        return None
+    job = ProvisioningJob.objects.create(node=node, kind=ProvisioningJob.Kind.PROVISION)
+    queue.queue_job(job.pk)
+    return job
 
 
 def _new_job(node: Node, kind: str) -> ProvisioningJob:

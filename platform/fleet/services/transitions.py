@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from fleet.models import TRANSITIONS, Node, NodeState, NodeTransition
 from fleet.services.errors import Conflict, InvalidInput, InvalidTransition
+from fleet.signals import node_moved
 
 
 def claim_transition(
@@ -41,6 +42,8 @@ def _move(node: Node, from_state: str, to_state: str, cause: str, *, only_if: Q 
         NodeTransition.objects.create(
             node_id=node.pk, from_state=from_state, to_state=to_state, cause=cause[:2000]
         )
+        node.state = to_state
+        node_moved.send(sender=Node, node=node, from_state=from_state, to_state=to_state)
     node.state = to_state
     node.updated = now
     return True
