@@ -31,9 +31,12 @@ def test_admin_pages_load_and_events_can_be_processed_again(
     event = StripeEvent.objects.get(state="processed")
     client.force_login(staff)
     for page in ["billing/plan/", "billing/billingcustomer/", "billing/stripeevent/",
-                 f"billing/stripeevent/{event.pk}/change/"]:  # fmt: skip
+                 f"billing/stripeevent/{event.pk}/change/", "billing/subscription/",
+                 "billing/invoice/", "billing/nodecharge/", "billing/slacreditapplied/",
+                 "billing/reconciliationissue/"]:  # fmt: skip
         assert client.get(f"/admin/{page}").status_code == 200, page
     assert client.get("/admin/billing/stripeevent/add/").status_code == 403
+    assert client.get("/admin/billing/invoice/add/").status_code == 403
     with django_capture_on_commit_callbacks(execute=True):
         reply = client.post(
             "/admin/billing/stripeevent/",

@@ -129,6 +129,16 @@ class Command(BaseCommand):
                 "  Prometheus config dashboards/prometheus/prometheus.yml (platform + agents via"
                 " http_sd; see its README.md)"
             )
+        if settings.STRIPE_API_BASE:
+            out(
+                f"  billing           test mode (local Stripe at {settings.STRIPE_API_BASE}):"
+                f" sign in at {url}/accounts/login/ and add a card at {url}/billing/card"
+                " (4242 4242 4242 4242)"
+            )
+        elif settings.STRIPE_SECRET_KEY:
+            out(f"  billing           Stripe; cards at {url}/billing/card")
+        else:
+            out("  billing           off (no STRIPE_SECRET_KEY): every node is free")
         if not settings.EMAIL_HOST:
             out(f"  alert mails       {settings.EMAIL_FILE_PATH}/")
         out(f"  watch the node    curl -H 'Authorization: Bearer {token}' {url}/api/v1/nodes")
