@@ -87,6 +87,7 @@ class Stack:
         worker_concurrency: int = 2,
         beat: bool = True,
         local_stripe: bool = False,
+        stripe_from_scratch: bool = False,
     ) -> None:
         self.var_dir = Path(var_dir)
         self.port = port
@@ -96,6 +97,7 @@ class Stack:
         self.worker_concurrency = worker_concurrency
         self.beat = beat
         self.local_stripe = local_stripe
+        self.stripe_from_scratch = stripe_from_scratch  # tests: ignore the state file
         self.stripe_base: str | None = None
         self.processes: dict[str, subprocess.Popen] = {}
         self.env = {
@@ -183,7 +185,8 @@ class Stack:
             print("warning: no localstripe next to this Python: billing is off", file=sys.stderr)
             return None
         port = int(self.env.get("STRIPE_LOCAL_PORT") or free_port())
-        process = self._spawn("stripe", [str(server), "--port", str(port)])
+        argv = [str(server), "--port", str(port)]
+        process = self._spawn("stripe", argv + ["--from-scratch"] * self.stripe_from_scratch)
         base = f"http://127.0.0.1:{port}"
         self.env.update(
             STRIPE_SECRET_KEY=LOCAL_STRIPE_SECRET_KEY,

@@ -17,14 +17,14 @@ import pytest
 from controlplane.stack import Stack, free_port, stop_local_agents
 
 
-def _e2e_database_url(tmp: Path) -> str:
+def e2e_database_url(tmp: Path, suffix: str = "") -> str:
     """A database of the end-to-end run's own: SQLite in tmp, or a fresh PostgreSQL database
     next to DATABASE_URL's (dropped afterwards) when that is PostgreSQL."""
     base = os.environ.get("DATABASE_URL", "")
     if base.startswith(("postgres://", "postgresql://")):
         import psycopg
 
-        name = f"vtpu_e2e_{os.getpid()}"
+        name = f"vtpu_e2e_{os.getpid()}{suffix}"
         admin_url = base.rsplit("/", 1)[0] + "/postgres"
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -33,7 +33,7 @@ def _e2e_database_url(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'e2e.sqlite3'}"
 
 
-def _drop_e2e_database(url: str) -> None:
+def drop_e2e_database(url: str) -> None:
     """The run's own PostgreSQL database goes when the run ends (SQLite lives in tmp)."""
     if not url.startswith(("postgres://", "postgresql://")):
         return
@@ -91,7 +91,7 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
         port=port,
         log_to_files=True,
         env={
-            "DATABASE_URL": _e2e_database_url(var),
+            "DATABASE_URL": e2e_database_url(var),
             "REDIS_URL": "",  # always a private Redis: tests never touch a shared one
             "HEARTBEAT_SECONDS": "2",
             "REPAIR_AFTER_SECONDS": "10",  # a dead agent is repaired soon after it goes silent
@@ -105,7 +105,7 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
     with stack.running():
         yield stack
     stop_local_agents(var / "nodes")  # agents of nodes a failed test left behind
-    _drop_e2e_database(stack.env["DATABASE_URL"])
+    drop_e2e_database(stack.env["DATABASE_URL"])
     for log in sorted((var / "logs").glob("*.log")):
         print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
 
