@@ -189,6 +189,9 @@ INSTALLED_APPS = [
     "api",
     "monitoring",
     "billing",  # at the repository root (docs/architecture.md, "Billing")
+    "django_htmx",
+    "portal",  # the customer portal at / (docs/architecture.md, "Portal")
+    "dashboards",  # at the repository root, beside grafana/ and prometheus/: /staff/
 ]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -199,6 +202,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",  # request.htmx: a page or its partial
 ]
 ROOT_URLCONF = "controlplane.urls"
 TEMPLATES = [

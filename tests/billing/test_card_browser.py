@@ -21,7 +21,7 @@ from django.test import Client
 from playwright.sync_api import expect, sync_playwright
 
 from billing.models import BillingCustomer
-from billing.pages import content_security_policy
+from controlplane.csp import content_security_policy
 from tests.platform.conftest import account, make_customer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -266,7 +266,9 @@ def test_without_stripe_keys_the_page_says_card_payments_are_off(client, stripe_
 
 
 def test_the_policy_for_stripe_itself_follows_stripes_guide():
-    policy = content_security_policy(stripe_js_url="https://js.stripe.com/v3/", stripe_api_base="")
+    policy = content_security_policy(
+        stripe=True, stripe_js_url="https://js.stripe.com/v3/", stripe_api_base=""
+    )
 
     directives = dict(part.split(" ", 1) for part in policy.split("; "))
     assert directives["script-src"] == "'self' https://js.stripe.com https://*.js.stripe.com"

@@ -70,6 +70,7 @@ OWN_ACCOUNT_ROUTES = {
     "billing-payment-method",
     "billing-cancel",
     "billing-card",
+    "portal-home",
 }
 
 

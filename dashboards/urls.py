@@ -1,0 +1,3 @@
+"""Included under /staff/ (controlplane.urls): the staff dashboard, staff only."""
+
+urlpatterns: list = []

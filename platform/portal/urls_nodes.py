@@ -1,0 +1,3 @@
+"""Routes of portal.views.nodes."""
+
+urlpatterns: list = []
