@@ -13,8 +13,8 @@ urlpatterns = [
     path("metrics", metrics, name="metrics"),  # Prometheus, with the scrape token
     # Prometheus' http_sd of the node agents, with the same token (not in the OpenAPI schema)
     path("api/v1/prometheus/targets", prometheus_targets_view, name="prometheus-targets"),
-    path("billing/", include("billing.urls")),
-    path("staff/", include("dashboards.urls")),  # the staff dashboard (staff only)  # Stripe's webhook; the card form (a session)
+    path("billing/", include("billing.urls")),  # Stripe's webhook; the card form (a session)
+    path("staff/", include("dashboards.urls")),  # the staff dashboard (staff only)
     path("", include("api.urls")),
     path("", include("portal.urls")),  # the customer portal (pages at /)
 ]
