@@ -46,6 +46,7 @@ import vtpu
 from vtpu import jsonenc
 from vtpu.binding import InputError, bind_inputs, output_json_bytes, run_stats, tensor_to_json
 from vtpu.counters import COUNTERS
+from vtpu.models import ModelsConfig
 from vtpu.node_state import (
     COUNTERS_FILE,
     SUSPENDED_FILE,
@@ -265,6 +266,17 @@ class ProgramRun:
         self.cancel_event.set()
 
 
+def _model_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), with a refused model request (vtpu.models.ModelError) as its HTTP answer."""
+    from vtpu.models import ModelError
+
+    try:
+        return fn(*args)
+    except ModelError as exc:
+        extra = {"code": exc.code, "param": exc.param}
+        raise HTTPError(exc.status, str(exc), extra=extra) from None
+
+
 def _set_done(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -277,7 +289,10 @@ def _set_done(future: asyncio.Future) -> None:
 class Agent:
     """The node agent: owns the sentron pool, telemetry, the access token and the channel."""
 
-    def __init__(self, config: AgentConfig, access: AccessToken) -> None:
+    def __init__(
+        self, config: AgentConfig, access: AccessToken, models: ModelsConfig | None = None
+    ) -> None:
+        from vtpu.models import ModelRegistry
         from vtpu.telemetry import Telemetry
 
         self.config = config
@@ -289,6 +304,12 @@ class Agent:
         self.telemetry = Telemetry(tdp_watts=config.tdp_watts, sentrons=workers)
         self.pool = SentronPool(workers, config.max_arena_bytes, config.max_queue)
         self.benchmark_lock = threading.Lock()
+        self.models_config = models or ModelsConfig()
+        self.models = ModelRegistry(
+            max_bytes=self.models_config.max_bytes,
+            max_batch_tokens=self.models_config.max_batch_tokens,
+        )
+        self._batchers: dict[int, Any] = {}  # id(LoadedModel) -> its embeddings Batcher
         self.heartbeat: Any = None  # a vtpu.heartbeat.HeartbeatClient once started
         # Kept across restarts: a node suspended for non-payment stays suspended until resumed.
         self._suspended = (config.state_dir / SUSPENDED_FILE).exists()
@@ -371,7 +392,88 @@ class Agent:
         return doc
 
     async def telemetry_snapshot(self, _request: Request) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(self.telemetry.snapshot)
+        doc = await anyio.to_thread.run_sync(self.telemetry.snapshot)
+        doc["models"] = self.models.summary()
+        return doc
+
+    # -- resident models and embeddings (docs/architecture.md, "Resident models and embeddings")
+
+    async def models_list(self, _request: Request) -> dict[str, Any]:
+        return {
+            "models": await anyio.to_thread.run_sync(self.models.list),
+            "max_bytes": self.models.max_bytes,
+            "used_bytes": self.models.used_bytes(),
+        }
+
+    async def _model_name(self, request: Request) -> str:
+        body = await read_json_body(request, self.config.max_body_bytes)
+        if (
+            not isinstance(body, dict)
+            or set(body) != {"model"}
+            or not isinstance(body["model"], str)
+        ):
+            raise HTTPError(400, 'the body must be {"model": "<model id>"}')
+        return body["model"]
+
+    async def model_load(self, request: Request) -> dict[str, Any]:
+        self._refuse_if_suspended()
+        name = await self._model_name(request)
+        model = await anyio.to_thread.run_sync(_model_call, self.models.load, name)
+        log.info("model %s loaded (%d bytes)", model.name, model.bytes)
+        return model.describe()
+
+    async def model_unload(self, request: Request) -> dict[str, Any]:
+        name = await self._model_name(request)
+        model = _model_call(self.models.unload, name)
+        self._batchers.pop(id(model), None)
+        log.info("model %s unloaded", model.name)
+        return {"id": model.name, "state": "unloaded", "freed_bytes": model.bytes}
+
+    async def openai_models(self, _request: Request) -> dict[str, Any]:
+        loaded = [m for m in self.models.list() if m["state"] == "loaded"]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m["id"],
+                    "object": "model",
+                    "created": int(m["loaded_at"]),
+                    "owned_by": "vtpu",
+                }
+                for m in loaded
+            ],
+        }
+
+    async def embeddings(self, request: Request) -> Response:
+        from vtpu.models import embeddings
+
+        self._refuse_if_suspended()
+        body = await read_json_body(request, self.config.max_body_bytes)
+        parsed = _model_call(embeddings.parse_request, body, self.models_config.max_inputs)
+        model = _model_call(self.models.get, parsed.model)
+        if model.kind != "embedding":
+            raise HTTPError(400, f"{model.name} is not an embedding model")
+        sequences = await anyio.to_thread.run_sync(_model_call, embeddings.tokenize, model, parsed)
+        batcher = self._batchers.get(id(model))
+        if batcher is None or batcher.model is not model:
+            batcher = embeddings.Batcher(
+                model,
+                window_seconds=self.models_config.batch_window_seconds,
+                max_batch_tokens=self.models_config.max_batch_tokens,
+            )
+            self._batchers[id(model)] = batcher
+        vectors = await batcher.submit(sequences)
+        tokens = sum(len(s) for s in sequences)
+        stats = model.stats
+        stats.requests += 1
+        stats.inputs += len(sequences)
+        stats.tokens += tokens
+        text = await anyio.to_thread.run_sync(
+            lambda: jsonenc.dumps(
+                embeddings.response(model, vectors, tokens, parsed.encoding_format)
+            )
+        )
+        return _text_response(200, text + "\n", "application/json")
 
     async def metrics(self, _request: Request) -> Response:
         from vtpu.metrics import CONTENT_TYPE, exposition
@@ -608,7 +710,13 @@ ROUTES: dict[str, dict[str, str]] = {
     "/metrics": {"GET": "metrics"},
     "/vTPU/benchmark": {"POST": "benchmark"},
     "/vTPU/programs": {"POST": "run_program"},
+    "/vTPU/models": {"GET": "models_list", "POST": "model_load"},
+    "/vTPU/models/unload": {"POST": "model_unload"},
+    "/v1/models": {"GET": "openai_models"},
+    "/v1/embeddings": {"POST": "embeddings"},
 }
+# OpenAI-compatible endpoints answer errors in OpenAI's shape, which its clients parse.
+OPENAI_PREFIX = "/v1/"
 PUBLIC = {"/vTPU/health"}
 SCRAPE_PATH = "/metrics"  # the one endpoint the fleet's scrape token opens (GET only)
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -635,6 +743,8 @@ def _endpoint(agent: Agent, path: str) -> Callable[[Request], Awaitable[Response
                 )
             result = await getattr(agent, name)(request)
         except HTTPError as exc:
+            if path.startswith(OPENAI_PREFIX):
+                return json_response(exc.status, _openai_error(exc), exc.headers)
             return json_response(exc.status, {"error": exc.reason, **exc.extra}, exc.headers)
         except ClientDisconnect:
             return Response(status_code=400, headers={"Connection": "close"})
@@ -651,6 +761,20 @@ def _endpoint(agent: Agent, path: str) -> Callable[[Request], Awaitable[Response
     return endpoint
 
 
+def _openai_error(exc: HTTPError) -> dict[str, Any]:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status)
+    if kind is None:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return {
+        "error": {
+            "message": exc.reason,
+            "type": kind,
+            "param": exc.extra.get("param"),
+            "code": exc.extra.get("code"),
+        }
+    }
+
+
 def _authorized(agent: Agent, request: Request, path: str) -> bool:
     """The access token opens every endpoint; the fleet's scrape token only GET /metrics."""
     header = request.headers.get("authorization")
@@ -660,9 +784,12 @@ def _authorized(agent: Agent, request: Request, path: str) -> bool:
 
 
 async def _not_found(request: Request) -> Response:
-    return json_response(
-        404, {"error": f"no endpoint {_loggable(request.url.path)}; endpoints: {', '.join(ROUTES)}"}
+    error = HTTPError(
+        404, f"no endpoint {_loggable(request.url.path)}; endpoints: {', '.join(ROUTES)}"
     )
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return json_response(404, _openai_error(error))
+    return json_response(404, {"error": error.reason})
 
 
 def build_app(agent: Agent) -> Any:
@@ -848,6 +975,7 @@ def run_agent(
     *,
     rotate_token: bool = False,
     out: Any = None,
+    models: ModelsConfig | None = None,
 ) -> int:
     """Start the agent and serve until a signal; what `vtpu agent` runs. Returns the exit code."""
     out = out or sys.stdout
@@ -887,7 +1015,16 @@ def run_agent(
                 "secret is for heartbeats only, never accepted as an API token)"
             )
         sock = _listen(config.host, config.port)
-        agent = Agent(config, AccessToken(config.state_dir, token_hash))
+        agent = Agent(config, AccessToken(config.state_dir, token_hash), models)
+        for name in agent.models_config.preload:
+            from vtpu.models import ModelError
+
+            try:
+                loaded = agent.models.load(name)
+            except ModelError as exc:
+                sock.close()
+                raise ConfigError(f"--load-model {name}: {exc}") from None
+            log.info("model %s loaded (%d bytes)", loaded.name, loaded.bytes)
         host, port = sock.getsockname()[:2]
         agent.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         # Written only once the agent can listen, so a new token is never stored unseen.

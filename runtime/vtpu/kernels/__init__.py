@@ -13,8 +13,9 @@ the portable path (tests compare both). GEMM goes through the BLAS that scipy li
 
 Ops counted per call (`vtpu.counters`) come from the one op-count table, `vtpu.ops` (a
 multiply-add is 2; a transcendental counts 1):
-gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per element; rms_norm 4;
-softmax 5; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
+gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per element;
+add_layer_norm 9; rms_norm 4; softmax 5; l2_normalize 3; masked_mean_pool 1 per pooled element
++ 1 per output; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
 topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); add/mul 1 per element; quantize_int8 3 per element; linear_int8 is
 its int8 GEMM plus bias/activation (the float rescale is not counted). gather/scatter move bytes
 and count 0 ops.
@@ -34,7 +35,9 @@ __all__ = [
     "ACTIVATIONS",
     "KernelInputError",
     "add",
+    "add_layer_norm",
     "attention",
+    "attention_packed",
     "bias_activation",
     "blas_library",
     "cpu_features",
@@ -46,6 +49,8 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_int8",
+    "l2_normalize",
+    "masked_mean_pool",
     "mul",
     "num_threads",
     "quantize_int8",
@@ -341,6 +346,66 @@ def layer_norm(
     return y
 
 
+def add_layer_norm(
+    x: np.ndarray,
+    residual: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """layer_norm(x + residual) in one pass over the rows (a transformer's post-norm residual);
+    out may be x or residual."""
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    r = _array("residual", residual, np.float32, tuple(range(1, 9)))
+    if r.shape != x.shape:
+        raise KernelInputError(
+            f"add_layer_norm: residual is {r.shape} but x is {x.shape}; they must match"
+        )
+    n = x.shape[-1]
+    g, b = _vector("gamma", gamma, n), _vector("beta", beta, n)
+    if out is not None and isinstance(out, np.ndarray) and (out is x or out is r):
+        y = _row_out("add_layer_norm", out, out, g, b)
+    else:
+        y = _out("add_layer_norm", out, x.shape, np.float32, x, r, g, b)
+    if x.size:
+        with kernel_scope(_ops.PER_ELEMENT["add_layer_norm"] * x.size):
+            _dense.add_layer_norm(_rows(x), _rows(r), g, b, _eps(eps), _rows(y), _threads(x.size))
+    return y
+
+
+def masked_mean_pool(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(B, S, D) -> (B, D): the mean of each sequence's first lengths[b] rows (sentence
+    embeddings' mean pooling over the attention mask; a sequence of length 0 pools to zeros)."""
+    x = _array("x", x, np.float32, 3)
+    bsz, seq, d = x.shape
+    lens = np.asarray(lengths)
+    if lens.shape != (bsz,) or (bsz and lens.dtype.kind not in "iu"):
+        raise KernelInputError(
+            f"masked_mean_pool: lengths must be integers of shape ({bsz},), got {lens.dtype} "
+            f"{lens.shape}"
+        )
+    if bsz and (lens.min() < 0 or lens.max() > seq):
+        raise KernelInputError(f"masked_mean_pool: lengths must lie in [0, {seq}], got {lens}")
+    y = np.empty((bsz, d), dtype=np.float32)
+    if y.size:
+        lens32 = lens.astype(np.int32)
+        with kernel_scope(_ops.masked_mean_pool(int(lens32.sum()), bsz, d)):
+            _dense.masked_mean_pool(x.reshape(-1, d), lens32, seq, y, _threads(x.size))
+    return y
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, *, out: np.ndarray | None = None) -> np.ndarray:
+    """x / max(||x||, eps) over the last axis (PyTorch's F.normalize; out may be x)."""
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    y = _row_out("l2_normalize", x, out)
+    if x.size:
+        with kernel_scope(_ops.PER_ELEMENT["l2_normalize"] * x.size):
+            _dense.l2_normalize(_rows(x), _eps(eps), _rows(y), _threads(x.size))
+    return y
+
+
 def rms_norm(
     x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6, *, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -433,6 +498,66 @@ def attention(
             bool(causal),
             float(scale),
             y.reshape(-1, d),
+            _threads(scores * d),
+        )
+    return y
+
+
+def attention_packed(
+    qkv: np.ndarray,
+    heads: int,
+    *,
+    key_lengths: np.ndarray | None = None,
+    scale: float | None = None,
+) -> np.ndarray:
+    """Self-attention of (B, S, 3 * heads * D) fused QKV projections -> (B, S, heads * D).
+
+    Each position's query, key and value lie side by side (query heads first, then keys, then
+    values), as one GEMM against concatenated weights produces them; the result keeps the
+    heads side by side, ready for the output projection. No head split or merge is copied.
+    `key_lengths` (B,) masks padded keys as in attention(); scale defaults to 1/sqrt(D).
+    """
+    qkv = _array("qkv", qkv, np.float32, 3)
+    bsz, seq, width = qkv.shape
+    if isinstance(heads, bool) or not isinstance(heads, int | np.integer) or heads < 1:
+        raise KernelInputError(f"attention_packed: heads must be a positive integer, got {heads!r}")
+    if width % (3 * heads):
+        raise KernelInputError(
+            f"attention_packed: the last axis ({width}) must be 3 x heads ({heads}) x head size"
+        )
+    d = width // (3 * heads)
+    if key_lengths is None:
+        lengths = np.full(bsz, seq, dtype=np.int32)
+    else:
+        kl = np.asarray(key_lengths)
+        if kl.shape != (bsz,) or (bsz and kl.dtype.kind not in "iu"):
+            raise KernelInputError(
+                f"attention_packed: key_lengths must be integers of shape ({bsz},), got "
+                f"{kl.dtype} {kl.shape}"
+            )
+        if bsz and (kl.min() < 0 or kl.max() > seq):
+            raise KernelInputError(
+                f"attention_packed: key_lengths must lie in [0, {seq}], got {kl}"
+            )
+        lengths = kl.astype(np.int32)
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if d else 1.0
+    if not np.isfinite(scale):
+        raise KernelInputError(f"attention_packed: scale must be finite, got {scale!r}")
+    _check_dims(rows=bsz * seq, width=width)
+    y = np.empty((bsz, seq, heads * d), dtype=np.float32)
+    if y.size == 0:
+        return y
+    scores = _ops.attention_scores(seq, seq, heads=heads, key_lengths=lengths)
+    with kernel_scope(_ops.attention(scores, bsz * heads * seq, d)):
+        _dense.attention_packed(
+            qkv.reshape(-1, width),
+            lengths,
+            bsz,
+            seq,
+            heads,
+            float(scale),
+            y.reshape(-1, heads * d),
             _threads(scores * d),
         )
     return y
@@ -684,9 +809,13 @@ def dispatch_info() -> dict[str, str]:
         "linear": f"{blas} + {vector} bias/activation pass",
         "bias_activation": vector,
         "layer_norm": vector,
+        "add_layer_norm": vector,
+        "masked_mean_pool": "scalar loop (auto-vectorised), OpenMP over sequences",
+        "l2_normalize": vector,
         "rms_norm": vector,
         "softmax": vector,
         "attention": f"{vector} fused QK, softmax and PV per (batch, head) (no BLAS)",
+        "attention_packed": f"{vector} as attention, reading fused QKV rows in place",
         "gemm_int8": vector,
         "topk_similarity": f"{blas} + {vector} selection",
         "gather_rows": "memcpy rows (OpenMP)",

@@ -6,7 +6,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int8_t, int16_t, int32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._simd cimport (
@@ -255,3 +255,95 @@ def inverse_norms(const float[:, ::1] x, float[::1] out, int nthreads) -> None:
         for i in prange(m, schedule='static', num_threads=nthreads):
             nrm = sqrtf(vtpu_dot(&x[i, 0], &x[i, 0], d))
             out[i] = 1.0 / nrm if nrm > 0 else 0.0
+
+
+def add_layer_norm(const float[:, ::1] x, const float[:, ::1] residual,
+                   const float[::1] gamma, const float[::1] beta, float eps,
+                   float[:, ::1] out, int nthreads) -> None:
+    """out = layer_norm(x + residual): the sum is formed in out's row, so the residual stream
+    is read once and never written back as a separate tensor (out may be x or residual)."""
+    cdef Py_ssize_t i, j, m = x.shape[0], n = x.shape[1]
+    cdef float mean, rstd
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            for j in range(n):
+                out[i, j] = x[i, j] + residual[i, j]
+            mean = vtpu_sum(&out[i, 0], n) / n
+            rstd = 1.0 / sqrtf(vtpu_sumsq_centered(&out[i, 0], mean, n) / n + eps)
+            for j in range(n):
+                out[i, j] = (out[i, j] - mean) * rstd * gamma[j] + beta[j]
+
+
+def masked_mean_pool(const float[:, ::1] x, const int[::1] lengths, Py_ssize_t seq,
+                     float[:, ::1] out, int nthreads) -> None:
+    """out[b] = mean of x's rows b*seq .. b*seq + lengths[b] - 1 (zeros when lengths[b] is 0)."""
+    cdef Py_ssize_t b, t, j, nb = out.shape[0], d = out.shape[1]
+    with nogil:
+        for b in prange(nb, schedule='static', num_threads=nthreads):
+            memset(&out[b, 0], 0, d * sizeof(float))
+            for t in range(lengths[b]):
+                for j in range(d):
+                    out[b, j] += x[b * seq + t, j]
+            if lengths[b] > 0:
+                vtpu_scale(&out[b, 0], 1.0 / lengths[b], d)
+
+
+def l2_normalize(const float[:, ::1] x, float eps, float[:, ::1] out, int nthreads) -> None:
+    """out[i] = x[i] / max(||x[i]||, eps), PyTorch's F.normalize (out may be x)."""
+    cdef Py_ssize_t i, j, m = x.shape[0], n = x.shape[1]
+    cdef float nrm
+    with nogil:
+        for i in prange(m, schedule='static', num_threads=nthreads):
+            nrm = sqrtf(vtpu_dot(&x[i, 0], &x[i, 0], n))
+            if nrm < eps:
+                nrm = eps
+            for j in range(n):
+                out[i, j] = x[i, j] / nrm
+
+
+def attention_packed(const float[:, ::1] qkv, const int[::1] key_lengths, Py_ssize_t batch,
+                     Py_ssize_t seq, Py_ssize_t heads, float scale, float[:, ::1] out,
+                     int nthreads) -> None:
+    """Self-attention straight from a fused QKV projection: row b*seq+i of qkv holds that
+    position's query, key and value side by side (heads x d each), and the result goes to row
+    b*seq+i of out with the heads side by side, so no head split or merge is ever copied out.
+    One (batch, head) per work item; its keys (transposed) and values are gathered once into
+    per-thread buffers. Sequence b sees its first key_lengths[b] keys."""
+    cdef Py_ssize_t hd = out.shape[1], d = hd // heads
+    cdef Py_ssize_t bh, b, h, i, j, t, r, row0, klen
+    cdef float *scores = NULL
+    cdef float *kt = NULL
+    cdef float *vb = NULL
+    cdef float mx, s
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        scores = <float *>malloc((seq if seq > 0 else 1) * sizeof(float))
+        kt = <float *>malloc((seq * d if seq * d > 0 else 1) * sizeof(float))
+        vb = <float *>malloc((seq * d if seq * d > 0 else 1) * sizeof(float))
+        for bh in prange(batch * heads, schedule='static'):
+            if scores == NULL or kt == NULL or vb == NULL:
+                failed += 1
+                continue
+            b = bh // heads
+            h = bh % heads
+            klen = key_lengths[b]
+            row0 = b * seq
+            for j in range(klen):
+                for t in range(d):
+                    kt[t * klen + j] = qkv[row0 + j, hd + h * d + t]
+                memcpy(&vb[j * d], &qkv[row0 + j, 2 * hd + h * d], d * sizeof(float))
+            for i in range(seq):
+                r = row0 + i
+                if klen <= 0:
+                    memset(&out[r, h * d], 0, d * sizeof(float))
+                    continue
+                vtpu_qk(&qkv[r, h * d], kt, klen, klen, d, scale, scores)
+                mx = vtpu_max(scores, klen)
+                s = vtpu_exp_shift_sum(scores, scores, mx, klen)
+                vtpu_pv(scores, vb, klen, d, &out[r, h * d])
+                vtpu_scale(&out[r, h * d], 1.0 / s, d)
+        free(scores)
+        free(kt)
+        free(vb)
+    if failed:
+        raise MemoryError(f"attention_packed: no memory for {seq} x {d} per-thread buffers")

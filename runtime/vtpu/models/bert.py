@@ -1,0 +1,381 @@
+"""A BERT-family sentence encoder (all-MiniLM-L6-v2) resident in memory, run on vtpu.kernels.
+
+Loading reads a model directory as Hugging Face and sentence-transformers write it
+(`config.json`, `*.safetensors`, `tokenizer.json`, `sentence_bert_config.json`), refuses any
+configuration this encoder does not implement with the field's name, and pre-packs the weights
+once for the kernels: query, key and value fused into one (K, 3N) matrix so each layer makes one
+GEMM for them, every Linear weight transposed to the (K, N) layout `kernels.linear` reads without
+a transpose, and the position and token-type embeddings summed into one table (single-sentence
+inputs all have token type 0). The pooler is not loaded: sentence embeddings do not use it.
+
+The forward is fp32: embedding gather, then per layer fused QKV, attention with each sequence's
+key length as its padding mask, the output projection with the residual folded into its layer
+norm (`add_layer_norm`), bias+GELU (exact, erf) fused into the first FFN GEMM, and the second
+FFN GEMM with its residual layer norm; then masked mean pooling and L2 normalisation, as
+sentence-transformers' Transformer -> Pooling(mean) -> Normalize does.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vtpu import kernels as K
+
+# Chunking of a forward's sequences (encode_ids): the share of padded positions tolerated once
+# a chunk has enough rows for the GEMMs to run at full speed.
+PAD_SHARE = 0.1
+MIN_ROWS = 256
+
+
+class ModelLoadError(ValueError):
+    """A model directory this loader cannot serve; the message names the file or field."""
+
+
+# config.json fields and the only values this encoder implements.
+_REQUIRED_CONFIG = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                    "vocab_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")  # fmt: skip
+_FIXED_CONFIG = {
+    "model_type": ("bert",),
+    "hidden_act": ("gelu",),
+    "position_embedding_type": ("absolute", None),
+}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    hidden: int
+    heads: int
+    layers: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    type_vocab: int
+    eps: float
+    max_seq_length: int  # what sentence-transformers truncates to
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def read_config(directory: Path) -> BertConfig:
+    path = directory / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"{path} is missing: a model directory needs its config.json"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+    for name, allowed in _FIXED_CONFIG.items():
+        if raw.get(name) not in allowed:
+            raise ModelLoadError(
+                f"{path}: {name}={raw.get(name)!r} is not supported (this encoder implements "
+                f"{', '.join(repr(a) for a in allowed if a)})"
+            )
+    missing = [name for name in _REQUIRED_CONFIG if name not in raw]
+    if missing:
+        raise ModelLoadError(f"{path}: missing {', '.join(missing)}")
+    ints = {name: raw[name] for name in _REQUIRED_CONFIG if name != "layer_norm_eps"}
+    bad = [n for n, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise ModelLoadError(f"{path}: {', '.join(bad)} must be positive integers")
+    if ints["hidden_size"] % ints["num_attention_heads"]:
+        raise ModelLoadError(
+            f"{path}: hidden_size {ints['hidden_size']} is not a multiple of "
+            f"num_attention_heads {ints['num_attention_heads']}"
+        )
+    max_seq = ints["max_position_embeddings"]
+    st_path = directory / "sentence_bert_config.json"
+    if st_path.exists():
+        try:
+            max_seq = int(json.loads(st_path.read_text()).get("max_seq_length", max_seq))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{st_path} is not readable: {exc}") from None
+    return BertConfig(
+        hidden=ints["hidden_size"],
+        heads=ints["num_attention_heads"],
+        layers=ints["num_hidden_layers"],
+        intermediate=ints["intermediate_size"],
+        vocab=ints["vocab_size"],
+        max_positions=ints["max_position_embeddings"],
+        type_vocab=ints["type_vocab_size"],
+        eps=float(raw["layer_norm_eps"]),
+        max_seq_length=min(max_seq, ints["max_position_embeddings"]),
+    )
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory} has no *.safetensors weights")
+    return files
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's tensor table, read without touching its data."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100 << 20:
+            raise ModelLoadError(f"{path}: a header of {size} bytes is not a safetensors file")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: unreadable safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _prefix(names: set[str]) -> str:
+    """'' or 'bert.': BertModel checkpoints name tensors without it, BertFor* ones with it."""
+    if "embeddings.word_embeddings.weight" in names:
+        return ""
+    if "bert.embeddings.word_embeddings.weight" in names:
+        return "bert."
+    raise ModelLoadError("no embeddings.word_embeddings.weight among the weights: not a BERT model")
+
+
+def _wanted(config: BertConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor the encoder keeps, with the shape it must have."""
+    h, i, p = config.hidden, config.intermediate, prefix
+    shapes = {
+        f"{p}embeddings.word_embeddings.weight": (config.vocab, h),
+        f"{p}embeddings.position_embeddings.weight": (config.max_positions, h),
+        f"{p}embeddings.token_type_embeddings.weight": (config.type_vocab, h),
+        f"{p}embeddings.LayerNorm.weight": (h,),
+        f"{p}embeddings.LayerNorm.bias": (h,),
+    }
+    for n in range(config.layers):
+        layer = f"{p}encoder.layer.{n}."
+        for proj in ("query", "key", "value"):
+            shapes[f"{layer}attention.self.{proj}.weight"] = (h, h)
+            shapes[f"{layer}attention.self.{proj}.bias"] = (h,)
+        shapes[f"{layer}attention.output.dense.weight"] = (h, h)
+        shapes[f"{layer}attention.output.dense.bias"] = (h,)
+        shapes[f"{layer}attention.output.LayerNorm.weight"] = (h,)
+        shapes[f"{layer}attention.output.LayerNorm.bias"] = (h,)
+        shapes[f"{layer}intermediate.dense.weight"] = (i, h)
+        shapes[f"{layer}intermediate.dense.bias"] = (i,)
+        shapes[f"{layer}output.dense.weight"] = (h, i)
+        shapes[f"{layer}output.dense.bias"] = (h,)
+        shapes[f"{layer}output.LayerNorm.weight"] = (h,)
+        shapes[f"{layer}output.LayerNorm.bias"] = (h,)
+    return shapes
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes the packed fp32 weights will take, from the config and the safetensors headers
+    alone, so a load that would not fit is refused before anything is read."""
+    config = read_config(directory)
+    names: set[str] = set()
+    for path in _safetensors_files(directory):
+        names.update(_header(path))
+    shapes = _wanted(config, _prefix(names))
+    # The position and token-type tables become one table of max_positions rows.
+    type_table = shapes[next(n for n in shapes if n.endswith("token_type_embeddings.weight"))]
+    return 4 * (sum(int(np.prod(s)) for s in shapes.values()) - int(np.prod(type_table)))
+
+
+def read_weights(directory: Path, config: BertConfig) -> dict[str, np.ndarray]:
+    """The encoder's weights as float32 arrays by name (without a 'bert.' prefix), each checked
+    against the shape the config implies."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(directory)
+    names: set[str] = set()
+    for path in files:
+        names.update(_header(path))
+    prefix = _prefix(names)
+    shapes = _wanted(config, prefix)
+    missing = sorted(set(shapes) - names)
+    if missing:
+        raise ModelLoadError(
+            f"{directory}: weights missing: {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name not in shapes:
+                    continue  # the pooler, position_ids: not used
+                array = f.get_tensor(name)
+                if tuple(array.shape) != shapes[name]:
+                    raise ModelLoadError(
+                        f"{path}: {name} has shape {tuple(array.shape)}, the config says "
+                        f"{shapes[name]}"
+                    )
+                if array.dtype.kind != "f":
+                    raise ModelLoadError(f"{path}: {name} is {array.dtype}, not floating point")
+                out[name[len(prefix) :]] = np.ascontiguousarray(array, dtype=np.float32)
+    return out
+
+
+@dataclass
+class _Layer:
+    wqkv: np.ndarray  # (H, 3H): query, key, value side by side
+    bqkv: np.ndarray
+    wo: np.ndarray  # (H, H)
+    bo: np.ndarray
+    ln1_g: np.ndarray
+    ln1_b: np.ndarray
+    w1: np.ndarray  # (H, I)
+    b1: np.ndarray
+    w2: np.ndarray  # (I, H)
+    b2: np.ndarray
+    ln2_g: np.ndarray
+    ln2_b: np.ndarray
+
+
+class BertEncoder:
+    """A loaded, pre-packed sentence encoder: token ids in, L2-normalised embeddings out."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.config = read_config(directory)
+        raw = read_weights(directory, self.config)
+        c = self.config
+
+        def take(name: str) -> np.ndarray:
+            return raw.pop(name)
+
+        self.word = take("embeddings.word_embeddings.weight")
+        # Single-sentence inputs have token type 0: fold its row into the position table.
+        types = take("embeddings.token_type_embeddings.weight")
+        self.pos_type = take("embeddings.position_embeddings.weight") + types[0]
+        self.emb_ln = (take("embeddings.LayerNorm.weight"), take("embeddings.LayerNorm.bias"))
+        self.layers: list[_Layer] = []
+        for n in range(c.layers):
+            pre = f"encoder.layer.{n}."
+
+            def packed(name: str, pre: str = pre) -> np.ndarray:
+                return np.ascontiguousarray(take(pre + name).T)
+
+            qkv = [take(f"{pre}attention.self.{x}.weight") for x in ("query", "key", "value")]
+            self.layers.append(
+                _Layer(
+                    wqkv=np.ascontiguousarray(np.concatenate(qkv, axis=0).T),
+                    bqkv=np.concatenate(
+                        [take(f"{pre}attention.self.{x}.bias") for x in ("query", "key", "value")]
+                    ),
+                    wo=packed("attention.output.dense.weight"),
+                    bo=take(pre + "attention.output.dense.bias"),
+                    ln1_g=take(pre + "attention.output.LayerNorm.weight"),
+                    ln1_b=take(pre + "attention.output.LayerNorm.bias"),
+                    w1=packed("intermediate.dense.weight"),
+                    b1=take(pre + "intermediate.dense.bias"),
+                    w2=packed("output.dense.weight"),
+                    b2=take(pre + "output.dense.bias"),
+                    ln2_g=take(pre + "output.LayerNorm.weight"),
+                    ln2_b=take(pre + "output.LayerNorm.bias"),
+                )
+            )
+        self.tokenizer = _load_tokenizer(directory, c.max_seq_length)
+        self._untruncated = _load_tokenizer(directory, None)  # to count, for truncate: false
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of resident weights (the tokenizer's few MB are not counted)."""
+        arrays = [self.word, self.pos_type, *self.emb_ln]
+        for layer in self.layers:
+            arrays.extend(vars(layer).values())
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def dimensions(self) -> int:
+        return self.config.hidden
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with [CLS] and [SEP], truncated to max_seq_length as sentence-transformers
+        truncates (the longest first; for one sentence: its end)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` before truncation (for callers that refuse to truncate)."""
+        return len(self._untruncated.encode(text).ids)
+
+    def encode_ids(
+        self,
+        sequences: list[list[int]],
+        max_batch_tokens: int = 4096,
+        forward: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """(n, hidden) float32 embeddings, L2-normalised. Sequences are sorted by length and run
+        in padded chunks of at most max_batch_tokens positions (at least one sequence each); a
+        chunk also ends where padding would pass PAD_SHARE of it, once it holds MIN_ROWS
+        positions, so mixed lengths do not pay for their longest. `forward(ids, lengths)` runs
+        a chunk: this encoder's own by default, or a compiled graph's (vtpu.phextcc)."""
+        forward = forward or self.forward
+        n = len(sequences)
+        out = np.empty((n, self.config.hidden), dtype=np.float32)
+        order = sorted(range(n), key=lambda i: -len(sequences[i]))
+        start = 0
+        while start < n:
+            longest = max(1, len(sequences[order[start]]))
+            end, real = start + 1, longest
+            while end < n and (end - start + 1) * longest <= max_batch_tokens:
+                length = max(1, len(sequences[order[end]]))
+                padded = (end - start + 1) * longest
+                if real >= MIN_ROWS and padded - (real + length) > PAD_SHARE * padded:
+                    break
+                real += length
+                end += 1
+            chunk = order[start:end]
+            out[chunk] = forward(*pad([sequences[i] for i in chunk]))
+            start = end
+        return out
+
+    def forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The hand-written forward of one padded chunk: ids (B, S), lengths (B,) int32."""
+        c = self.config
+        bsz, seq = ids.shape
+        h, nh = c.hidden, c.heads
+        x = K.gather_rows(self.word, ids.reshape(-1)).reshape(bsz, seq * h)
+        K.add(x, self.pos_type[:seq].reshape(-1), out=x)
+        x = x.reshape(bsz * seq, h)
+        K.layer_norm(x, *self.emb_ln, c.eps, out=x)
+        for layer in self.layers:
+            qkv = K.linear(x, layer.wqkv, layer.bqkv).reshape(bsz, seq, 3 * h)
+            ctx = K.attention_packed(qkv, nh, key_lengths=lengths).reshape(bsz * seq, h)
+            a = K.linear(ctx, layer.wo, layer.bo)
+            x = K.add_layer_norm(a, x, layer.ln1_g, layer.ln1_b, c.eps, out=a)
+            f = K.linear(x, layer.w1, layer.b1, "gelu")
+            o = K.linear(f, layer.w2, layer.b2)
+            x = K.add_layer_norm(o, x, layer.ln2_g, layer.ln2_b, c.eps, out=o)
+        pooled = K.masked_mean_pool(x.reshape(bsz, seq, h), lengths)
+        return K.l2_normalize(pooled, out=pooled)
+
+
+def pad(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as (ids (B, S) int64 padded with 0, lengths (B,) int32)."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int32)
+    ids = np.zeros((len(sequences), max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+    for b, s in enumerate(sequences):
+        ids[b, : len(s)] = s
+    return ids, lengths
+
+
+def _load_tokenizer(directory: Path, max_length: int | None):
+    from tokenizers import Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing: the encoder needs its tokenizer.json")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a tokenizers file: {exc}") from None
+    tok.no_padding()  # tokenizer.json may pad to a fixed length; we pad per batch
+    if max_length is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length=max_length)
+    return tok
