@@ -8,7 +8,8 @@ each input came from). A figure that cannot be computed is null with its reason,
 Money is Decimal (USD); `jsonable` turns a report into JSON types (Decimal as exact strings).
 
 Counting rules:
-- Ops delivered: a node's cumulative runtime ops counter (`data.ops` of its telemetry samples),
+- Ops delivered: a node's cumulative runtime ops counter (`ops` of its telemetry samples, kept
+  as the column `ops_total` beside `uptime_seconds`, `energy_joules` and `energy_source`),
   summed over consecutive samples in the window. A counter that went backwards (or whose
   uptime did) means the agent restarted: the later reading is what it counted since then.
 - Energy: measured where both samples of an interval come from RAPL (`sources.power_watts`) and
@@ -25,21 +26,20 @@ Counting rules:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from django.db import transaction
-from django.db.models import Q
-from django.db.models.fields.json import KT
+from django.db import connection, transaction
+from django.db.models import BigIntegerField, Case, Func, JSONField, Q, When
 from django.utils import timezone
 
 from accounts.models import User
 from billing.models import EconomicAssumptions, Invoice, Subscription
 from fleet.models import Host, Node, NodeState, TelemetrySample
+from fleet.services.agents import sample_counters
 
 HOURS_PER_MONTH = Decimal(730)  # 365 x 24 / 12
 ROI_MONTHS = 36
@@ -51,6 +51,8 @@ MRR_STATUSES = ("active", "trialing", "past_due")
 LIVE_NODE_STATES = (NodeState.READY, NodeState.DEGRADED, NodeState.SUSPENDED)
 TRILLION = Decimal(10) ** 12
 JOULES_PER_KWH = Decimal(3_600_000)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECONDS = Decimal(1_000_000)
 ASSUMPTION_FIELDS = (
     "electricity_usd_per_kwh",
     "host_hardware_cost_usd",
@@ -150,39 +152,40 @@ def assumptions_record(*, by: User, values: dict) -> EconomicAssumptions:
 # ---- delivered ops and energy, from telemetry ---------------------------------------------
 
 
-def _number(text: str | None) -> int | float | None:
-    """A counter as read from the JSON text: exact when it is an integer (ops pass 2**53)."""
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 RAPL = "RAPL package energy"  # how the runtime names a measured power source
 
 
 @dataclass
 class Usage:
-    """What one node's telemetry says about the window."""
+    """What one node's telemetry says about the window (times in whole microseconds)."""
 
     node: Node
     samples: int = 0
-    first: datetime | None = None
-    last: datetime | None = None
+    first_us: int | None = None
+    last_us: int | None = None
     ops: int = 0
     restarts: int = 0
     measured_joules: Decimal = Decimal(0)
-    measured_seconds: Decimal = Decimal(0)
-    modelled_seconds: Decimal = Decimal(0)
+    measured_us: int = 0
+    modelled_us: int = 0
     power_sources: list[str] = field(default_factory=list)
     throughput_gops: float | None = None  # the latest: its speed while kernels ran
+
+    @property
+    def first(self) -> datetime | None:
+        return None if self.first_us is None else EPOCH + timedelta(microseconds=self.first_us)
+
+    @property
+    def last(self) -> datetime | None:
+        return None if self.last_us is None else EPOCH + timedelta(microseconds=self.last_us)
+
+    @property
+    def measured_seconds(self) -> Decimal:
+        return Decimal(self.measured_us) / MICROSECONDS
+
+    @property
+    def modelled_seconds(self) -> Decimal:
+        return Decimal(self.modelled_us) / MICROSECONDS
 
     @property
     def seconds(self) -> Decimal:
@@ -193,26 +196,47 @@ class Usage:
         return self.seconds / 3600
 
 
+class EpochMicroseconds(Func):
+    """A timestamp as whole microseconds since 1970, computed by PostgreSQL: an integer is
+    read many times faster than a timestamp is parsed into a datetime."""
+
+    template = "(EXTRACT(EPOCH FROM %(expressions)s) * 1000000)::bigint"
+    output_field = BigIntegerField()
+
+
+def _microseconds(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
 def _usage(nodes: list[Node], start: datetime, end: datetime) -> dict[UUID, Usage]:
     usage = {node.pk: Usage(node) for node in nodes}
+    postgresql = connection.vendor == "postgresql"
     rows = (
         TelemetrySample.objects.filter(node__in=usage, created__gte=start, created__lte=end)
         .order_by("node_id", "created", "id")
         .values_list(
             "node_id",
-            "created",
-            KT("data__ops"),
-            KT("data__uptime_seconds"),
-            KT("data__lifetime__energy_joules"),
-            KT("data__sources__power_watts"),
+            EpochMicroseconds("created") if postgresql else "created",
+            "ops_total",
+            "uptime_seconds",
+            "energy_joules",
+            "energy_source",
             "throughput_gops",
+            # A sample stored without the columns (around store_sample) is read from its JSON;
+            # PostgreSQL reads no JSON for the others.
+            Case(When(ops_total__isnull=True, then="data"), output_field=JSONField()),
         )
     )
     previous: tuple | None = None
-    for node_id, created, ops, uptime, joules, power_source, gops in rows.iterator(2000):
-        ops, uptime, joules = _number(ops), _number(uptime), _number(joules)
+    for node_id, at_us, ops, uptime, joules, power_source, gops, data in rows.iterator(10_000):
+        if data is not None:
+            counters = sample_counters(data)
+            ops, uptime = counters["ops_total"], counters["uptime_seconds"]
+            joules, power_source = counters["energy_joules"], counters["energy_source"]
         if ops is None or ops < 0:
             continue  # no counter in this sample: it cannot bound an interval
+        if not postgresql:
+            at_us = _microseconds(at_us)
         u = usage[node_id]
         # Also "null: window too short ... Source when measured: RAPL package energy (...)":
         # the energy counter still moved.
@@ -222,24 +246,23 @@ def _usage(nodes: list[Node], start: datetime, end: datetime) -> dict[UUID, Usag
             u.power_sources.append(power_source[at:])
         if gops is not None:
             u.throughput_gops = gops
-        current = (node_id, created, int(ops), uptime, joules if measured else None)
-        if u.first is None:
-            u.first = created
-        u.last, u.samples = created, u.samples + 1
+        current = (node_id, at_us, ops, uptime, joules if measured else None)
+        if u.first_us is None:
+            u.first_us = at_us
+        u.last_us, u.samples = at_us, u.samples + 1
         if previous is not None and previous[0] == node_id:
-            _, before, ops0, uptime0, joules0 = previous
-            seconds = _dec((created - before).total_seconds())
-            restarted = current[2] < ops0 or (
+            _, before_us, ops0, uptime0, joules0 = previous
+            restarted = ops < ops0 or (
                 uptime is not None and uptime0 is not None and uptime < uptime0
             )
             u.restarts += restarted
-            u.ops += current[2] if restarted else current[2] - ops0
+            u.ops += ops if restarted else ops - ops0
             delta_j = None if restarted or joules0 is None else current[4] - joules0
             if delta_j is not None and delta_j >= 0:
                 u.measured_joules += _dec(delta_j)
-                u.measured_seconds += seconds
+                u.measured_us += at_us - before_us
             else:
-                u.modelled_seconds += seconds
+                u.modelled_us += at_us - before_us
         previous = current
     return usage
 

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_safe
 
 from billing.stripe_client import stripe_configured
@@ -22,6 +23,10 @@ from controlplane.csp import content_security_policy
 @login_required
 def card(request: HttpRequest) -> HttpResponse:
     enabled = stripe_configured() and bool(settings.STRIPE_PUBLISHABLE_KEY)
+    # Where the customer came from (a portal page that needs a card): a link back, this site's only.
+    next_url = request.GET.get("next", "")
+    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
+        next_url = ""
     response = render(
         request,
         "billing/card.html",
@@ -29,6 +34,7 @@ def card(request: HttpRequest) -> HttpResponse:
             "enabled": enabled,
             "stripe_js_url": settings.STRIPE_JS_URL,
             "test_mode": settings.STRIPE_PUBLISHABLE_KEY.startswith("pk_test_"),
+            "next_url": next_url,
         },
     )
     response["Content-Security-Policy"] = content_security_policy(stripe=True)

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
 
-from accounts.models import Account, ApiToken, Membership, User
+from accounts.models import Account, ApiToken, Invitation, Membership, User
 
 
 class MembershipInline(admin.TabularInline):
@@ -46,4 +46,20 @@ class ApiTokenAdmin(admin.ModelAdmin):
     fields = ["account", "user", "name", "prefix", "created", "last_used_at", "revoked_at"]
 
     def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Owners' invitations (the link's secret is only a hash here): staff see who was invited and
+    whether they joined, and can withdraw an open one by deleting it."""
+
+    list_display = ["email", "account", "invited_by", "created", "expires_at", "accepted_at"]
+    search_fields = ["email", "account__name"]
+    readonly_fields = [f.name for f in Invitation._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -13,6 +13,8 @@ from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from rest_framework.throttling import BaseThrottle
 
+from controlplane.csp import with_policy
+
 
 def _client_address(request: HttpRequest) -> str:
     # The API throttles' notion of the client (REMOTE_ADDR, or X-Forwarded-For by NUM_PROXIES).
@@ -70,5 +72,7 @@ _customer_login = LoginView.as_view(
 
 
 def throttled_customer_login(request: HttpRequest) -> HttpResponse:
-    """Everyone's sign-in page (customers and staff), throttled like the admin's."""
-    return _throttled(request, _customer_login, lambda r: r.user.is_authenticated)
+    """Everyone's sign-in page (customers and staff), throttled like the admin's, under the
+    portal's Content-Security-Policy."""
+    response = _throttled(request, _customer_login, lambda r: r.user.is_authenticated)
+    return with_policy(response)

@@ -242,7 +242,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"  # collectstatic fills it; WhiteNoise serves it
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 LOGIN_URL = "/accounts/login/"
-LOGIN_REDIRECT_URL = "/billing/card"  # until the portal (issue 9) has a home page
+LOGIN_REDIRECT_URL = "/"  # the portal's home
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

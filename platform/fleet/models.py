@@ -285,6 +285,18 @@ class TelemetrySample(models.Model):
     power_watts = models.FloatField(null=True, blank=True)
     mops_per_watt = models.FloatField(null=True, blank=True)
     cache_hit_rate = models.FloatField(null=True, blank=True)
+    # The counters the economics sum over consecutive samples, as plain columns (reading them
+    # from the JSON costs PostgreSQL a parse per row); null when the telemetry had none.
+    ops_total = models.BigIntegerField(
+        null=True, blank=True, help_text="Cumulative runtime ops counter (telemetry `ops`)."
+    )
+    uptime_seconds = models.FloatField(null=True, blank=True)
+    energy_joules = models.FloatField(
+        null=True, blank=True, help_text="Cumulative energy (telemetry `lifetime.energy_joules`)."
+    )
+    energy_source = models.TextField(
+        null=True, blank=True, help_text="Where the power figure came from (`sources.power_watts`)."
+    )
     data = models.JSONField(default=dict)
 
     class Meta:

@@ -62,6 +62,18 @@ UNSCOPED = {
     "billing-reconciliation",  # staff only (tests/billing/test_reconciliation.py)
     "economics",  # staff only (tests/billing/test_economics.py)
     "economics-assumptions",  # staff only (tests/billing/test_economics.py)
+    # The staff dashboard: staff only (tests/dashboards/test_staff_dashboard.py).
+    "staff-dashboard",
+    "staff-data",
+    "staff-assumptions",
+    # Signing up, password reset, and an invitation's page (its one-time secret in the path):
+    # no account yet (tests/portal/test_account_views.py).
+    "signup",
+    "password_reset",
+    "password_reset_done",
+    "password_reset_confirm",
+    "password_reset_complete",
+    "invitation-accept",
 }
 # No id in the path: they act on the caller's own account and nothing else (tests/billing).
 OWN_ACCOUNT_ROUTES = {
@@ -71,6 +83,36 @@ OWN_ACCOUNT_ROUTES = {
     "billing-cancel",
     "billing-card",
     "portal-home",
+    "account-team",  # the portal's account pages (tests/portal/test_account_views.py)
+    "account-channels",
+    "account-tokens",
+    "account-billing",
+    "account-billing-cancel",
+    "account-billing-keep",
+    "portal-docs",
+    "portal-nodes",  # the node list, deploying, enrolling (tests/portal/test_nodes.py)
+    "portal-node-rows",
+    "portal-node-deploy",
+    "portal-node-enroll",
+}
+
+# Portal pages with an object id in the path: each has its own 404 test for another account's
+# object in its test module (tests/portal/test_account_views.py, ...).
+PORTAL_ROUTES = {
+    "account-channel",
+    "account-channel-delete",
+    "account-token-revoke",
+    "account-invoice-pay",
+    # A node's pages (tests/portal/test_nodes.py, test_another_accounts_node_is_not_found_...).
+    "portal-node",
+    "portal-node-status",
+    "portal-node-charts",
+    "portal-job-log",
+    "portal-node-token",
+    "portal-node-token-rotate",
+    "portal-node-benchmark",
+    "portal-node-payment",
+    "portal-node-delete",
 }
 
 
@@ -87,7 +129,14 @@ def _api_routes(resolver=None, prefix=""):
 
 def test_every_endpoint_is_in_the_table():
     names = {name for name, _ in _api_routes()}
-    unknown = names - set(OBJECT_ROUTES) - set(LIST_ROUTES) - UNSCOPED - OWN_ACCOUNT_ROUTES
+    unknown = (
+        names
+        - set(OBJECT_ROUTES)
+        - set(LIST_ROUTES)
+        - UNSCOPED
+        - OWN_ACCOUNT_ROUTES
+        - PORTAL_ROUTES
+    )
     assert not unknown, f"add these routes to the tenant-isolation table: {sorted(unknown)}"
 
 

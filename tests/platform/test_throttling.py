@@ -200,7 +200,8 @@ def test_customers_sign_in_on_their_own_page_throttled_like_the_admins(rates):
     client = Client(REMOTE_ADDR="203.0.113.60")
     assert client.get("/billing/card")["Location"] == "/accounts/login/?next=/billing/card"
     page = client.get("/accounts/login/?next=/billing/card")
-    assert page.status_code == 200 and b'<label for="id_username">' in page.content
+    assert page.status_code == 200 and b'for="id_username"' in page.content
+    assert "script-src 'self';" in page["Content-Security-Policy"]
     wrong = {"username": "carol", "password": "guess", "next": "/billing/card"}
     for _ in range(3):
         reply = client.post("/accounts/login/", wrong)

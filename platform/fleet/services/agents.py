@@ -76,6 +76,30 @@ def finite_number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def sample_counters(telemetry: dict) -> dict:
+    """The cumulative counters of a telemetry document (runtime/vtpu/telemetry.py), as the
+    TelemetrySample columns the economics read: ops, uptime, energy and the power source."""
+    ops = telemetry.get("ops")  # an int stays exact past 2**53
+    if isinstance(ops, float) and math.isfinite(ops):
+        ops = int(ops)
+    if isinstance(ops, bool) or not isinstance(ops, int) or abs(ops) > BIGINT_MAX:
+        ops = None
+    lifetime = telemetry.get("lifetime")
+    sources = telemetry.get("sources")
+    power_source = sources.get("power_watts") if isinstance(sources, dict) else None
+    return {
+        "ops_total": ops,
+        "uptime_seconds": finite_number(telemetry.get("uptime_seconds")),
+        "energy_joules": (
+            finite_number(lifetime.get("energy_joules")) if isinstance(lifetime, dict) else None
+        ),
+        "energy_source": power_source if isinstance(power_source, str) else None,
+    }
+
+
 def store_sample(node: Node, telemetry: dict) -> TelemetrySample:
     cache = telemetry.get("cache_hit_rate")
     if isinstance(cache, dict):
@@ -87,6 +111,7 @@ def store_sample(node: Node, telemetry: dict) -> TelemetrySample:
         power_watts=finite_number(telemetry.get("power_watts")),
         mops_per_watt=finite_number(telemetry.get("mops_per_watt")),
         cache_hit_rate=finite_number(cache),
+        **sample_counters(telemetry),
         data=telemetry,
     )
 

@@ -1,10 +1,12 @@
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_safe
 
-from portal.views.base import account_of, page
+from portal.views import nodes
 
 
+@require_safe
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    """The signed-in customer's start page (the node list takes over once it exists)."""
-    return page(request, "portal/home.html", {"account": account_of(request)})
+    """The signed-in customer's start page: their nodes."""
+    return nodes.node_list(request)
