@@ -808,13 +808,7 @@ class EconomicAssumptionsSerializer(serializers.ModelSerializer):
     class Meta:
         model = EconomicAssumptions
         fields = [
-            "electricity_usd_per_kwh",
-            "host_hardware_cost_usd",
-            "amortisation_months",
-            "modelled_watts_per_node",
-            "cloud_tpu_usd_per_hour",
-            "cloud_tpu_ops_per_second",
-            "burn_usd_per_month",
+            *economics.ASSUMPTION_FIELDS,
             "updated",
             "updated_by",
             "source",
