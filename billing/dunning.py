@@ -108,6 +108,8 @@ def payment_recovered_if_settled(*, account_id: int) -> bool:
             return False
         resumed = 0
         for node in Node.objects.filter(account_id=account_id, state=S.SUSPENDED):
+            if fleet_nodes.suspended_by_account(node):
+                continue  # the account paused it itself: it stays paused
             if try_transition(node, S.READY, RESUME_CAUSE):
                 fleet_nodes.node_action_request(node=node, kind=NodeAction.Kind.RESUME)
                 resumed += 1

@@ -413,6 +413,7 @@ class FlipSerializer(serializers.Serializer):
             "heartbeat_late",
             "health_check_failed",
             "agent_errors",
+            "suspended_by_account",
             "suspended_billing",
             "maintenance",
             "other",

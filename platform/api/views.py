@@ -227,6 +227,24 @@ class NodeRetryView(AccountView, APIView):
         return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
+class NodeSuspendView(AccountView, APIView):
+    """Pause the node: its agent refuses work, keeps its data and heartbeats; not downtime."""
+
+    @extend_schema(request=None, responses={202: s.NodeSerializer, **errors(403, 404, 409)})
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = nodes.node_suspend(node=self.own_node(node_id), by=request.user)
+        return Response(s.NodeSerializer(node).data, status=status.HTTP_202_ACCEPTED)
+
+
+class NodeResumeView(AccountView, APIView):
+    """Resume a node the account suspended (one suspended for non-payment: 403)."""
+
+    @extend_schema(request=None, responses={202: s.NodeSerializer, **errors(403, 404, 409)})
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = nodes.node_resume(node=self.own_node(node_id), by=request.user)
+        return Response(s.NodeSerializer(node).data, status=status.HTTP_202_ACCEPTED)
+
+
 def _credentials(node: Node) -> dict:
     pending = NodeAction.objects.filter(
         node=node, kind=NodeAction.Kind.ROTATE_TOKEN, completed_at__isnull=True

@@ -4,7 +4,7 @@ A node's life is the sequence of its transitions. Each stretch of time between t
 - `up`: the node was ready;
 - `down`: it was degraded, or failed after it had been serving (ready/degraded → failed);
 - `excluded`: it was not yet serving (requested, provisioning, failed before it ever served),
-  suspended (billing: non-payment is not downtime), or deleted (deprovisioning, terminated).
+  suspended (by billing for non-payment, or by the account's own choice: not downtime), or deleted (deprovisioning, terminated).
 Down time inside a maintenance window (of the node, its host, or the whole fleet) is counted as
 `maintenance`, not down. Uptime = up / (up + down); with neither it is None (nothing to judge).
 A flip is a change between up and down, with the transition's time and cause.
@@ -60,13 +60,15 @@ FLIP_CATEGORIES = (
     ("no heartbeat", "heartbeat_late"),
     ("health check failed: HTTP 5", "agent_errors"),
     ("health check failed", "health_check_failed"),
+    ("(the account's choice)", "suspended_by_account"),
     ("suspend", "suspended_billing"),
     ("maintenance", "maintenance"),
 )
 
 
 def flip_category(cause: str) -> str:
-    """heartbeat_late, health_check_failed, agent_errors, suspended_billing, maintenance, other."""
+    """heartbeat_late, health_check_failed, agent_errors, suspended_by_account,
+    suspended_billing, maintenance, other."""
     lowered = cause.lower()
     for words, category in FLIP_CATEGORIES:
         if lowered.startswith(words.lower()) or words.lower() in lowered:

@@ -20,6 +20,8 @@ urlpatterns = [
         name="portal-node-token-rotate",
     ),
     path("nodes/<uuid:node_id>/benchmark/", nodes.node_benchmark, name="portal-node-benchmark"),
+    path("nodes/<uuid:node_id>/suspend/", nodes.node_suspend, name="portal-node-suspend"),
+    path("nodes/<uuid:node_id>/resume/", nodes.node_resume, name="portal-node-resume"),
     path("nodes/<uuid:node_id>/payment/", nodes.node_payment_check, name="portal-node-payment"),
     path("nodes/<uuid:node_id>/delete/", nodes.node_delete, name="portal-node-delete"),
 ]

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.django_db
 OBJECT_ROUTES = {
     "node-detail": (["get", "delete"], "node"),
     "node-retry": (["post"], "node"),
+    "node-suspend": (["post"], "node"),
+    "node-resume": (["post"], "node"),
     "node-jobs": (["get"], "node"),
     "node-transitions": (["get"], "node"),
     "node-actions": (["get", "post"], "node"),
@@ -113,6 +115,8 @@ PORTAL_ROUTES = {
     "portal-node-benchmark",
     "portal-node-payment",
     "portal-node-delete",
+    "portal-node-suspend",
+    "portal-node-resume",
 }
 
 

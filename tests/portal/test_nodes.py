@@ -397,6 +397,8 @@ NODE_ROUTES = [
     ("post", "portal-node-payment"),
     ("get", "portal-node-delete"),
     ("post", "portal-node-delete"),
+    ("post", "portal-node-suspend"),
+    ("post", "portal-node-resume"),
 ]
 
 
@@ -422,3 +424,79 @@ def test_another_accounts_job_log_is_not_found(bob_web, alice_web, alpha, bob, l
     # Nor through a node of one's own: a job is found under its own node only.
     assert bob_web.get(reverse("portal-job-log", args=[bobs.pk, job.pk])).status_code == 404
     assert alice_web.get(reverse("portal-job-log", args=[alpha.pk, job.pk])).status_code == 200
+
+
+# ---- suspend and resume -----------------------------------------------------------------------
+
+
+def test_the_account_suspends_and_resumes_its_own_node(alice_web, alpha):
+    from monitoring.uptime import flip_category, nodes_uptime
+
+    make_ready(alpha)
+    page = alice_web.get(reverse("portal-node", kwargs={"node_id": alpha.pk}))
+    assert b">Suspend</button>" in page.content
+    done = alice_web.post(reverse("portal-node-suspend", kwargs={"node_id": alpha.pk}))
+    assert done.status_code == 302
+    alpha.refresh_from_db()
+    assert alpha.state == "suspended"
+    assert NodeAction.objects.filter(node=alpha, kind="suspend", completed_at=None).exists()
+    cause = alpha.transitions.last().cause
+    assert flip_category(cause) == "suspended_by_account"
+    measured = nodes_uptime([alpha], alpha.created, timezone.now())[alpha.pk]
+    assert measured.down_seconds == 0  # a pause is not downtime
+    page = alice_web.get(reverse("portal-node", kwargs={"node_id": alpha.pk}))
+    assert b">Resume</button>" in page.content
+    assert (
+        alice_web.post(reverse("portal-node-resume", kwargs={"node_id": alpha.pk})).status_code
+        == 302
+    )
+    alpha.refresh_from_db()
+    assert alpha.state == "ready"
+    assert NodeAction.objects.filter(node=alpha, kind="resume", completed_at=None).exists()
+    # Resuming again, or suspending a node that is not ready, says why.
+    again = alice_web.post(reverse("portal-node-resume", kwargs={"node_id": alpha.pk}))
+    assert again.status_code == 409 and b"Only a suspended node" in again.content
+
+
+def test_a_node_suspended_for_non_payment_is_not_resumed_by_the_account(alice, alice_web, alpha):
+    from billing import dunning
+    from billing.models import BillingCustomer
+
+    make_ready(alpha)
+    dunning.payment_failed(account_id=alpha.account_id, invoice_id="in_unpaid")
+    since = BillingCustomer.objects.get(account_id=alpha.account_id).past_due_since
+    dunning.dunning_sweep(now=since + timedelta(days=8))
+    alpha.refresh_from_db()
+    assert alpha.state == "suspended"
+    page = alice_web.get(reverse("portal-node", kwargs={"node_id": alpha.pk}))
+    assert b">Resume</button>" not in page.content and b"a payment failed" in page.content
+    refused = alice_web.post(reverse("portal-node-resume", kwargs={"node_id": alpha.pk}))
+    assert refused.status_code == 403 and b"once the open invoice is paid" in refused.content
+    alpha.refresh_from_db()
+    assert alpha.state == "suspended"
+
+
+def test_a_payment_does_not_resume_a_node_the_account_paused(alice, alpha):
+    from billing import dunning
+    from billing.models import BillingCustomer
+    from fleet.services.nodes import node_suspend
+
+    make_ready(alpha)
+    node_suspend(node=alpha, by=alice)
+    dunning.payment_failed(account_id=alpha.account_id, invoice_id="in_unpaid")
+    BillingCustomer.objects.filter(account_id=alpha.account_id).update(standing="suspended")
+    assert dunning.payment_recovered_if_settled(account_id=alpha.account_id)
+    alpha.refresh_from_db()
+    assert alpha.state == "suspended"  # paused by its account: it stays paused
+
+
+def test_the_api_suspends_and_resumes_too(alice, alpha):
+    from tests.platform.conftest import api_client_for
+
+    make_ready(alpha)
+    api = api_client_for(alice)
+    url = reverse("node-suspend", kwargs={"node_id": alpha.pk})
+    assert api.post(url).json()["state"] == "suspended"
+    assert api.post(url).status_code == 409
+    resumed = api.post(reverse("node-resume", kwargs={"node_id": alpha.pk}))
+    assert resumed.status_code == 202 and resumed.json()["state"] == "ready"

@@ -365,6 +365,51 @@ def node_access_token_rotate(*, node: Node) -> Node:
     return node
 
 
+# ---- the account's own suspension ------------------------------------------------------------
+
+# A suspension's cause says who chose it: billing's dunning writes "suspended for non-payment…",
+# the account's own writes this. Only the account's own can be resumed by the account.
+BY_ACCOUNT = "(the account's choice)"
+
+
+@transaction.atomic
+def node_suspend(*, node: Node, by: User) -> Node:
+    """The account pauses its node: its agent refuses work but keeps its data and heartbeats
+    (the same suspension as billing's; not downtime)."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if node.state not in (S.READY, S.DEGRADED):
+        raise Conflict(f"Only a ready node can be suspended; {node.name} is {node.state}.")
+    node_transition(
+        node=node, to_state=S.SUSPENDED, cause=f"suspended by {by.get_username()} {BY_ACCOUNT}"
+    )
+    NodeAction.objects.create(node=node, kind=NodeAction.Kind.SUSPEND)
+    return node
+
+
+@transaction.atomic
+def node_resume(*, node: Node, by: User) -> Node:
+    """The account resumes a node it suspended itself. A node suspended for non-payment comes
+    back only with the payment (billing.dunning)."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if node.state != S.SUSPENDED:
+        raise Conflict(f"Only a suspended node can be resumed; {node.name} is {node.state}.")
+    last = node.transitions.filter(to_state=S.SUSPENDED).order_by("created", "id").last()
+    if last is None or not last.cause.endswith(BY_ACCOUNT):
+        raise Forbidden(
+            f"Node {node.name} was suspended because a payment failed; it resumes by itself"
+            " once the open invoice is paid."
+        )
+    node_transition(node=node, to_state=S.READY, cause=f"resumed by {by.get_username()}")
+    NodeAction.objects.create(node=node, kind=NodeAction.Kind.RESUME)
+    return node
+
+
+def suspended_by_account(node: Node) -> bool:
+    """Whether the node's current suspension was its account's own choice."""
+    last = node.transitions.filter(to_state=S.SUSPENDED).order_by("created", "id").last()
+    return node.state == S.SUSPENDED and last is not None and last.cause.endswith(BY_ACCOUNT)
+
+
 # ---- Prometheus: scraping enrolled nodes ----------------------------------------------------
 
 

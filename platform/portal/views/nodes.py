@@ -4,9 +4,9 @@ and a node's page (charts, benchmarks, alerts, flips, maintenance, jobs, the acc
 benchmark now, delete).
 
 Views read through the selectors and act through the services the API uses; a refusal
-(ServiceError) is shown next to what caused it. Another account's node or job is 404. Suspending
-and resuming are not offered to customers: a node suspended by billing must only come back by a
-payment, and the fleet has no record of who suspended a node."""
+(ServiceError) is shown next to what caused it. Another account's node or job is 404. The account
+may suspend and resume its own node; a node suspended by billing comes back only with the payment
+(fleet.services.nodes.node_resume refuses it)."""
 
 from __future__ import annotations
 
@@ -334,6 +334,8 @@ def _detail_page(request, node: Node, *, errors: dict | None = None, status: int
         "rotation_pending": NodeAction.objects.filter(
             node=node, kind=NodeAction.Kind.ROTATE_TOKEN, completed_at__isnull=True
         ).exists(),
+        "can_suspend": node.state in (NodeState.READY, NodeState.DEGRADED),
+        "can_resume": nodes.suspended_by_account(node),
     }
     return page(request, "portal/nodes/detail.html", context, status=status)
 
@@ -399,6 +401,30 @@ def node_benchmark(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
         return _detail_page(request, node, errors={"benchmark": exc.message}, status=exc.status)
     messages.success(request, "Benchmark asked for: its result shows here when the node sends it.")
     return redirect(f"{reverse('portal-node', kwargs={'node_id': node.pk})}#benchmarks")
+
+
+@require_POST
+@login_required
+def node_suspend(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
+    node = _own_node(request, node_id)
+    try:
+        nodes.node_suspend(node=node, by=request.user)
+    except ServiceError as exc:
+        return _detail_page(request, node, errors={"suspend": exc.message}, status=exc.status)
+    messages.success(request, "Suspended: the node refuses work until you resume it.")
+    return redirect(reverse("portal-node", kwargs={"node_id": node.pk}))
+
+
+@require_POST
+@login_required
+def node_resume(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
+    node = _own_node(request, node_id)
+    try:
+        nodes.node_resume(node=node, by=request.user)
+    except ServiceError as exc:
+        return _detail_page(request, node, errors={"suspend": exc.message}, status=exc.status)
+    messages.success(request, "Resumed: the node takes work again at its next heartbeat.")
+    return redirect(reverse("portal-node", kwargs={"node_id": node.pk}))
 
 
 @never_cache
