@@ -21,9 +21,16 @@ import requests  # noqa: E402
 
 django.setup()
 
+from tests import browser as browser_fixtures  # noqa: E402
 from tests.conftest import STRIPE_WEBHOOK_SECRET as WEBHOOK_SECRET  # noqa: E402
 from tests.conftest import use_stripe  # noqa: E402
 from tests.platform.conftest import local_host  # noqa: E402, F401 - a fixture for these tests
+
+# The browser's fixtures (tests/browser.py), for the card form's test.
+orm_beside_playwright = browser_fixtures.orm_beside_playwright
+browser = browser_fixtures.browser
+console = browser_fixtures.console
+visitor = browser_fixtures.visitor
 
 WEBHOOK_ID = "vtpu-tests"
 

@@ -3,97 +3,25 @@ Playwright, against a live control plane (pytest-django's live_server, the real 
 whose Stripe is the session's localstripe, with localstripe's own Stripe.js. What is saved is
 checked where it lands: in Stripe (the customer's default payment method) and in our API.
 
-Playwright's sync API keeps an asyncio loop running in this thread while it is started, and
-Django refuses ORM calls from a thread with a running loop (SynchronousOnlyOperation), though
-ours are plain synchronous calls: the module allows them while its browser is open, and starts
-its browser per module, so no other test module runs beside that loop (pytest-playwright's
-browser lives for the whole session: every later database test would fail).
+The browser fixtures are tests/browser.py's (given to this directory by tests/billing/conftest.py):
+a browser per module, not pytest-playwright's session-wide one, which would leave every later
+database test beside Playwright's running asyncio loop.
 """
 
-import os
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
-from django.conf import settings
-from django.test import Client
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from billing.models import BillingCustomer
 from controlplane.csp import content_security_policy
+from tests.browser import sign_in
 from tests.platform.conftest import account, make_customer
 
-CHROMIUM = "/usr/bin/chromium"
-# Headless without a sandbox (the tests run as root); no background calls to Google's services,
-# which this machine's closed network would refuse one by one.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GOOD_CARD = "4242424242424242"
 THREE_D_SECURE_CARD = "4000002500003155"
 DECLINED_CARD = "4000000000000002"
-TIMEOUT_MS = 15_000
-
-
-@pytest.fixture(scope="module")
-def orm_beside_playwright():
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    yield
-    if previous is None:
-        del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
-    else:
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
-
-
-@pytest.fixture(scope="module")
-def browser(orm_beside_playwright):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/test does)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def console() -> list[str]:
-    """What the visitor's page wrote to its console, script errors included."""
-    return []
-
-
-@pytest.fixture
-def visitor(browser, live_server, console):
-    """A browser page in a context of its own (no cookies yet)."""
-    context = browser.new_context(base_url=live_server.url)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    page.on("console", lambda message: console.append(message.text))
-    page.on("pageerror", lambda error: console.append(f"page error: {error}"))
-    yield page
-    context.close()
-
-
-def sign_in(page, user, live_server) -> None:
-    """The user's session cookie in the browser, as the sign-in page would leave it."""
-    client = Client()
-    client.force_login(user)
-    page.context.add_cookies(
-        [
-            {
-                "name": settings.SESSION_COOKIE_NAME,
-                "value": client.cookies[settings.SESSION_COOKIE_NAME].value,
-                "url": live_server.url,
-            }
-        ]
-    )
 
 
 @pytest.fixture
