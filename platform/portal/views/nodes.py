@@ -403,28 +403,36 @@ def node_benchmark(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
     return redirect(f"{reverse('portal-node', kwargs={'node_id': node.pk})}#benchmarks")
 
 
+def _pause_or_resume(request: HttpRequest, node_id: uuid.UUID, service, done: str) -> HttpResponse:
+    node = _own_node(request, node_id)
+    try:
+        service(node=node, by=request.user)
+    except ServiceError as exc:
+        return _detail_page(request, node, errors={"suspend": exc.message}, status=exc.status)
+    messages.success(request, done)
+    return redirect(reverse("portal-node", kwargs={"node_id": node.pk}))
+
+
 @require_POST
 @login_required
 def node_suspend(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
-    node = _own_node(request, node_id)
-    try:
-        nodes.node_suspend(node=node, by=request.user)
-    except ServiceError as exc:
-        return _detail_page(request, node, errors={"suspend": exc.message}, status=exc.status)
-    messages.success(request, "Suspended: the node refuses work until you resume it.")
-    return redirect(reverse("portal-node", kwargs={"node_id": node.pk}))
+    return _pause_or_resume(
+        request,
+        node_id,
+        nodes.node_suspend,
+        "Suspended: the node refuses work until you resume it.",
+    )
 
 
 @require_POST
 @login_required
 def node_resume(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
-    node = _own_node(request, node_id)
-    try:
-        nodes.node_resume(node=node, by=request.user)
-    except ServiceError as exc:
-        return _detail_page(request, node, errors={"suspend": exc.message}, status=exc.status)
-    messages.success(request, "Resumed: the node takes work again at its next heartbeat.")
-    return redirect(reverse("portal-node", kwargs={"node_id": node.pk}))
+    return _pause_or_resume(
+        request,
+        node_id,
+        nodes.node_resume,
+        "Resumed: the node takes work again at its next heartbeat.",
+    )
 
 
 @never_cache
