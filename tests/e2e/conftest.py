@@ -110,6 +110,40 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
         print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
 
 
+@pytest.fixture(scope="module")
+def billed(tmp_path_factory, node_wheel) -> Stack:
+    """The stack in test mode for billing: its own local Stripe API server delivering real
+    signed webhooks to it, plans created there from scratch, and this machine as its host
+    (tests/e2e/test_paying_customer.py: one stack for its module, stopped after it)."""
+    var = tmp_path_factory.mktemp("e2e-billing")
+    wheels = var / "wheels"
+    wheels.mkdir()
+    (wheels / node_wheel.name).write_bytes(node_wheel.read_bytes())
+    stack = Stack(
+        var,
+        port=free_port(),
+        log_to_files=True,
+        local_stripe=True,
+        stripe_from_scratch=True,
+        env={
+            "DATABASE_URL": e2e_database_url(var, "_billing"),
+            "REDIS_URL": "",
+            "HEARTBEAT_SECONDS": "2",
+            "PROVISIONING_JOB_TIMEOUT": "600",
+            "BENCHMARK_SIZE": "tiny",
+        },
+    )
+    stack.env.pop("REDIS_URL")
+    stack.start_private_redis()
+    with stack.running():
+        create_host(stack, "this-machine", "--local", "--ports", "19300-19309")
+        yield stack
+    stop_local_agents(var / "nodes")
+    drop_e2e_database(stack.env["DATABASE_URL"])
+    for log in sorted((var / "logs").glob("*.log")):
+        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-30:]))
+
+
 def _customer(stack: Stack, username: str) -> Api:
     done = stack.manage("create_customer", username, "--token", "e2e")
     token = done.stdout.strip().splitlines()[-1].split()[-1]
