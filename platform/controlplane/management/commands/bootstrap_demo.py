@@ -116,8 +116,9 @@ class Command(BaseCommand):
         )
         url = settings.PUBLIC_URL
         out("")
+        out(f"  portal            {url}/    user demo  password {demo_password}")
+        out(f"  staff dashboard   {url}/staff/    user admin  password {admin_password}")
         out(f"  admin (staff)     {url}/admin/    user admin  password {admin_password}")
-        out(f"  demo customer     user demo  password {demo_password}")
         out(f"  demo API token    {token}")
         out(f"  API               {url}/api/v1/nodes   (Authorization: Bearer <token>)")
         out(f"  OpenAPI schema    {url}/api/v1/schema/")
@@ -132,8 +133,8 @@ class Command(BaseCommand):
         if settings.STRIPE_API_BASE:
             out(
                 f"  billing           test mode (local Stripe at {settings.STRIPE_API_BASE}):"
-                f" sign in at {url}/accounts/login/ and add a card at {url}/billing/card"
-                " (4242 4242 4242 4242)"
+                f" add a card at {url}/billing/card (4242 4242 4242 4242), then deploy at"
+                f" {url}/nodes/new/"
             )
         elif settings.STRIPE_SECRET_KEY:
             out(f"  billing           Stripe; cards at {url}/billing/card")
