@@ -309,11 +309,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
             f"{weights} bytes\n{graph.text()}\n"
         )
 
+    if args.batch < 1 or args.seq < 1:
+        raise CLIError("--batch and --seq must be at least 1")
     try:
-        phextcc.compile_graph(bert.build_graph(directory, entry.name), dump)
+        graph = phextcc.compile_graph(
+            bert.build_graph(directory, entry.name), None if args.siw else dump
+        )
+        if args.siw:
+            from vtpu.phextcc.lower import SiwModule
+            from vtpu.siw import validate
+
+            program, out = SiwModule(graph).program(args.batch, args.seq)
+            validate(program)
     except (ModelLoadError, phextcc.CompileError) as exc:
         raise CLIError(str(exc)) from None
-    print("\n".join(dumps), end="")
+    if not args.siw:
+        print("\n".join(dumps), end="")
+        return 0
+    resident = sum(t.nbytes for t in program.tensors if t.init == "resident")
+    print(
+        f"# {entry.name} as SIW for batch {args.batch} x {args.seq} tokens:"
+        f" {len(program.words)} words, {len(program.tensors)} tensors"
+        f" ({resident} bytes resident, bound by name when the model is loaded); output {out}"
+    )
+    print(program.to_text(), end="")
+    if args.output:
+        try:
+            Path(args.output).write_bytes(program.to_bytes())
+        except OSError as exc:
+            raise CLIError(f"{args.output}: {exc.strerror}") from None
+        print(f"# wrote {args.output} ({len(program.to_bytes())} bytes; vtpu disasm reads it)")
     return 0
 
 
@@ -520,10 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
         "compile",
         help="compile a model with phextcc and print its IR after each pass",
         description="Build a catalogue model's IR (phextcc) and print it after the frontend and "
-        "after every pass: fusions, packed weights, shapes. (SIW emission is not there yet.)",
+        "after every pass: fusions, packed weights, shapes; with --siw, the SIW program the "
+        "sentron runs for one batch shape instead.",
     )
     p.add_argument("model", help="a catalogue model, e.g. all-MiniLM-L6-v2")
     p.add_argument("--final", action="store_true", help="print only the compiled IR")
+    p.add_argument("--siw", action="store_true", help="print the final SIW program")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the SIW program (1)")
+    p.add_argument("--seq", type=int, default=16, help="tokens per sequence of the program (16)")
+    p.add_argument("-o", "--output", help="with --siw: also write the binary program here")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("disasm", help="print a binary SIW program as assembly")

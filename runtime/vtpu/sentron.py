@@ -3,7 +3,7 @@
 Within a word the S slot runs on the sentron's own S-pipe worker thread while the D slot runs on
 the sentron's thread; the kernels and numpy copies release the GIL, so the two really overlap,
 which is double buffering: S loads tile i+1 while D computes on tile i. The C slot runs after
-both (barrier, sync, loop, halt). The order within a word comes from siw.issue_order (dependency
+both (loop, halt). The order within a word comes from siw.issue_order (dependency
 bits, else the tensors the slots touch).
 
 A program is validated (siw.validate) and its tensors fit into the arena before anything is
@@ -33,6 +33,7 @@ __all__ = [
     "ArenaFull",
     "ProgramError",
     "RunError",
+    "Prepared",
     "RunResult",
     "Sentron",
     "SentronCounters",
@@ -174,7 +175,33 @@ def _word_ops(program: Program, w: dict) -> int:
         causal = bool(w["d_flags"] & siw.FLAG_CAUSAL)
         scores = ops.attention_scores(sq, sk, heads=h, causal=causal)
         return ops.attention(scores, h * sq, d)
+    if op == DOp.ADD_LAYERNORM:
+        return ops.PER_ELEMENT["add_layer_norm"] * size
+    if op == DOp.L2NORM:
+        return ops.PER_ELEMENT["l2_normalize"] * size
+    if op == DOp.GELU:
+        return size
     return 0
+
+
+def _data_ops(program: Program, w: dict, v: list) -> Callable[[], int] | None:
+    """Ops of a D slot that depend on the lengths it reads at run time (masked attention and
+    pooling count only the rows they see), as a function called when the word issues."""
+    t, op, lengths = program.tensors, w["d_op"], w["d_b"]
+    if op == DOp.ATTN_QKV:
+        bsz, seq, width = t[w["d_a"]].shape
+        heads = w["d_flags"]
+        d = width // (3 * heads)
+
+        def attn_ops() -> int:
+            scores = ops.attention_scores(seq, seq, heads=heads, key_lengths=v[lengths])
+            return ops.attention(scores, bsz * heads * seq, d)
+
+        return attn_ops
+    if op == DOp.MEAN_POOL:
+        bsz, _, d = t[w["d_a"]].shape
+        return lambda: ops.masked_mean_pool(int(v[lengths].sum()), bsz, d)
+    return None
 
 
 def _imm(w: dict) -> float | None:
@@ -214,11 +241,45 @@ def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
         )
     if op == DOp.GEMM_I8:
         return lambda: K.gemm_int8(v[a], v[b], out=v[dst])
+    if op == DOp.ADD_LAYERNORM:
+        eps = _imm(w) or 1e-5
+        return lambda: K.add_layer_norm(v[a], v[b], v[c][0], v[c][1], eps, out=v[dst])
+    if op == DOp.ATTN_QKV:
+        heads, scale = w["d_flags"], _imm(w)
+        return lambda: K.attention_packed(v[a], heads, key_lengths=v[b], scale=scale, out=v[dst])
+    if op == DOp.MEAN_POOL:
+        return lambda: K.masked_mean_pool(v[a], v[b], out=v[dst])
+    if op == DOp.L2NORM:
+        eps = _imm(w) or 1e-12
+        return lambda: K.l2_normalize(v[a], eps, out=v[dst])
+    if op == DOp.GELU:
+        if dst == a:
+            return lambda: K.bias_activation(v[dst], None, "gelu")
+        return lambda: K.bias_activation(_copy_into(v[dst], v[a]), None, "gelu")
     raise AssertionError(f"validated program has D opcode {op}")
 
 
+def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    np.copyto(dst, src)
+    return dst
+
+
+def make_view(base: np.ndarray, spec: siw.TensorSpec) -> np.ndarray:
+    """A view tensor over its base's memory (the base is a dense array: arena, resident)."""
+    flat = base.reshape(-1)
+    if spec.contiguous:
+        return flat[spec.offset : spec.offset + spec.size].reshape(spec.shape)
+    item = flat.itemsize
+    return np.lib.stride_tricks.as_strided(
+        flat[spec.offset :],
+        spec.shape,
+        tuple(s * item for s in spec.strides),
+        writeable=base.flags.writeable,
+    )
+
+
 def _s_slot(
-    program: Program, w: dict, v: list, arena: Arena, index: int
+    program: Program, w: dict, v: list, arena: Arena, index: int, children: dict
 ) -> Callable[[], object] | None:
     op, dst, src, idx = w["s_op"], w["s_dst"], w["s_src"], w["s_idx"]
     lo, hi = w["s_tile"] * w["s_rows"], (w["s_tile"] + 1) * w["s_rows"]
@@ -243,6 +304,8 @@ def _s_slot(
                 raise RunError(f"S.alloc {spec.name!r}: already allocated; S.free it first", index)
             v[dst] = arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
             v[dst].fill(0)
+            for child in children.get(dst, ()):
+                v[child] = make_view(v[dst], program.tensors[child])
 
         return alloc
     if op == SOp.FREE:
@@ -252,14 +315,19 @@ def _s_slot(
                 raise RunError(f"S.free {spec.name!r}: it is not allocated", index)
             arena.release(v[dst])
             v[dst] = None
+            for child in children.get(dst, ()):
+                v[child] = None
 
         return free
     raise AssertionError(f"validated program has S opcode {op}")
 
 
-def _guard_scratch(fn, ids: set[int], program: Program, v: list, index: int, pipe: str):
-    """Wrap a slot that reads scratch tensors so an unallocated one is a clear error."""
-    scratch = [t for t in ids if program.tensors[t].init == "scratch"]
+def _guard_scratch(
+    fn, ids: set[int], program: Program, v: list, index: int, pipe: str, owners: list[int]
+):
+    """Wrap a slot that uses scratch tensors (or views of one) so an unallocated one is a clear
+    error."""
+    scratch = [t for t in ids if program.tensors[owners[t]].init == "scratch"]
     if fn is None or not scratch:
         return fn
 
@@ -291,7 +359,10 @@ def _as_program(program: Program | bytes | str, limits: Limits, check: bool) -> 
 
 def arena_bytes_for(program: Program) -> int:
     """Arena bytes a program needs with every tensor, scratch included, live at once."""
-    return bytes_needed([(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in program.tensors])
+    return bytes_needed(
+        [(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in program.tensors
+         if t.init not in ("resident", "view")]
+    )  # fmt: skip
 
 
 class Sentron:
@@ -333,25 +404,85 @@ class Sentron:
         except Exception:  # interpreter shutdown: the daemon thread dies with it
             pass
 
-    def run(
+    def prepare(
         self,
         program: Program | bytes | str,
+        resident: Mapping[str, np.ndarray] | None = None,
+        *,
+        limits: Limits = siw.DEFAULT_LIMITS,
+        validate: bool = True,
+    ) -> Prepared:
+        """Validate a program, bind its resident tensors (no copy) and turn its words into
+        closures once; run(prepared, inputs) then only allocates, binds inputs and issues.
+        A model's compiled program is prepared once per shape and run for every batch."""
+        program = _as_program(program, limits, validate)
+        owners = siw.roots(program)
+        views: list[np.ndarray | None] = [None] * len(program.tensors)
+        _bind_resident(program, resident or {}, views)
+        children: dict[int, list[int]] = {}
+        for i, spec in enumerate(program.tensors):
+            if spec.init == "view":
+                children.setdefault(owners[i], []).append(i)
+        plan = []
+        for i, row in enumerate(program.words.tolist()):
+            w = dict(zip(siw.SIW_DTYPE.names, row, strict=True))
+            d_reads, d_writes, s_reads, s_writes = siw._rw_sets(w)
+            d = _guard_scratch(
+                _d_slot(program, w, views), d_reads | d_writes, program, views, i, "D", owners
+            )
+            s = _s_slot(program, w, views, self.arena, i, children)
+            if w["s_op"] not in (SOp.ALLOC, SOp.FREE):
+                s = _guard_scratch(s, s_reads | s_writes, program, views, i, "S", owners)
+            order = siw.issue_order(program, i, w, owners) if d and s else siw.ORDER_PARALLEL
+            word_ops = _data_ops(program, w, views) or _word_ops(program, w)
+            plan.append((d, s, w["c_op"], w["c_target"], w["c_count"], order, word_ops))
+        allocated = [
+            i
+            for i, t in enumerate(program.tensors)
+            if t.init not in ("scratch", "resident", "view")
+        ]
+        bound_views = [
+            i
+            for i, t in enumerate(program.tensors)
+            if t.init == "view" and program.tensors[owners[i]].init not in ("scratch", "resident")
+        ]
+        for i, t in enumerate(program.tensors):  # views of resident tensors: bound once
+            if t.init == "view" and program.tensors[owners[i]].init == "resident":
+                views[i] = make_view(views[owners[i]], t)
+        need = bytes_needed(
+            [(program.tensors[i].shape, siw.NUMPY_DTYPES[program.tensors[i].dtype])
+             for i in allocated]
+        )  # fmt: skip
+        return Prepared(program, views, plan, allocated, bound_views, owners, need)
+
+    def run(
+        self,
+        program: Program | bytes | str | Prepared,
         inputs: Mapping[str, np.ndarray] | None = None,
         *,
+        resident: Mapping[str, np.ndarray] | None = None,
         limits: Limits = siw.DEFAULT_LIMITS,
         validate: bool = True,
         trace: bool = False,
         cancel: threading.Event | None = None,
     ) -> RunResult:
-        """Validate, bind `inputs` by name, run to C.halt, return copies of the outputs.
+        """Validate, bind `inputs` by name (copied into the arena) and `resident` tensors by
+        name (used in place, read-only), run to C.halt, return copies of the outputs.
 
-        validate=False skips siw.validate for a Program already validated (benchmarks).
+        validate=False skips siw.validate for a Program already validated (benchmarks); a
+        Prepared program (prepare()) skips validation and planning altogether.
         `cancel`, when set (from any thread), stops this run, and only this one, between words."""
         event = cancel if cancel is not None else threading.Event()
         with self._run_lock:
             self._current = event
         try:
-            return self._run(program, inputs or {}, limits, validate, trace, event)
+            t_setup = time.perf_counter_ns()
+            if not isinstance(program, Prepared):
+                program = self.prepare(program, resident, limits=limits, validate=validate)
+            elif resident is not None:
+                raise RunError("a prepared program has its resident tensors bound already")
+            with program.lock:
+                return self._run(program, inputs or {}, trace, event, t_setup)
         except Exception:
             self.counters.add_error()
             COUNTERS.add(errors=1)
@@ -361,61 +492,48 @@ class Sentron:
                 if self._current is event:
                     self._current = None
 
-    def _run(self, program, inputs, limits, validate, trace, cancel) -> RunResult:
-        t_setup = time.perf_counter_ns()
-        program = _as_program(program, limits, validate)
+    def _run(self, prepared: Prepared, inputs, trace, cancel, t_setup) -> RunResult:
+        program, views = prepared.program, prepared.views
         _check_inputs(program, inputs)
-        resident = [t for t in program.tensors if t.init != "scratch"]
-        need = bytes_needed([(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in resident])
-        if need > self.arena.free_bytes:
+        if prepared.arena_bytes > self.arena.free_bytes:
             raise ArenaFull(
-                f"the program's tensors need {need} bytes; the arena has {self.arena.free_bytes}"
-                f" of {self.arena.capacity} free. Give the sentron a larger arena (at least"
-                f" {need + self.arena.used} bytes)"
+                f"the program's tensors need {prepared.arena_bytes} bytes; the arena has"
+                f" {self.arena.free_bytes} of {self.arena.capacity} free. Give the sentron a"
+                f" larger arena (at least {prepared.arena_bytes + self.arena.used} bytes)"
             )
-        views: list[np.ndarray | None] = [None] * len(program.tensors)
+        tensors = program.tensors
+        owners = prepared.owners
         try:
-            for i, spec in enumerate(program.tensors):
-                if spec.init != "scratch":
-                    views[i] = self.arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
-                    _initialise(views[i], spec, inputs)
-            plan = self._plan(program, views)
-            if self.overlap and self._s_pipe is None and any(p[1] for p in plan):
+            for i in prepared.allocated:
+                spec = tensors[i]
+                views[i] = self.arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
+                _initialise(views[i], spec, inputs)
+            for i in prepared.bound_views:
+                views[i] = make_view(views[owners[i]], tensors[i])
+            if self.overlap and self._s_pipe is None and any(p[1] for p in prepared.plan):
                 self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
             setup_ns = time.perf_counter_ns() - t_setup
-            result = self._issue(program, plan, trace, cancel)
+            result = self._issue(program, prepared.plan, trace, cancel)
             result.setup_ns = setup_ns
             result.outputs = {
                 spec.name: views[i].copy()
-                for i, spec in enumerate(program.tensors)
+                for i, spec in enumerate(tensors)
                 if spec.output and views[i] is not None
             }
         finally:
-            for view in views:
-                if view is not None:
-                    self.arena.release(view)
+            for i, spec in enumerate(tensors):
+                init = tensors[owners[i]].init
+                if spec.init == "view" and init != "resident":
+                    views[i] = None
+            for i, spec in enumerate(tensors):
+                if spec.init not in ("resident", "view") and views[i] is not None:
+                    self.arena.release(views[i])
+                    views[i] = None
         self.counters.add_run(result)
         COUNTERS.add(siw_issued=result.words_issued, programs_run=1)
         for pipe, ns in result.busy_ns.items():
             COUNTERS.add_pipe_busy(pipe, ns)
         return result
-
-    def _plan(self, program: Program, views: list) -> list[tuple]:
-        plan = []
-        for i, row in enumerate(program.words.tolist()):
-            w = dict(zip(siw.SIW_DTYPE.names, row, strict=True))
-            d_reads, d_writes, s_reads, s_writes = siw._rw_sets(w)
-            d = _guard_scratch(
-                _d_slot(program, w, views), d_reads | d_writes, program, views, i, "D"
-            )
-            s = _s_slot(program, w, views, self.arena, i)
-            if w["s_op"] not in (SOp.ALLOC, SOp.FREE):
-                s = _guard_scratch(s, s_reads | s_writes, program, views, i, "S")
-            order = siw.issue_order(program, i, w) if d and s else siw.ORDER_PARALLEL
-            plan.append(
-                (d, s, w["c_op"], w["c_target"], w["c_count"], order, _word_ops(program, w))
-            )
-        return plan
 
     def _issue(
         self, program: Program, plan: list[tuple], trace: bool, cancel: threading.Event
@@ -440,7 +558,7 @@ class Sentron:
                         d()
                         t1 = perf()
                         busy_d += t1 - t0
-                        ops += word_ops
+                        ops += word_ops if word_ops.__class__ is int else word_ops()
                         if trace:
                             intervals.append(("D", pc, t0, t1))
                 elif d is None:
@@ -462,7 +580,7 @@ class Sentron:
                         raise error
                     busy_d += t1 - t0
                     busy_s += s1 - s0
-                    ops += word_ops
+                    ops += word_ops if word_ops.__class__ is int else word_ops()
                     if trace:
                         intervals.append(("D", pc, t0, t1))
                         intervals.append(("S", pc, s0, s1))
@@ -476,7 +594,7 @@ class Sentron:
                     d_ns, s_ns = (t1 - t0, t2 - t1) if first is d else (t2 - t1, t1 - t0)
                     busy_d += d_ns
                     busy_s += s_ns
-                    ops += word_ops
+                    ops += word_ops if word_ops.__class__ is int else word_ops()
                     if trace:
                         d_iv, s_iv = ((t0, t1), (t1, t2)) if first is d else ((t1, t2), (t0, t1))
                         intervals.append(("D", pc, *d_iv))
@@ -497,7 +615,6 @@ class Sentron:
                             continue
                         loop_left[pc] = -1  # leaving: an enclosing loop re-enters it afresh
                         busy_c += perf() - t0
-                    # BARRIER and SYNC: every word already ends with D and S drained.
                 pc += 1
         except RunError:
             raise
@@ -515,6 +632,46 @@ class Sentron:
             sentron_id=self.sentron_id,
             intervals=intervals,
         )
+
+
+@dataclass
+class Prepared:
+    """A validated program with its resident tensors bound and its words planned (see
+    Sentron.prepare); run it on the sentron that prepared it, one run at a time."""
+
+    program: Program
+    views: list  # one slot per tensor: resident arrays stay bound, the rest per run
+    plan: list[tuple]
+    allocated: list[int]  # tensors that take arena memory for a run (not scratch)
+    bound_views: list[int]  # views of those, rebuilt per run
+    owners: list[int]
+    arena_bytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: list) -> None:
+    declared = [(i, t) for i, t in enumerate(program.tensors) if t.init == "resident"]
+    missing = sorted(t.name for _, t in declared if t.name not in resident)
+    if missing:
+        raise RunError(
+            f"resident tensor(s) {', '.join(missing)} are not registered on this node: load the"
+            " model that provides them"
+        )
+    for i, spec in declared:
+        value = resident[spec.name]
+        want = np.dtype(siw.NUMPY_DTYPES[spec.dtype])
+        if (
+            not isinstance(value, np.ndarray)
+            or value.dtype != want
+            or value.shape != spec.shape
+            or not value.flags.c_contiguous
+        ):
+            got = f"{value.dtype}{list(value.shape)}" if isinstance(value, np.ndarray) else "?"
+            raise RunError(
+                f"resident tensor {spec.name!r} is {got}; the program declares"
+                f" {spec.dtype}{list(spec.shape)} (dense)"
+            )
+        views[i] = value
 
 
 def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:

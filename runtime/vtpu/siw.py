@@ -1,8 +1,8 @@
 """SIW, the Sentron Instruction Word: binary encoding, text assembly, validation.
 
 A program is a tensor table plus a list of 64-byte words. Each word carries one slot per pipe:
-**D** (dense math), **S** (sparse/memory) and **C** (coordination), a phext address and dependency
-bits. The executor (sentron.py) runs the D and S slots of a word concurrently and the C slot
+**D** (dense math), **S** (sparse/memory) and **C** (coordination), and two dependency bits that
+order a word's D and S slots. The executor (sentron.py) runs the D and S slots of a word concurrently and the C slot
 after both; see "Issue order" below.
 
 Word layout (64 bytes, little-endian; every reserved byte must be zero)::
@@ -10,20 +10,28 @@ Word layout (64 bytes, little-endian; every reserved byte must be zero)::
     offset size field      meaning
     ------ ---- ---------- -----------------------------------------------------------------
      0     1    format     SIW format, must be 1
-     1     1    deps       bit0 D>D, bit1 S>S, bit2 C>C (wait on the previous word's pipe),
-                           bit3 D<S (D needs this word's S), bit4 S<D (S needs D),
-                           bit5 C<D (C needs D); bits 6-7 reserved
+     1     1    deps       bit3 D<S (D needs this word's S), bit4 S<D (S needs D);
+                           bits 0-2 and 5-7 reserved
      2     2    reserved
      4     16   D slot     op u8 | flags u8 | dst u16 | a u16 | b u16 | c u16 | imm f32 | rsv u16
     20     16   S slot     op u8 | flags u8 | dst u16 | src u16 | idx u16 | tile u16 | rows u16
                            | rsv u32
     36     8    C slot     op u8 | flags u8 | target u16 | count u32
-    44     18   phext      9 x u16: LB.SF.SR/CN.VM.BK/CH.SN.SC, each 1..999; all zero = none
-    62     2    reserved
+    44     20   reserved
+
+Removed (they validated but did nothing): the word's phext address (bytes 44-61; phext
+coordinates address memory through the Phext Page Table, vtpu.ppt, not through words), the
+C ops BARRIER (1) and SYNC (2) and the dependency bits D>D, S>S, C>C and C<D — on a sentron a
+word's C slot runs after its D and S slots are done, and each word after the previous one, so
+there was never anything to wait for. Their codes and bits are rejected with that reason.
 
 D flags: bits 0-1 activation of LINEAR (0 none, 1 relu, 2 gelu, 3 silu); bit 2 causal of
-ATTENTION; bit 3 acc of GEMM (dst += a @ b, accumulating as a systolic array does). D imm: eps of LAYERNORM/RMSNORM, scale of ATTENTION (0 = the default), else 0.
-Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF.
+ATTENTION; bit 3 acc of GEMM (dst += a @ b, accumulating as a systolic array does); all 8 bits
+the head count of ATTN_QKV. D imm: eps of LAYERNORM/RMSNORM/ADD_LAYERNORM/L2NORM, scale of
+ATTENTION/ATTN_QKV (0 = the default), else 0.
+Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF. D operands are
+dense row-major tensors (views included); dst may share memory with a source only where the
+rule says "in place" and only as that very tensor.
 
     D ops  operands (text order)      rule
     nop
@@ -36,6 +44,16 @@ Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF.
     attention  dst, q, k, v [causal]  q(h,sq,d), k and v (hk,sk,d), h a multiple of hk
                                       -> dst(h,sq,d); causal: query i sees keys <= i+sk-sq
     gemm_i8    dst, a, b              i8 @ i8 -> i32 (k <= 131071, so int32 cannot overflow)
+    add_layernorm dst, x, res, gb     layernorm(x + res), gb (2,n) = gamma; beta (in place on
+                                      x or res)
+    attn_qkv   dst, qkv, lengths heads=H  qkv (b,s,3*H*d) packed q|k|v -> dst (b,s,H*d);
+                                      lengths (b,) i32 masks each sequence's padded keys
+    mean_pool  dst, x, lengths        x (b,s,d) -> dst (b,d): mean of each first lengths[i] rows
+    l2norm     dst, x                 x / max(||x||, eps) over the last axis (eps 1e-12)
+    gelu       dst, x                 exact GELU, 0.5 x (1 + erf(x / sqrt 2)); LINEAR act=gelu
+                                      fuses it with the bias
+
+add, mul, layernorm, rmsnorm, softmax, add_layernorm, l2norm and gelu may work in place.
 
     S ops  operands                   rule
     load       dst, src  tile rows    dst[:rows] = src[tile*rows:(tile+1)*rows]
@@ -45,10 +63,15 @@ Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF.
     prefetch   src  tile rows         touch one row-tile so it is in cache
     alloc, free  t                    give / take back arena memory of a `scratch` tensor
 
-    C ops: nop, barrier, sync, loop target count, halt. LOOP jumps back to word `target`
-    (<= its own index) `count` times, so its body runs count + 1 times; loops must nest.
-    Every program ends with a word whose C slot is HALT. BARRIER and SYNC wait for the D and S
-    pipes; on one sentron every word already ends that way, so they only order, never stall.
+    C ops: nop, loop target count, halt. LOOP jumps back to word `target` (<= its own index)
+    `count` times, so its body runs count + 1 times; loops must nest. Every program ends with a
+    word whose C slot is HALT.
+
+Tensors (initialisers below) live in the sentron's arena, except `resident` ones: bound by name
+to arrays the node holds (a loaded model's weights), used in place and read-only; and `view`s:
+a shape, an element offset and element strides over an earlier non-view tensor (reshape is a
+dense view, transpose a strided one; D operands must be dense, S.load/S.store copy any view).
+A view aliases its base: races and issue order are judged on the memory, not the name.
 
 Issue order within a word. Each slot reads its operands as they were before the word, unless a
 dependency bit says it consumes the other slot's result: D<S runs S first, S<D runs D first.
@@ -59,14 +82,14 @@ word whose required order is contradictory:
 - D<S and S<D both set (each waits for the other);
 - no bit set, D writes a tensor S reads *and* S writes a tensor D reads: S must run before D and
   D before S, which no issue order satisfies;
-- a bit that waits on a pipe that never produces: D<S or S<D or C<D where the awaited slot is
-  NOP, or D>D / S>S / C>C on word 0.
+- a bit that waits on a slot that never produces: D<S or S<D where the awaited slot is NOP.
 
 Both slots writing one tensor with no bit to order them is a **data race**, also rejected.
 
 Container: ``b"SIW1"`` | version u16 | n_tensors u16 | n_words u32 | words_offset u32, then the
 tensor table (per tensor: id u16 | dtype u8 | init u8 | flags u8 (bit0 output) | ndim u8 |
-name_len u8 | reserved u8 | seed u64 | ndim x u32 dims | name utf-8), zero padding, then the
+name_len u8 | reserved u8 | seed u64 (a view's offset) | ndim x u32 dims | name utf-8, and for
+a view: base id u16 | ndim x u32 strides), zero padding, then the
 words at ``words_offset``, the first multiple of 64 after the table.
 
 Text form, one word per line, ``#`` comments::
@@ -74,11 +97,12 @@ Text form, one word per line, ``#`` comments::
     .tensor x f32[128,256] input
     .tensor w f32[256,512] random(7)
     .tensor y f32[128,512] output
-    D.linear y, x, w act=gelu | S.prefetch w tile=1 rows=64 @1.1.1/1.1.1/1.1.2 deps=D>D
+    D.linear y, x, w act=gelu | S.prefetch w tile=1 rows=64
     C.halt
 
 Initialisers: zeros (the default), ones, random(seed) (f32 uniform [-1, 1), i8 [-127, 127],
-i32/i64 [0, 100)), input (bound at run time), scratch (no memory until S.alloc).
+i32/i64 [0, 100)), input (bound at run time), scratch (no memory until S.alloc), resident
+(bound by name at run time, not copied), view(BASE,OFFSET,STRIDE,...) (strides in elements).
 """
 
 from __future__ import annotations
@@ -111,6 +135,11 @@ class DOp(IntEnum):
     SOFTMAX = 7
     ATTENTION = 8
     GEMM_I8 = 9
+    ADD_LAYERNORM = 10
+    ATTN_QKV = 11
+    MEAN_POOL = 12
+    L2NORM = 13
+    GELU = 14
 
 
 class SOp(IntEnum):
@@ -126,14 +155,18 @@ class SOp(IntEnum):
 
 class COp(IntEnum):
     NOP = 0
-    BARRIER = 1
-    SYNC = 2
     LOOP = 3
     HALT = 4
 
 
-DEP_NAMES = ("D>D", "S>S", "C>C", "D<S", "S<D", "C<D")
-DEP_DD, DEP_SS, DEP_CC, DEP_D_NEEDS_S, DEP_S_NEEDS_D, DEP_C_NEEDS_D = (1 << i for i in range(6))
+DEP_D_NEEDS_S, DEP_S_NEEDS_D = 1 << 3, 1 << 4
+DEPS = {"D<S": DEP_D_NEEDS_S, "S<D": DEP_S_NEEDS_D}
+_REMOVED_DEPS = ("D>D", "S>S", "C>C", "C<D")
+_REMOVED_C_OPS = {1: "barrier", 2: "sync"}
+_REMOVED_WHY = (
+    "a word's C slot runs after its D and S slots are done, and each word after the previous"
+    " one, so it never waited for anything"
+)
 ACTIVATIONS = (None, "relu", "gelu", "silu")
 FLAG_CAUSAL = 4
 FLAG_ACC = 8
@@ -141,7 +174,7 @@ INT8_MAX_K = (2**31 - 1) // (128 * 128)
 
 DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64"}
 NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64}
-INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch"}
+INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch", 5: "resident", 6: "view"}
 _DTYPE_CODE = {v: k for k, v in DTYPES.items()}
 _INIT_CODE = {v: k for k, v in INITS.items()}
 
@@ -155,7 +188,7 @@ SIW_DTYPE = np.dtype(
             "d_op", "d_flags", "d_dst", "d_a", "d_b", "d_c", "d_imm", "d_rsv",
             "s_op", "s_flags", "s_dst", "s_src", "s_idx", "s_tile", "s_rows", "s_rsv",
             "c_op", "c_flags", "c_target", "c_count",
-            "phext", "rsv1",
+            "rsv2", "rsv1",
         ],
         "formats": [
             "u1", "u1", "<u2",
@@ -185,6 +218,11 @@ _D_OPERANDS = {
     DOp.SOFTMAX: ("d_dst", "d_a"),
     DOp.ATTENTION: ("d_dst", "d_a", "d_b", "d_c"),
     DOp.GEMM_I8: ("d_dst", "d_a", "d_b"),
+    DOp.ADD_LAYERNORM: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.ATTN_QKV: ("d_dst", "d_a", "d_b"),
+    DOp.MEAN_POOL: ("d_dst", "d_a", "d_b"),
+    DOp.L2NORM: ("d_dst", "d_a"),
+    DOp.GELU: ("d_dst", "d_a"),
 }
 _S_OPERANDS = {
     SOp.NOP: (),
@@ -197,7 +235,17 @@ _S_OPERANDS = {
     SOp.FREE: ("s_dst",),
 }
 _S_TILED = (SOp.LOAD, SOp.STORE, SOp.PREFETCH)
-_D_IMM = {DOp.LAYERNORM: "eps", DOp.RMSNORM: "eps", DOp.ATTENTION: "scale"}
+_D_IMM = {
+    DOp.LAYERNORM: "eps",
+    DOp.RMSNORM: "eps",
+    DOp.ATTENTION: "scale",
+    DOp.ADD_LAYERNORM: "eps",
+    DOp.ATTN_QKV: "scale",
+    DOp.L2NORM: "eps",
+}
+# D ops whose dst may be their first source (row-wise kernels read a row before writing it).
+_D_IN_PLACE = (DOp.LAYERNORM, DOp.RMSNORM, DOp.ADD_LAYERNORM, DOp.L2NORM, DOp.GELU, DOp.ADD,
+               DOp.MUL, DOp.SOFTMAX)  # fmt: skip
 _RESERVED_NAMES = {"causal", "acc"}
 _BARE_FLAGS = {"causal": (DOp.ATTENTION, FLAG_CAUSAL), "acc": (DOp.GEMM, FLAG_ACC)}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -237,9 +285,17 @@ class TensorSpec:
     name: str
     dtype: str  # "f32" | "i8" | "i32" | "i64"
     shape: tuple[int, ...]
-    init: str = "zeros"  # zeros | ones | random | input | scratch
+    init: str = "zeros"  # zeros | ones | random | input | scratch | resident | view
     seed: int = 0
     output: bool = False
+    base: str = ""  # a view's base tensor (declared before it, not itself a view)
+    offset: int = 0  # a view's first element in its base, in elements
+    strides: tuple[int, ...] = ()  # a view's strides, in elements
+
+    @property
+    def contiguous(self) -> bool:
+        """Row-major and dense: what the D kernels read and write."""
+        return self.init != "view" or self.strides == c_strides(self.shape)
 
     @property
     def size(self) -> int:
@@ -253,6 +309,8 @@ class TensorSpec:
         init = "" if self.init == "zeros" else f" {self.init}"
         if self.init == "random":
             init = f" random({self.seed})"
+        if self.init == "view":
+            init = f" view({self.base},{self.offset},{','.join(str(s) for s in self.strides)})"
         dims = ",".join(str(d) for d in self.shape)
         return f".tensor {self.name} {self.dtype}[{dims}]{init}{' output' if self.output else ''}"
 
@@ -287,6 +345,7 @@ def empty_words(n: int) -> np.ndarray:
 def encode(program: Program) -> bytes:
     """Program -> container bytes (the canonical encoding; decode(encode(p)) gives p back)."""
     parts = [b""]
+    names = {t.name: i for i, t in enumerate(program.tensors)}
     for i, t in enumerate(program.tensors):
         name = t.name.encode()
         parts.append(
@@ -298,11 +357,13 @@ def encode(program: Program) -> bytes:
                 len(t.shape),
                 len(name),
                 0,
-                t.seed,
+                t.offset if t.init == "view" else t.seed,
             )  # fmt: skip
         )
         parts.append(struct.pack(f"<{len(t.shape)}I", *t.shape))
         parts.append(name)
+        if t.init == "view":
+            parts.append(struct.pack(f"<H{len(t.strides)}I", names[t.base], *t.strides))
     table = b"".join(parts)
     words_offset = _round_up(_HEADER.size + len(table), WORD_BYTES)
     header = _HEADER.pack(
@@ -346,7 +407,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
         where = f"tensor entry {i}"
         if tid != i:
             raise ProgramError("bad tensor", None, f"{where} has id {tid}; ids must be 0..n-1")
-        if rsv or flags & ~1 or (seed and init != _INIT_CODE["random"]):
+        if rsv or flags & ~1 or (seed and init not in (_INIT_CODE["random"], _INIT_CODE["view"])):
             raise ProgramError("reserved bytes", None, f"{where} has non-zero reserved bits")
         if dtype not in DTYPES:
             raise ProgramError("bad tensor", None, f"{where} has unknown dtype code {dtype}")
@@ -360,6 +421,29 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
                 "bad tensor", None, f"{where} has a name that is not UTF-8"
             ) from None
         pos = end
+        if INITS[init] == "view":
+            if pos + 2 + 4 * ndim > len(data):
+                raise ProgramError("truncated", None, f"tensor table ends inside view {i}")
+            base, *strides = struct.unpack_from(f"<H{ndim}I", data, pos)
+            pos += 2 + 4 * ndim
+            if base >= i:
+                raise ProgramError(
+                    "bad tensor", None, f"{where}: a view's base must be declared before it"
+                )
+            tensors.append(
+                TensorSpec(
+                    name,
+                    DTYPES[dtype],
+                    shape,
+                    "view",
+                    0,
+                    bool(flags),
+                    tensors[base].name,
+                    seed,
+                    tuple(strides),
+                )  # fmt: skip
+            )
+            continue
         tensors.append(TensorSpec(name, DTYPES[dtype], shape, INITS[init], seed, bool(flags)))
     expected = _round_up(pos, WORD_BYTES)
     if words_offset != expected:
@@ -417,12 +501,17 @@ def _check_tensors(program: Program, limits: Limits) -> None:
             )
         if not 0 <= t.seed < 1 << 64 or (t.seed and t.init != "random"):
             raise ProgramError("bad tensor", None, f"{where}: seed only for random, 0..2**64-1")
+        if t.init == "view":
+            _check_view(program, i, t, where)
+        elif t.base or t.offset or t.strides:
+            raise ProgramError("bad tensor", None, f"{where}: base/offset/strides only for a view")
         if t.size > limits.max_tensor_elements:
             raise ProgramError(
                 "limits", None,
                 f"{where} has {t.size} elements; at most {limits.max_tensor_elements} allowed",
             )  # fmt: skip
-        total += t.size
+        if t.init not in ("view", "resident"):  # neither allocates
+            total += t.size
     if total > limits.max_total_elements:
         raise ProgramError(
             "limits", None,
@@ -430,11 +519,70 @@ def _check_tensors(program: Program, limits: Limits) -> None:
         )  # fmt: skip
 
 
+def c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of `shape`, in elements."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
+def _check_view(program: Program, i: int, t: TensorSpec, where: str) -> None:
+    bases = {u.name: (j, u) for j, u in enumerate(program.tensors[:i])}
+    if t.base not in bases:
+        raise ProgramError(
+            "bad tensor", None, f"{where}: view of {t.base!r}, which is not declared before it"
+        )
+    base = bases[t.base][1]
+    if base.init == "view":
+        raise ProgramError(
+            "bad tensor", None, f"{where}: a view's base {t.base!r} must not itself be a view"
+        )
+    if base.dtype != t.dtype:
+        raise ProgramError(
+            "wrong dtype", None, f"{where}: a {t.dtype} view of {base.dtype} {t.base!r}"
+        )
+    if len(t.strides) != len(t.shape) or any(s < 0 for s in t.strides) or t.offset < 0:
+        raise ProgramError(
+            "bad tensor", None, f"{where}: a view needs one stride >= 0 per axis and offset >= 0"
+        )
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.strides, strict=True))
+    if last >= base.size:
+        raise ProgramError(
+            "out of range", None,
+            f"{where}: the view reaches element {last} of {t.base!r}, which has {base.size}",
+        )  # fmt: skip
+
+
+def roots(program: Program) -> list[int]:
+    """Each tensor's memory owner: a view's base, else itself (for aliasing and races)."""
+    ids = {t.name: i for i, t in enumerate(program.tensors)}
+    return [ids.get(t.base, i) if t.init == "view" else i for i, t in enumerate(program.tensors)]
+
+
 def _reserved_check(words: np.ndarray) -> None:
-    """Vectorised structural checks: format byte, reserved bytes, opcode ranges, phext."""
+    """Vectorised structural checks: format byte, reserved bytes, opcode ranges."""
     checks = (
         ("bad version", words["fmt"] != WORD_FORMAT, "the word's format byte must be 1"),
-        ("reserved bytes", (words["deps"] >> 6) != 0, "deps bits 6-7 are reserved"),
+        (
+            "reserved bytes",
+            (words["deps"] & (0xFF ^ DEP_D_NEEDS_S ^ DEP_S_NEEDS_D)) != 0,
+            "deps bits 0-2 and 5-7 are reserved (D>D, S>S, C>C and C<D were removed: "
+            + _REMOVED_WHY
+            + ")",
+        ),
+        (
+            "bad opcode",
+            np.isin(words["c_op"], list(_REMOVED_C_OPS)),
+            "C opcodes 1 and 2 (barrier, sync) were removed: " + _REMOVED_WHY,
+        ),
+        (
+            "reserved bytes",
+            words["rsv2"].any(axis=1),
+            "bytes 44-61 are reserved (the word's phext address was removed: it was never used;"
+            " phext coordinates address memory through the Phext Page Table)",
+        ),
         ("reserved bytes", words["rsv0"] != 0, "bytes 2-3 are reserved"),
         ("reserved bytes", words["d_rsv"] != 0, "bytes 18-19 (D slot) are reserved"),
         ("reserved bytes", words["s_rsv"] != 0, "bytes 32-35 (S slot) are reserved"),
@@ -448,20 +596,12 @@ def _reserved_check(words: np.ndarray) -> None:
     bad = np.zeros(len(words), dtype=bool)
     for _, mask, _ in checks:
         bad |= mask
-    phext = words["phext"]
-    nonzero = phext.any(axis=1)
-    bad_phext = nonzero & ((phext == 0) | (phext > 999)).any(axis=1)
-    bad |= bad_phext
     if not bad.any():
         return
     first = int(np.argmax(bad))
     for reason, mask, detail in checks:
         if mask[first]:
             raise ProgramError(reason, first, detail)
-    coords = format_phext(phext[first])
-    raise ProgramError(
-        "bad phext", first, f"address {coords}: every part must be 1..999 (or all 0 for none)"
-    )
 
 
 def validate(program: Program, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -485,12 +625,13 @@ def validate(program: Program, limits: Limits = DEFAULT_LIMITS) -> None:
               "s_tile", "s_rows", "c_target", "c_count"):  # fmt: skip
         plain &= words[f] == 0
     names = SIW_DTYPE.names
+    owners = roots(program)
     for i in np.flatnonzero(~plain).tolist():
-        _check_word(program, i, dict(zip(names, words[i].tolist(), strict=True)))
+        _check_word(program, i, dict(zip(names, words[i].tolist(), strict=True)), owners)
     _check_loops(words, limits)
 
 
-def _check_word(program: Program, i: int, w: dict) -> None:
+def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
     tensors = program.tensors
     d_op, s_op, c_op = DOp(w["d_op"]), SOp(w["s_op"]), COp(w["c_op"])
 
@@ -517,7 +658,8 @@ def _check_word(program: Program, i: int, w: dict) -> None:
     if d_op == DOp.LINEAR and w["d_c"] == NONE:
         used = used[:3]
     reserved_fields(("d_dst", "d_a", "d_b", "d_c"), _D_OPERANDS[d_op], "D")
-    flags_allowed = {DOp.LINEAR: 3, DOp.ATTENTION: FLAG_CAUSAL, DOp.GEMM: FLAG_ACC}.get(d_op, 0)
+    flags_allowed = {DOp.LINEAR: 3, DOp.ATTENTION: FLAG_CAUSAL, DOp.GEMM: FLAG_ACC,
+                     DOp.ATTN_QKV: 0xFF}.get(d_op, 0)  # fmt: skip
     if w["d_flags"] & ~flags_allowed:
         raise ProgramError("reserved bytes", i, f"D.{name} flags {w['d_flags']:#x} not defined")
     imm = float(np.uint32(w["d_imm"]).view(np.float32))
@@ -528,7 +670,15 @@ def _check_word(program: Program, i: int, w: dict) -> None:
         raise ProgramError("reserved bytes", i, f"D.{name} takes no immediate; it must be 0")
     d_specs = [operand(f, "D") for f in used]
     if d_op != DOp.NOP:
+        for spec in d_specs:
+            if not spec.contiguous:
+                raise ProgramError(
+                    "bad operand", i,
+                    f"D.{name}: {spec.name!r} is a strided view; D operands are dense row-major"
+                    " (S.load it into a plain tensor first)",
+                )  # fmt: skip
         _check_d_shapes(i, name, d_op, d_specs, w)
+        _check_d_aliasing(program, i, f"D.{name}", d_op, w, owners)
 
     # S slot
     name = s_op.name.lower()
@@ -539,6 +689,14 @@ def _check_word(program: Program, i: int, w: dict) -> None:
     s_specs = [operand(f, "S") for f in used]
     if s_op != SOp.NOP:
         _check_s_shapes(i, name, s_op, s_specs, w)
+        if s_op in (SOp.GATHER, SOp.SCATTER):
+            for spec in s_specs:
+                if not spec.contiguous:
+                    raise ProgramError(
+                        "bad operand", i, f"S.{name}: {spec.name!r} must be dense, not strided"
+                    )
+        if s_op in (SOp.LOAD, SOp.STORE, SOp.GATHER, SOp.SCATTER):
+            _check_writable(program, i, f"S.{name}", w["s_dst"], owners)
 
     # C slot
     if c_op != COp.LOOP and (w["c_target"] or w["c_count"]):
@@ -549,7 +707,40 @@ def _check_word(program: Program, i: int, w: dict) -> None:
         raise ProgramError(
             "bad loop", i, f"C.loop target {w['c_target']} is forward; it must be <= {i}"
         )
-    issue_order(program, i, w)
+    issue_order(program, i, w, owners)
+
+
+def _check_writable(program: Program, i: int, label: str, tid: int, owners: list[int]) -> None:
+    owner = program.tensors[owners[tid]]
+    if owner.init == "resident":
+        raise ProgramError(
+            "read-only", i,
+            f"{label}: writes {program.tensors[tid].name!r}, which is resident {owner.name!r};"
+            " resident tensors are read-only",
+        )  # fmt: skip
+
+
+def _check_d_aliasing(
+    program: Program, i: int, label: str, op: DOp, w: dict, owners: list[int]
+) -> None:
+    """dst must not share memory with a source, except a row-wise op writing over its first
+    source(s) exactly (the same tensor)."""
+    dst = w["d_dst"]
+    _check_writable(program, i, label, dst, owners)
+    exact = ("d_a", "d_b") if op in (DOp.ADD_LAYERNORM, DOp.ADD, DOp.MUL) else ("d_a",)
+    for f in _D_OPERANDS[op][1:]:
+        src = w[f]
+        if src == NONE or owners[src] != owners[dst]:
+            continue
+        if src == dst and op in _D_IN_PLACE and f in exact:
+            continue
+        raise ProgramError(
+            "bad operand", i,
+            f"{label}: dst {program.tensors[dst].name!r} shares memory with source"
+            f" {program.tensors[src].name!r}" + (
+                "; only the same tensor as its first source may be overwritten"
+                if op in _D_IN_PLACE else "; give dst its own tensor"),
+        )  # fmt: skip
 
 
 def _shape_error(i: int, name: str, detail: str) -> ProgramError:
@@ -568,6 +759,12 @@ def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) ->
     name = f"D.{name}"
     if op == DOp.GEMM_I8:
         _need_dtype(i, name, t, ("i32", "i8", "i8"))
+    elif op in (DOp.ATTN_QKV, DOp.MEAN_POOL):
+        _need_dtype(i, name, t[:2], ("f32", "f32"))
+        if t[2].dtype != "i32" or len(t[2].shape) != 1:
+            raise ProgramError(
+                "wrong dtype", i, f"{name}: lengths {t[2].name!r} must be 1-D i32 (one per batch)"
+            )
     else:
         _need_dtype(i, name, t, ("f32",) * 4)
     s = [x.shape for x in t]
@@ -596,6 +793,33 @@ def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) ->
         for extra in s[2:]:
             if extra != (s[1][-1],):
                 raise _shape_error(i, name, f"gamma/beta is {extra}, needs ({s[1][-1]},)")
+    elif op == DOp.ADD_LAYERNORM:
+        if s[0] != s[1] or s[2] != s[1]:
+            raise _shape_error(i, name, f"dst {s[0]}, x {s[1]} and residual {s[2]} must match")
+        if s[3] != (2, s[1][-1]):
+            raise _shape_error(
+                i, name, f"gamma_beta is {s[3]}, needs (2, {s[1][-1]}): gamma then beta"
+            )
+    elif op in (DOp.L2NORM, DOp.GELU):
+        if s[0] != s[1]:
+            raise _shape_error(i, name, f"dst is {s[0]}, x is {s[1]}")
+    elif op == DOp.ATTN_QKV:
+        heads = w["d_flags"]
+        if len(s[1]) != 3 or heads < 1 or s[1][2] % (3 * heads):
+            raise _shape_error(
+                i, name, f"qkv {s[1]} must be (batch, seq, 3 x heads x d) with heads={heads} >= 1"
+            )
+        bsz, seq, width = s[1]
+        if s[0] != (bsz, seq, width // 3):
+            raise _shape_error(i, name, f"dst is {s[0]}, needs {(bsz, seq, width // 3)}")
+        if s[2] != (bsz,):
+            raise _shape_error(i, name, f"lengths is {s[2]}, needs ({bsz},)")
+    elif op == DOp.MEAN_POOL:
+        if len(s[1]) != 3 or s[0] != (s[1][0], s[1][2]) or s[2] != (s[1][0],):
+            raise _shape_error(
+                i, name, f"x (batch, seq, d), lengths (batch,) -> dst (batch, d); got x {s[1]},"
+                f" lengths {s[2]}, dst {s[0]}",
+            )  # fmt: skip
     elif op == DOp.ATTENTION:
         if any(len(x) != 3 for x in s):
             raise _shape_error(i, name, f"needs 3-D (heads, seq, d) operands, got {s}")
@@ -667,7 +891,10 @@ def _check_s_shapes(i: int, name: str, op: SOp, t: list[TensorSpec], w: dict) ->
             raise ProgramError("bad operand", i, f"{name}: {t[0].name!r} is not declared scratch")
 
 
-def _rw_sets(w: dict) -> tuple[set[int], set[int], set[int], set[int]]:
+def _rw_sets(
+    w: dict, owners: list[int] | None = None
+) -> tuple[set[int], set[int], set[int], set[int]]:
+    """Tensors each slot reads and writes; with `owners` (roots()), the memory they alias."""
     d_op, s_op = w["d_op"], w["s_op"]
     d_reads = {w[f] for f in _D_OPERANDS[d_op][1:] if w[f] != NONE}
     d_writes = {w["d_dst"]} if d_op else set()
@@ -676,10 +903,16 @@ def _rw_sets(w: dict) -> tuple[set[int], set[int], set[int], set[int]]:
     s_fields = _S_OPERANDS[s_op]
     s_writes = {w["s_dst"]} if "s_dst" in s_fields else set()
     s_reads = {w[f] for f in s_fields if f != "s_dst"}
-    return d_reads, d_writes, s_reads, s_writes
+    sets = (d_reads, d_writes, s_reads, s_writes)
+    if owners is not None:
+        n = len(owners)
+        sets = tuple({owners[t] if t < n else t for t in ids} for ids in sets)
+    return sets
 
 
-def issue_order(program: Program, i: int, w: dict | None = None) -> int:
+def issue_order(
+    program: Program, i: int, w: dict | None = None, owners: list[int] | None = None
+) -> int:
     """ORDER_PARALLEL / ORDER_S_FIRST / ORDER_D_FIRST for word i, or ProgramError if cyclic."""
     if w is None:
         w = dict(zip(SIW_DTYPE.names, program.words[i].tolist(), strict=True))
@@ -687,22 +920,18 @@ def issue_order(program: Program, i: int, w: dict | None = None) -> int:
     waits = (
         (DEP_D_NEEDS_S, s_op, "D<S waits on the S slot, which is a nop"),
         (DEP_S_NEEDS_D, d_op, "S<D waits on the D slot, which is a nop"),
-        (DEP_C_NEEDS_D, d_op, "C<D waits on the D slot, which is a nop"),
     )
     for bit, producer, detail in waits:
         if deps & bit and not producer:
             raise ProgramError("cyclic dependency", i, f"{detail}; it would never be satisfied")
-    if i == 0 and deps & (DEP_DD | DEP_SS | DEP_CC):
-        raise ProgramError(
-            "cyclic dependency", i, "word 0 waits on a previous word (D>D/S>S/C>C); there is none"
-        )
     if deps & DEP_D_NEEDS_S and deps & DEP_S_NEEDS_D:
         raise ProgramError("cyclic dependency", i, "D<S and S<D: each slot waits for the other")
     if deps & DEP_D_NEEDS_S:
         return ORDER_S_FIRST
     if deps & DEP_S_NEEDS_D:
         return ORDER_D_FIRST
-    d_reads, d_writes, s_reads, s_writes = _rw_sets(w)
+    owners = roots(program) if owners is None else owners
+    d_reads, d_writes, s_reads, s_writes = _rw_sets(w, owners)
     names = [t.name for t in program.tensors]
 
     def show(ids: set[int]) -> str:
@@ -759,14 +988,6 @@ def _check_loops(words: np.ndarray, limits: Limits) -> None:
 # --------------------------------------------------------------------------- text
 
 
-def format_phext(parts) -> str:
-    p = [int(x) for x in parts]
-    return f"{p[0]}.{p[1]}.{p[2]}/{p[3]}.{p[4]}.{p[5]}/{p[6]}.{p[7]}.{p[8]}"
-
-
-_PHEXT_RE = re.compile(r"@(\d+)\.(\d+)\.(\d+)/(\d+)\.(\d+)\.(\d+)/(\d+)\.(\d+)\.(\d+)\Z")
-
-
 def _float_text(bits: int) -> str:
     return str(np.uint32(bits).view(np.float32))
 
@@ -785,9 +1006,11 @@ def word_text(program: Program, i: int) -> str:
         text = f"D.{d_op.name.lower()} " + ", ".join(ops)
         if d_op == DOp.LINEAR and w["d_flags"] & 3:
             text += f" act={ACTIVATIONS[w['d_flags'] & 3]}"
-        if w["d_flags"] & FLAG_CAUSAL:
+        if d_op == DOp.ATTN_QKV:
+            text += f" heads={w['d_flags']}"
+        if w["d_flags"] & FLAG_CAUSAL and d_op == DOp.ATTENTION:
             text += " causal"
-        if w["d_flags"] & FLAG_ACC:
+        if w["d_flags"] & FLAG_ACC and d_op == DOp.GEMM:
             text += " acc"
         if d_op in _D_IMM and w["d_imm"]:
             text += f" {_D_IMM[d_op]}={_float_text(w['d_imm'])}"
@@ -805,10 +1028,8 @@ def word_text(program: Program, i: int) -> str:
             text += f" {w['c_target']} count={w['c_count']}"
         slots.append(text)
     line = " | ".join(slots) if slots else "nop"
-    if any(w["phext"]):
-        line += " @" + format_phext(w["phext"])
     if w["deps"]:
-        line += " deps=" + ",".join(n for b, n in enumerate(DEP_NAMES) if w["deps"] >> b & 1)
+        line += " deps=" + ",".join(n for n, bit in DEPS.items() if w["deps"] & bit)
     return line
 
 
@@ -868,21 +1089,27 @@ def _parse_tensor(line: str, lineno: int) -> TensorSpec:
     except ValueError:
         raise ProgramError("syntax", None, f"bad dims [{dims}] in {line!r}", lineno) from None
     init, seed, output = "zeros", 0, False
+    base, offset, strides = "", 0, ()
     for tok in rest.split():
         rm = re.fullmatch(r"random\((\d+)\)", tok)
+        vm = re.fullmatch(r"view\(([A-Za-z_][A-Za-z0-9_]*),(\d+),(\d+(?:,\d+)*)\)", tok)
         if tok == "output":
             output = True
-        elif tok in ("zeros", "ones", "input", "scratch"):
+        elif tok in ("zeros", "ones", "input", "scratch", "resident"):
             init = tok
         elif rm:
             init, seed = "random", int(rm.group(1))
+        elif vm:
+            init, base, offset = "view", vm.group(1), int(vm.group(2))
+            strides = tuple(int(x) for x in vm.group(3).split(","))
         else:
             raise ProgramError(
                 "syntax", None,
-                f"{tok!r} in {line!r}: expected zeros, ones, random(SEED), input, scratch, output",
+                f"{tok!r} in {line!r}: expected zeros, ones, random(SEED), input, scratch,"
+                " resident, view(BASE,OFFSET,STRIDE,...), output",
                 lineno,
             )  # fmt: skip
-    return TensorSpec(name, dtype, shape, init, seed, output)
+    return TensorSpec(name, dtype, shape, init, seed, output, base, offset, strides)
 
 
 def _parse_word(text: str, words: np.ndarray, i: int, names: dict[str, int], lineno: int) -> None:
@@ -899,18 +1126,16 @@ def _parse_word(text: str, words: np.ndarray, i: int, names: dict[str, int], lin
         tokens = [t for t in re.split(r"[,\s]+", rest) if t]
         for t in word_level:
             if t.startswith("@"):
-                m = _PHEXT_RE.match(t)
-                if not m:
-                    raise fail(f"phext address {t!r}: expected @LB.SF.SR/CN.VM.BK/CH.SN.SC")
-                parts = [int(x) for x in m.groups()]
-                if any(p > 0xFFFF for p in parts):
-                    raise ProgramError("bad phext", i, f"{t}: parts must be 1..999", lineno)
-                w["phext"] = parts
-            else:
-                for dep in t[5:].split(","):
-                    if dep not in DEP_NAMES:
-                        raise fail(f"dependency {dep!r}: known {', '.join(DEP_NAMES)}")
-                    w["deps"] |= 1 << DEP_NAMES.index(dep)
+                raise fail(
+                    f"{t!r}: the word's phext address was removed (it was never used); phext"
+                    " coordinates address memory through the Phext Page Table"
+                )
+            for dep in t[5:].split(","):
+                if dep in _REMOVED_DEPS:
+                    raise fail(f"dependency {dep!r} was removed: {_REMOVED_WHY}")
+                if dep not in DEPS:
+                    raise fail(f"dependency {dep!r}: known {', '.join(DEPS)}")
+                w["deps"] |= DEPS[dep]
         if not tokens:
             continue
         head, args = tokens[0], tokens[1:]
@@ -919,6 +1144,10 @@ def _parse_word(text: str, words: np.ndarray, i: int, names: dict[str, int], lin
         pipe, _, opname = head.partition(".")
         pipe = pipe.upper()
         ops = _OPS_BY_PIPE.get(pipe)
+        if pipe == "C" and opname.lower() in _REMOVED_C_OPS.values():
+            raise ProgramError(
+                "bad opcode", i, f"{head!r} was removed: {_REMOVED_WHY}; drop it", lineno
+            )
         if ops is None or opname.upper() not in ops.__members__:
             known = ", ".join(f"{pipe}.{o.lower()}" for o in ops.__members__) if ops else "D/S/C"
             raise ProgramError("bad opcode", i, f"{head!r}: known: {known}", lineno)
@@ -960,6 +1189,11 @@ def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
             if act not in ("none", "relu", "gelu", "silu"):
                 raise fail(f"{label}: act={act!r}; use none, relu, gelu or silu")
             w["d_flags"] |= ACTIVATIONS.index(None if act == "none" else act)
+        if op == DOp.ATTN_QKV:
+            allowed.add("heads")
+            if "heads" not in keywords:
+                raise fail(f"{label} needs heads=N (1..255)")
+            w["d_flags"] = integer("heads", keywords["heads"], 0xFF)
         if op in _D_IMM:
             key = _D_IMM[op]
             allowed.add(key)

@@ -45,27 +45,26 @@ def test_word_is_64_bytes_and_words_start_64_byte_aligned():
 def test_fields_land_at_documented_offsets():
     p = program(
         "C.nop\nD.linear y, x, w, b act=gelu | S.load buf, big tile=1 rows=64 | C.loop 0 count=3"
-        " @1.2.3/4.5.6/7.8.9 deps=D>D\nC.halt"
+        " deps=S<D\nC.halt"
     )
     word = p.to_bytes()[-128:-64]
     assert word[0] == 1  # format
-    assert word[1] == 1  # deps: D>D is bit 0
+    assert word[1] == 16  # deps: S<D is bit 4
     assert word[4] == siw.DOp.LINEAR and word[5] == 2  # gelu
     assert struct.unpack_from("<4H", word, 6) == (3, 0, 1, 2)  # y, x, w, b
     assert word[20] == siw.SOp.LOAD
     assert struct.unpack_from("<5H", word, 22) == (5, 4, 0, 1, 64)
     assert word[36] == siw.COp.LOOP and struct.unpack_from("<HI", word, 38) == (0, 3)
-    assert struct.unpack_from("<9H", word, 44) == tuple(range(1, 10))
-    assert word[62:64] == b"\0\0"
+    assert word[44:64] == bytes(20)
 
 
 def test_example_text_round_trips_canonically():
     text = program(
-        "D.linear y, x, w, b act=gelu | S.prefetch w tile=1 rows=8 @1.1.1/1.1.1/1.1.2 deps=D<S\n"
+        "D.linear y, x, w, b act=gelu | S.prefetch w tile=1 rows=8 deps=D<S\n"
         "D.layernorm y, y, b, b eps=0.001\nnop\nC.halt  # done\n"
     ).to_text()
     assert siw.disassemble(siw.assemble(text).to_bytes()) == text
-    assert "S.prefetch w tile=1 rows=8 @1.1.1/1.1.1/1.1.2 deps=D<S" in text
+    assert "S.prefetch w tile=1 rows=8 deps=D<S" in text
     assert "eps=0.001" in text
 
 
@@ -134,21 +133,15 @@ def programs(draw) -> siw.Program:
                 w["s_rows"] = rows
                 w["s_tile"] = draw(st.integers(0, 3)) if op != siw.SOp.STORE else 3
         deps = 0
-        if i:
-            deps |= draw(st.integers(0, 7))
         if d_slot and s_slot:
             deps |= draw(st.sampled_from([0, siw.DEP_D_NEEDS_S, siw.DEP_S_NEEDS_D]))
-        if d_slot and draw(st.booleans()):
-            deps |= siw.DEP_C_NEEDS_D
         w["deps"] = deps
-        if draw(st.booleans()):
-            w["phext"] = draw(st.lists(st.integers(1, 999), min_size=9, max_size=9))
         if i < n_words - 1 and draw(st.integers(0, 3)) == 0:
             w["c_op"] = siw.COp.LOOP
             w["c_target"] = draw(st.integers(0, i))
             w["c_count"] = draw(st.integers(0, 3))
         elif i < n_words - 1:
-            w["c_op"] = draw(st.sampled_from([0, 1, 2, 4]))
+            w["c_op"] = draw(st.sampled_from([0, 4]))
     words["c_op"][-1] = siw.COp.HALT
     p = siw.Program(tensors, words)
     try:
@@ -244,11 +237,22 @@ def test_unknown_tensor_id_is_a_bad_operand():
     assert (err.reason, err.index) == ("bad operand", 0) and "99" in str(err)
 
 
-def test_phext_parts_must_be_1_to_999_when_present():
-    err = rejected("C.nop @1.1.1/1.1.1/1.0.2\nC.halt")
-    assert (err.reason, err.index) == ("bad phext", 0)
-    err = rejected("C.nop\nC.halt @1.1.1/1.1.1/1.1.1000")
-    assert (err.reason, err.index) == ("bad phext", 1)
+def test_removed_features_are_refused_with_the_reason():
+    # the word's phext address, BARRIER/SYNC and the cross-word dependency bits did nothing
+    err = rejected("C.nop @1.1.1/1.1.1/1.1.2\nC.halt")
+    assert (err.reason, err.index) == ("syntax", 0) and "phext address was removed" in str(err)
+    for op in ("barrier", "sync"):
+        err = rejected(f"C.nop\nC.{op}\nC.halt")
+        assert (err.reason, err.index) == ("bad opcode", 1) and "removed" in str(err)
+    for dep in ("D>D", "S>S", "C>C", "C<D"):
+        err = rejected(f"C.nop\nD.gemm y, x, w deps={dep}\nC.halt")
+        assert (err.reason, err.index) == ("syntax", 1) and "removed" in str(err)
+    # and in binary: the bytes are reserved, the opcodes refused
+    for offset, value, reason in ((44, 1, "reserved bytes"), (1, 1, "reserved bytes"),
+                                  (1, 32, "reserved bytes"), (36, 1, "bad opcode"),
+                                  (36, 2, "bad opcode")):  # fmt: skip
+        err = with_bytes(lambda raw, w, o=offset, v=value: raw.__setitem__(w + o, v))
+        assert err.reason == reason and "removed" in str(err), err
 
 
 @pytest.mark.parametrize(
@@ -271,7 +275,7 @@ def test_phext_parts_must_be_1_to_999_when_present():
         ("D.gemm y, x, w | S.load buf, big tile=0 rows=8 deps=D<S,S<D\nC.halt",
          "cyclic dependency", 0),
         ("D.gemm y, x, w deps=D<S\nC.halt", "cyclic dependency", 0),
-        ("D.gemm y, x, w deps=D>D\nC.halt", "cyclic dependency", 0),
+        ("D.gemm y, x, w deps=D>D\nC.halt", "syntax", 0),
         ("D.softmax buf, buf | S.load buf, big tile=0 rows=8\nC.halt", "data race", 0),
         ("D.gemm y, x, w\nD.linear y, x, w, b act=tanh\nC.halt", "syntax", 1),
         ("D.frob y\nC.halt", "bad opcode", 0),

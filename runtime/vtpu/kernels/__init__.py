@@ -375,7 +375,9 @@ def add_layer_norm(
     return y
 
 
-def masked_mean_pool(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def masked_mean_pool(
+    x: np.ndarray, lengths: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """(B, S, D) -> (B, D): the mean of each sequence's first lengths[b] rows (sentence
     embeddings' mean pooling over the attention mask; a sequence of length 0 pools to zeros)."""
     x = _array("x", x, np.float32, 3)
@@ -388,7 +390,7 @@ def masked_mean_pool(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         )
     if bsz and (lens.min() < 0 or lens.max() > seq):
         raise KernelInputError(f"masked_mean_pool: lengths must lie in [0, {seq}], got {lens}")
-    y = np.empty((bsz, d), dtype=np.float32)
+    y = _out("masked_mean_pool", out, (bsz, d), np.float32, x)
     if y.size:
         lens32 = lens.astype(np.int32)
         with kernel_scope(_ops.masked_mean_pool(int(lens32.sum()), bsz, d)):
@@ -509,6 +511,7 @@ def attention_packed(
     *,
     key_lengths: np.ndarray | None = None,
     scale: float | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Self-attention of (B, S, 3 * heads * D) fused QKV projections -> (B, S, heads * D).
 
@@ -545,7 +548,7 @@ def attention_packed(
     if not np.isfinite(scale):
         raise KernelInputError(f"attention_packed: scale must be finite, got {scale!r}")
     _check_dims(rows=bsz * seq, width=width)
-    y = np.empty((bsz, seq, heads * d), dtype=np.float32)
+    y = _out("attention_packed", out, (bsz, seq, heads * d), np.float32, qkv)
     if y.size == 0:
         return y
     scores = _ops.attention_scores(seq, seq, heads=heads, key_lengths=lengths)

@@ -272,6 +272,7 @@ class ModelRegistry:
             self._reserved[entry.name] = need
         try:
             encoder = bert.BertEncoder(directory)
+            encoder.compile()  # requests run phextcc's SIW program on a sentron
         except bert.ModelLoadError as exc:
             raise ModelError(422, f"{entry.name} cannot be served: {exc}") from None
         finally:

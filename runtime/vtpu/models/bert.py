@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -278,8 +279,16 @@ class BertEncoder:
                     ln2_b=take(pre + "output.LayerNorm.bias"),
                 )
             )
+        self.compiled: Any = None  # a phextcc SiwModule once compile() ran
         self.tokenizer = _load_tokenizer(directory, c.max_seq_length)
         self._untruncated = _load_tokenizer(directory, None)  # to count, for truncate: false
+
+    def compile(self) -> None:
+        """Compile the model with phextcc to an SIW program, which encode_ids then runs on a
+        sentron against the resident weights; forward() stays as the hand-written reference."""
+        from vtpu.phextcc import bert as phextcc_bert
+
+        self.compiled = phextcc_bert.siw_module(self)
 
     @property
     def nbytes(self) -> int:
@@ -287,7 +296,8 @@ class BertEncoder:
         arrays = [self.word, self.pos_type, *self.emb_ln]
         for layer in self.layers:
             arrays.extend(vars(layer).values())
-        return sum(a.nbytes for a in arrays)
+        extra = self.compiled.resident_bytes if self.compiled is not None else 0
+        return sum(a.nbytes for a in arrays) + extra
 
     @property
     def dimensions(self) -> int:
@@ -312,8 +322,9 @@ class BertEncoder:
         in padded chunks of at most max_batch_tokens positions (at least one sequence each); a
         chunk also ends where padding would pass PAD_SHARE of it, once it holds MIN_ROWS
         positions, so mixed lengths do not pay for their longest. `forward(ids, lengths)` runs
-        a chunk: this encoder's own by default, or a compiled graph's (vtpu.phextcc)."""
-        forward = forward or self.forward
+        a chunk: the compiled SIW program once compile() ran, else the hand-written one."""
+        if forward is None:
+            forward = self.compiled.forward if self.compiled is not None else self.forward
         n = len(sequences)
         out = np.empty((n, self.config.hidden), dtype=np.float32)
         order = sorted(range(n), key=lambda i: -len(sequences[i]))

@@ -1,16 +1,16 @@
-"""phextcc, the model compiler (first slice): model graph -> IR -> passes -> executed on kernels.
+"""phextcc, the model compiler: model graph -> IR -> passes -> SIW words on the sentron.
 
 A frontend (`phextcc.bert`) reads a model's architecture and resident weights into a small IR:
 a `Graph` of `Op`s over named `Value`s, in program order, with symbolic batch (`B`) and sequence
 (`S`) axes. Passes rewrite it — shape inference, constant folding of the embedding tables, QKV
 fusion, bias + GELU fusion, residual + layer-norm fusion, weight pre-packing, dead-value removal,
 in-place planning —
-and `vtpu compile MODEL` prints the IR after each one. `run` executes a compiled graph against
-its resident weights, one kernel call per op.
+and `vtpu compile MODEL` prints the IR after each one. `run` interprets a compiled graph
+against its resident weights, one kernel call per op (the reference); `phextcc.lower` lowers it
+to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 
-Not yet: emitting SIW words for the sentron (the ISA lacks views into resident tensors, the
-fused norms and pooling), tiling and prefetch passes, int8/bf16. The IR is meant to carry the
-Qwen3 decoder too: ops are kernel-level, weights are named constants, shapes are symbolic.
+Not yet: tiling and prefetch passes, int8/bf16. The IR is meant to carry the Qwen3 decoder
+too: ops are kernel-level, weights are named constants, shapes are symbolic.
 """
 
 from __future__ import annotations

@@ -10,17 +10,94 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vtpu.models.bert import BertConfig, read_config, read_weights
-from vtpu.phextcc import Graph, Op, Value, run
+import numpy as np
+
+from vtpu.models.bert import BertConfig, BertEncoder, read_config, read_weights
+from vtpu.phextcc import CompileError, Graph, Op, Value, compile_graph, run
+from vtpu.phextcc.lower import SiwModule
 
 
 def forward(graph: Graph):
-    """The compiled graph as a chunk forward for BertEncoder.encode_ids(forward=...)."""
+    """The compiled graph interpreted op by op on the kernels (phextcc.run), as a chunk forward
+    for BertEncoder.encode_ids(forward=...): the reference the SIW program is checked against."""
 
     def run_chunk(ids, lengths):
         return run(graph, {"ids": ids, "lengths": lengths})["embedding"]
 
     return run_chunk
+
+
+def siw_module(encoder: BertEncoder) -> SiwModule:
+    """Compile a loaded encoder's model to SIW. The frontend reads the encoder's resident arrays
+    in the checkpoint's layout (transposed and sliced views, no second read of the files); the
+    compiled graph's weights then replace the encoder's own arrays (checked equal), so the
+    hand-written forward and the SIW program read one resident copy."""
+    graph = compile_graph(graph_from_weights(encoder.config, checkpoint_views(encoder),
+                                             encoder.directory.name))  # fmt: skip
+    share_weights(encoder, graph)
+    return SiwModule(graph)
+
+
+def checkpoint_views(encoder: BertEncoder) -> dict[str, np.ndarray]:
+    """The encoder's packed weights named and shaped as the checkpoint stores them: views where
+    the layout allows; the token-type table as zeros, its row 0 being in `pos_type` already."""
+    c, h = encoder.config, encoder.config.hidden
+    w = {
+        "embeddings.word_embeddings.weight": encoder.word,
+        "embeddings.position_embeddings.weight": encoder.pos_type,
+        "embeddings.token_type_embeddings.weight": np.zeros((c.type_vocab, h), np.float32),
+        "embeddings.LayerNorm.weight": encoder.emb_ln[0],
+        "embeddings.LayerNorm.bias": encoder.emb_ln[1],
+    }
+    for n, layer in enumerate(encoder.layers):
+        p = f"encoder.layer.{n}."
+        for j, t in enumerate(("query", "key", "value")):
+            w[f"{p}attention.self.{t}.weight"] = layer.wqkv[:, j * h : (j + 1) * h].T
+            w[f"{p}attention.self.{t}.bias"] = layer.bqkv[j * h : (j + 1) * h]
+        w[f"{p}attention.output.dense.weight"] = layer.wo.T
+        w[f"{p}attention.output.dense.bias"] = layer.bo
+        w[f"{p}attention.output.LayerNorm.weight"] = layer.ln1_g
+        w[f"{p}attention.output.LayerNorm.bias"] = layer.ln1_b
+        w[f"{p}intermediate.dense.weight"] = layer.w1.T
+        w[f"{p}intermediate.dense.bias"] = layer.b1
+        w[f"{p}output.dense.weight"] = layer.w2.T
+        w[f"{p}output.dense.bias"] = layer.b2
+        w[f"{p}output.LayerNorm.weight"] = layer.ln2_g
+        w[f"{p}output.LayerNorm.bias"] = layer.ln2_b
+    return w
+
+
+def share_weights(encoder: BertEncoder, graph: Graph) -> None:
+    w = graph.weights
+    pairs = [
+        (encoder, "word", "embeddings.word_embeddings.weight"),
+        (encoder, "pos_type",
+         "embeddings.position_embeddings.weight+embeddings.token_type_embeddings.weight[0]"),
+    ]  # fmt: skip
+    for n, layer in enumerate(encoder.layers):
+        p = f"encoder.layer.{n}."
+        pairs += [
+            (layer, "wqkv", f"l{n}.ctx.wqkv"),
+            (layer, "bqkv", f"l{n}.ctx.bqkv"),
+            (layer, "wo", f"{p}attention.output.dense.weight"),
+            (layer, "bo", f"{p}attention.output.dense.bias"),
+            (layer, "ln1_g", f"{p}attention.output.LayerNorm.weight"),
+            (layer, "ln1_b", f"{p}attention.output.LayerNorm.bias"),
+            (layer, "w1", f"{p}intermediate.dense.weight"),
+            (layer, "b1", f"{p}intermediate.dense.bias"),
+            (layer, "w2", f"{p}output.dense.weight"),
+            (layer, "b2", f"{p}output.dense.bias"),
+            (layer, "ln2_g", f"{p}output.LayerNorm.weight"),
+            (layer, "ln2_b", f"{p}output.LayerNorm.bias"),
+        ]
+    for owner, attr, name in pairs:
+        if name not in w or not np.array_equal(getattr(owner, attr), w[name]):
+            raise CompileError(f"compiled weight {name} differs from the encoder's {attr}")
+    for owner, attr, name in pairs:
+        setattr(owner, attr, w[name])
+    emb_ln = ("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias")
+    if all(np.array_equal(a, w[n]) for a, n in zip(encoder.emb_ln, emb_ln, strict=True)):
+        encoder.emb_ln = (w[emb_ln[0]], w[emb_ln[1]])
 
 
 def build_graph(directory: Path, name: str | None = None) -> Graph:

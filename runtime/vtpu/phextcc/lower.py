@@ -1,0 +1,325 @@
+"""phextcc's last passes: a compiled graph lowered to SIW words that the sentron executes.
+
+Shapes in the IR are symbolic (`B`, `S`); SIW tensors are not, so a `SiwModule` lowers the graph
+once per (batch, seq) shape it meets and keeps the prepared programs (validated, resident
+weights bound, words planned) in a small LRU cache. Lowering:
+
+- weights become `resident` tensors, bound by name to the graph's arrays (never copied); each
+  residual norm's gamma and beta are stacked once into one (2, n) resident tensor, the operand
+  D.add_layernorm reads;
+- every IR value gets a dense row-major buffer of (rows, last axis) — a plain tensor the arena
+  allocates per run — reused by the next value of the same shape once its last reader has run,
+  and written over in place where the op allows it and its first operand dies with it (as
+  `plan_in_place` and the hand-written forward do);
+- reshapes are views: `ids` (B, S) read as (B*S,) by S.gather, a buffer read as (B, S, n) by
+  attention and pooling or as (B, S*n) to add the position table's first S rows, itself a view
+  of the resident table;
+- one op becomes one slot; `pack_words` then packs an S op into the previous word's S slot
+  when the two are independent (they issue concurrently) and C.halt into the last word.
+
+The program computes exactly what `phextcc.run` computes, with the same kernels in the same
+order (tested bit for bit); `SiwModule.forward` is the chunk forward the embeddings path uses.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from vtpu import siw
+from vtpu.arena import Arena
+from vtpu.phextcc import CompileError, Graph
+from vtpu.sentron import Prepared, Sentron, arena_bytes_for
+from vtpu.siw import COp, DOp, Program, SOp, TensorSpec
+
+_IN_PLACE = {"layer_norm", "add_layer_norm", "l2_normalize", "add_positions", "add", "add_row",
+             "gelu"}  # fmt: skip
+_ACT = {None: 0, "none": 0, "relu": 1, "gelu": 2, "silu": 3}
+
+
+def _f32_bits(value: float) -> int:
+    return int(np.float32(value).view(np.uint32))
+
+
+def siw_name(name: str, taken: set[str]) -> str:
+    """A graph name as an SIW tensor name: letters, digits, _; at most 64; unique."""
+    base = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "t"
+    if not re.match(r"[A-Za-z_]", base):
+        base = "t_" + base
+    out, n = base[: siw.MAX_NAME], 1
+    while out in taken or out in ("causal", "acc"):
+        suffix = f"_{n}"
+        out, n = base[: siw.MAX_NAME - len(suffix)] + suffix, n + 1
+    taken.add(out)
+    return out
+
+
+class _Builder:
+    """Tensors and single-slot instructions of one program being lowered."""
+
+    def __init__(self) -> None:
+        self.tensors: list[TensorSpec] = []
+        self.ids: dict[str, int] = {}
+        self.taken: set[str] = set()
+        self.slots: list[tuple[str, dict]] = []  # ("D" | "S", fields)
+        self.views: dict[tuple, str] = {}
+
+    def tensor(self, name: str, dtype: str, shape: tuple[int, ...], init: str, **kw) -> str:
+        name = siw_name(name, self.taken)
+        self.ids[name] = len(self.tensors)
+        self.tensors.append(TensorSpec(name, dtype, tuple(shape), init, **kw))
+        return name
+
+    def view(self, base: str, shape: tuple[int, ...], offset: int = 0) -> str:
+        spec = self.tensors[self.ids[base]]
+        if spec.shape == tuple(shape) and offset == 0:
+            return base
+        key = (base, tuple(shape), offset)
+        if key not in self.views:
+            self.views[key] = self.tensor(
+                f"{base}_v{len(self.views)}", spec.dtype, shape, "view",
+                base=base, offset=offset, strides=siw.c_strides(tuple(shape)),
+            )  # fmt: skip
+        return self.views[key]
+
+    def d(self, op: DOp, dst: str, *srcs: str | None, flags: int = 0, imm: float = 0.0) -> None:
+        fields = {"d_op": int(op), "d_flags": flags, "d_imm": _f32_bits(imm) if imm else 0,
+                  "d_dst": self.ids[dst]}  # fmt: skip
+        for f, name in zip(("d_a", "d_b", "d_c"), srcs, strict=False):
+            fields[f] = siw.NONE if name is None else self.ids[name]
+        self.slots.append(("D", fields))
+
+    def s(self, op: SOp, dst: str, src: str, idx: str) -> None:
+        ids = self.ids
+        fields = {"s_op": int(op), "s_dst": ids[dst], "s_src": ids[src], "s_idx": ids[idx]}
+        self.slots.append(("S", fields))
+
+
+def pack_words(program: Program, slots: list[tuple[str, dict]]) -> np.ndarray:
+    """Single-slot instructions in program order -> SIW words: an S op shares the previous
+    word when that word's S slot is free and neither slot touches what the other writes (so
+    they issue concurrently), and C.halt rides on the last word."""
+    words = siw.empty_words(len(slots) or 1)
+    n = 0
+    owners = siw.roots(program)
+    for pipe, fields in slots:
+        if pipe == "S" and n:
+            prev = words[n - 1]
+            if prev["s_op"] == 0 and prev["c_op"] == 0:
+                trial = prev.copy()
+                for k, v in fields.items():
+                    trial[k] = v
+                w = dict(zip(siw.SIW_DTYPE.names, trial.tolist(), strict=True))
+                d_reads, d_writes, s_reads, s_writes = siw._rw_sets(w, owners)
+                if not (d_writes & (s_reads | s_writes) or s_writes & d_reads):
+                    words[n - 1] = trial
+                    continue
+        for k, v in fields.items():
+            words[k][n] = v
+        n += 1
+    words = words[: max(n, 1)]
+    words["c_op"][-1] = COp.HALT
+    return words
+
+
+def lower(
+    graph: Graph, bsz: int, seq: int, resident_names: dict[str, str], stacked: dict
+) -> tuple[Program, str]:
+    """The graph as one SIW program for (bsz, seq); returns it and its output tensor's name.
+    `resident_names` maps graph weight names (and stacked (gamma, beta) pairs) to SIW names."""
+    b = _Builder()
+    weights = graph.weights
+
+    def dims(shape) -> tuple[int, ...]:
+        return tuple(bsz if d == "B" else seq if d == "S" else int(d) for d in shape)
+
+    for gname, sname in resident_names.items():
+        array = stacked[gname] if isinstance(gname, tuple) else weights[gname]
+        b.tensor(sname, "f32", array.shape, "resident")
+    feeds = {}
+    for name in graph.inputs:
+        v = graph.values[name]
+        feeds[name] = b.tensor(name, v.dtype, dims(v.shape), "input")
+    last_use: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for name in op.inputs:
+            last_use[name] = i
+    buffer_of: dict[str, str] = {}  # IR value -> SIW buffer holding it
+    free: dict[tuple[int, ...], list[str]] = {}
+    buffers: list[str] = []
+    outputs = set(graph.outputs)
+
+    def operand(name: str) -> str:
+        if name in buffer_of:
+            return buffer_of[name]
+        if name in feeds:
+            return feeds[name]
+        if name in weights:
+            return resident_names[name]
+        raise CompileError(f"{name} is read before any op produces it")
+
+    def buffer(value: str, shape: tuple[int, ...]) -> str:
+        pool = free.get(shape)
+        if pool and value not in outputs:
+            return pool.pop()
+        name = value if value in outputs else f"act{len(buffers)}"
+        buffers.append(name)
+        return b.tensor(name, "f32", shape, "zeros", output=value in outputs)
+
+    for i, op in enumerate(graph.ops):
+        shape = dims(graph.shape(op.output))
+        flat = (int(np.prod(shape[:-1])), shape[-1])
+        inputs = op.inputs[:2] if op.kind == "add_layer_norm" else op.inputs  # + stacked gb
+        srcs = [operand(name) for name in inputs]
+        first = op.inputs[0] if op.inputs else None
+        if (
+            op.kind in _IN_PLACE
+            and first in buffer_of
+            and last_use.get(first) == i
+            and op.inputs.count(first) == 1
+            and op.output not in outputs
+        ):
+            dst = buffer_of[first]
+        else:
+            dst = buffer(op.output, flat)
+        _emit(b, op, dst, srcs, shape, bsz, seq, stacked, resident_names)
+        buffer_of[op.output] = dst
+        for name in set(op.inputs):
+            held = buffer_of.get(name)
+            if held is not None and last_use.get(name) == i and held != dst:
+                free.setdefault(b.tensors[b.ids[held]].shape, []).append(held)
+    program = Program(b.tensors)
+    program.words = pack_words(program, b.slots)
+    (out,) = graph.outputs
+    return program, buffer_of[out]
+
+
+def _emit(b: _Builder, op, dst: str, srcs: list[str], shape, bsz, seq, stacked, names) -> None:
+    kind, attrs = op.kind, op.attrs
+    if kind == "gather":
+        table, ids = srcs
+        b.s(SOp.GATHER, dst, table, b.view(ids, (bsz * seq,)))
+    elif kind == "add_positions":
+        x, table = srcs
+        width = shape[-1]
+        row = b.view(table, (seq * width,))
+        xv = b.view(x, (bsz, seq * width))
+        b.d(DOp.ADD, b.view(dst, (bsz, seq * width)), xv, row)
+    elif kind in ("add", "add_row"):
+        b.d(DOp.ADD, dst, *srcs)
+    elif kind == "layer_norm":
+        b.d(DOp.LAYERNORM, dst, *srcs, imm=attrs["eps"])
+    elif kind == "add_layer_norm":
+        gb = names[(op.inputs[2], op.inputs[3])]
+        b.d(DOp.ADD_LAYERNORM, dst, srcs[0], srcs[1], gb, imm=attrs["eps"])
+    elif kind == "linear":
+        bias = srcs[2] if len(srcs) > 2 else None
+        if attrs.get("trans_w"):
+            raise CompileError(f"{op.text()}: run pack_weights before lowering")
+        b.d(DOp.LINEAR, dst, srcs[0], srcs[1], bias, flags=_ACT[attrs.get("act")])
+    elif kind == "gelu":
+        b.d(DOp.GELU, dst, srcs[0])
+    elif kind == "attention":
+        if not attrs.get("packed"):
+            raise CompileError(f"{op.text()}: only packed QKV attention lowers (run fuse_qkv)")
+        qkv, lengths = srcs
+        width = shape[-1]
+        b.d(DOp.ATTN_QKV, b.view(dst, (bsz, seq, width)), b.view(qkv, (bsz, seq, 3 * width)),
+            lengths, flags=attrs["heads"])  # fmt: skip
+    elif kind == "mean_pool":
+        x, lengths = srcs
+        width = shape[-1]
+        b.d(DOp.MEAN_POOL, dst, b.view(x, (bsz, seq, width)), lengths)
+    elif kind == "l2_normalize":
+        b.d(DOp.L2NORM, dst, srcs[0])
+    else:
+        raise CompileError(f"{op.text()}: no SIW lowering for {kind!r}")
+
+
+class SiwModule:
+    """A compiled graph as SIW: programs per (batch, seq) shape, run on one sentron against the
+    graph's resident weights. `forward(ids, lengths)` is a chunk forward for
+    BertEncoder.encode_ids; one forward runs at a time."""
+
+    def __init__(self, graph: Graph, *, cache_size: int = 32) -> None:
+        self.graph = graph
+        self.cache_size = cache_size
+        taken: set[str] = set()
+        self.names: dict = {}
+        self.stacked: dict[tuple[str, str], np.ndarray] = {}
+        for op in graph.ops:
+            if op.kind == "add_layer_norm":
+                pair = (op.inputs[2], op.inputs[3])
+                if pair not in self.stacked:
+                    self.stacked[pair] = np.ascontiguousarray(
+                        np.stack([graph.weights[pair[0]], graph.weights[pair[1]]]),
+                        dtype=np.float32,
+                    )
+        used = {name for op in graph.ops for name in op.inputs if name in graph.weights}
+        for op in graph.ops:
+            for j, name in enumerate(op.inputs):
+                if op.kind == "add_layer_norm" and j >= 2:
+                    continue
+                if name in used and name not in self.names:
+                    self.names[name] = siw_name(name, taken)
+        for pair in self.stacked:
+            self.names[pair] = siw_name(f"{pair[0]}_and_beta", taken)
+        self.resident = {
+            self.names[k]: (self.stacked[k] if isinstance(k, tuple) else graph.weights[k])
+            for k in self.names
+        }
+        self._prepared: OrderedDict[tuple[int, int], tuple[Prepared, str]] = OrderedDict()
+        self._sentron: Sentron | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the stacked norm parameters add to the graph's weights."""
+        return sum(a.nbytes for a in self.stacked.values())
+
+    def program(self, bsz: int, seq: int) -> tuple[Program, str]:
+        return lower(self.graph, bsz, seq, self.names, self.stacked)
+
+    def _get(self, bsz: int, seq: int) -> tuple[Prepared, str]:
+        key = (bsz, seq)
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+            return hit
+        program, out = self.program(bsz, seq)
+        need = arena_bytes_for(program)
+        if self._sentron is None or self._sentron.arena.capacity < need:
+            if self._sentron is not None:
+                self._sentron.close()
+            self._sentron = Sentron(Arena(need), overlap=False)
+            self._prepared.clear()  # prepared programs belong to the sentron that planned them
+        hit = (self._sentron.prepare(program, self.resident), out)
+        self._prepared[key] = hit
+        while len(self._prepared) > self.cache_size:
+            self._prepared.popitem(last=False)
+        return hit
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray):
+        """One forward: ids (B, S) int64, lengths (B,) int32 -> the sentron's RunResult."""
+        with self._lock:
+            prepared, _ = self._get(*ids.shape)
+            return self._sentron.run(prepared, {"ids": ids, "lengths": lengths})
+
+    def forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        with self._lock:
+            prepared, out = self._get(*ids.shape)
+            result = self._sentron.run(prepared, {"ids": ids, "lengths": lengths})
+        return result.outputs[out]
+
+    def close(self) -> None:
+        if self._sentron is not None:
+            self._sentron.close()
+
+
+def forward(graph: Graph) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A compiled graph's SIW chunk forward (see SiwModule)."""
+    return SiwModule(graph).forward
