@@ -281,6 +281,15 @@ class ActionCreateSerializer(serializers.Serializer):
     quick = serializers.BooleanField(required=False, default=True)
 
 
+class ModelLoadSerializer(serializers.Serializer):
+    model = StrictRegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        max_length=100,
+        help_text="A model of the node's catalogue, e.g. all-MiniLM-L6-v2 (GET <agent>/vTPU/models"
+        " lists them); the agent reports in the action's result why one cannot be loaded.",
+    )
+
+
 class TokenSerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiToken

@@ -17,6 +17,7 @@ urlpatterns = [
     path(f"{N}/transitions", views.NodeTransitionsView.as_view(), name="node-transitions"),
     path(f"{N}/actions", views.NodeActionsView.as_view(), name="node-actions"),
     path(f"{N}/telemetry", views.NodeTelemetryView.as_view(), name="node-telemetry"),
+    path(f"{N}/models", views.NodeModelLoadView.as_view(), name="node-models"),
     path(f"{N}/credentials", views.NodeCredentialsView.as_view(), name="node-credentials"),
     path(
         f"{N}/credentials/rotate",

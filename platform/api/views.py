@@ -324,6 +324,26 @@ class NodeActionsView(AccountView, generics.ListCreateAPIView):
         return Response(s.ActionSerializer(action).data, status=status.HTTP_201_CREATED)
 
 
+class NodeModelLoadView(AccountView, APIView):
+    """Ask the node's agent to make a model resident (a `load_model` action, carried by its next
+    heartbeat reply); the action's result says what was loaded, or why not."""
+
+    @extend_schema(
+        request=s.ModelLoadSerializer,
+        responses={201: s.ActionSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, node_id: uuid.UUID) -> Response:
+        node = self.own_node(node_id)
+        data = s.ModelLoadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        action = nodes.node_action_request(
+            node=node,
+            kind=NodeAction.Kind.LOAD_MODEL,
+            payload={"model": data.validated_data["model"]},
+        )
+        return Response(s.ActionSerializer(action).data, status=status.HTTP_201_CREATED)
+
+
 class NodeTelemetryView(AccountView, APIView):
     @extend_schema(
         parameters=[_int_parameter("limit", 1, 500, "Samples, newest first (default 60).")],

@@ -312,6 +312,7 @@ class NodeAction(models.Model):
 
     class Kind(models.TextChoices):
         BENCHMARK = "benchmark"
+        LOAD_MODEL = "load_model"  # make a model resident (docs/architecture.md, "Resident models")
         SUSPEND = "suspend"
         RESUME = "resume"
         ROTATE_TOKEN = "rotate_token"

@@ -4,7 +4,7 @@ The node always calls out, so a customer's node behind NAT can be managed and th
 never reaches into a customer's network. `vtpu enroll` trades a one-time enrollment secret for a
 node id, its node secret and its access token's hash; from then on the agent POSTs its telemetry and the results of finished actions
 to {control_plane}/api/v1/agent/heartbeat every `heartbeat_seconds` and takes the actions in the
-reply (benchmark, suspend, resume, rotate_token). An action is done once: its id and result are
+reply (benchmark, load_model, suspend, resume, rotate_token). An action is done once: its id and result are
 kept in the state dir (vtpu.node_state.ActionStore), so an action delivered again, even after a
 restart, is not applied again; its stored result is reported again.
 
@@ -63,7 +63,7 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_REPLY_BYTES = 1024 * 1024
 # Results the control plane has not acknowledged yet; past this the oldest are dropped.
 MAX_PENDING_RESULTS = 32
-ACTION_TYPES = ("benchmark", "suspend", "resume", "rotate_token")
+ACTION_TYPES = ("benchmark", "load_model", "suspend", "resume", "rotate_token")
 SUSPENDED_MESSAGE = "this node is suspended by the control plane"
 
 
@@ -408,7 +408,7 @@ class HeartbeatClient:
                 return
             log.warning("the access token was rotated by the control plane")
             self._finish(action_id, True, {"rotated": True})
-        elif kind == "benchmark":
+        elif kind in ("benchmark", "load_model"):  # seconds of work: the action thread's
             self._work.put((action_id, action))
         else:
             known = ", ".join(ACTION_TYPES)
@@ -425,7 +425,10 @@ class HeartbeatClient:
                 return
             action_id, action = item
             try:
-                result = self._benchmark(action)
+                if action.get("type") == "load_model":
+                    result = self._load_model(action)
+                else:
+                    result = self._benchmark(action)
             except ActionError as exc:
                 self._finish(action_id, False, error=str(exc))
             except Exception as exc:
@@ -433,6 +436,22 @@ class HeartbeatClient:
                 self._finish(action_id, False, error=f"{exc.__class__.__name__}: {exc}")
             else:
                 self._finish(action_id, True, result)
+
+    def _load_model(self, action: dict) -> dict:
+        """Make a model resident, as POST /vTPU/models does (docs/architecture.md, "Resident
+        models and embeddings"); a model that cannot be loaded fails the action with why."""
+        from vtpu.models import ModelError
+
+        name = action.get("model")
+        if not isinstance(name, str) or not name:
+            raise ActionError("load_model needs 'model': the name of a model in the catalogue")
+        if self.agent.suspended:
+            raise ActionError(SUSPENDED_MESSAGE)
+        try:
+            model = self.agent.models.load(name)
+        except ModelError as exc:
+            raise ActionError(str(exc)) from None
+        return model.describe()
 
     def _benchmark(self, action: dict) -> dict:
         from vtpu import bench

@@ -280,3 +280,30 @@ def test_nul_characters_in_telemetry_or_a_result_get_400_and_the_node_keeps_beat
     assert bad.status_code == 400 and "NUL" in str(bad.json())
     assert NodeAction.objects.get(pk=action.pk).completed_at is None
     assert heartbeat(alice_node, secret).status_code == 200
+
+
+def test_a_customer_asks_a_node_to_load_a_model_through_its_heartbeats(
+    alice_node, alice_api, bob_api
+):
+    secret = provisioning(alice_node)
+    heartbeat(alice_node, secret)  # ready
+    url = f"/api/v1/nodes/{alice_node.pk}/models"
+    assert alice_api.post(url, {"model": "../etc"}, format="json").status_code == 400
+    assert alice_api.post(url, {}, format="json").status_code == 400
+    assert bob_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json").status_code == 404
+    asked = alice_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json")
+    assert asked.status_code == 201 and asked.json()["type"] == "load_model"
+    reply = heartbeat(alice_node, secret).json()
+    (action,) = reply["actions"]
+    assert action == {
+        "id": str(asked.json()["id"]),
+        "type": "load_model",
+        "model": "all-MiniLM-L6-v2",
+    }
+    result = {"id": "all-MiniLM-L6-v2", "state": "loaded", "bytes": 90258432}
+    heartbeat(
+        alice_node, secret, results=[{"action_id": action["id"], "ok": True, "result": result}]
+    )
+    listed = alice_api.get(f"/api/v1/nodes/{alice_node.pk}/actions").json()["results"]
+    done = next(a for a in listed if a["id"] == asked.json()["id"])
+    assert done["ok"] is True and done["result"]["state"] == "loaded"

@@ -18,6 +18,7 @@ OBJECT_ROUTES = {
     "node-retry": (["post"], "node"),
     "node-suspend": (["post"], "node"),
     "node-resume": (["post"], "node"),
+    "node-models": (["post"], "node"),
     "node-jobs": (["get"], "node"),
     "node-transitions": (["get"], "node"),
     "node-actions": (["get", "post"], "node"),
