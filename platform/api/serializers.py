@@ -288,6 +288,12 @@ class ModelLoadSerializer(serializers.Serializer):
         help_text="A model of the node's catalogue, e.g. all-MiniLM-L6-v2 (GET <agent>/vTPU/models"
         " lists them); the agent reports in the action's result why one cannot be loaded.",
     )
+    precision = serializers.ChoiceField(
+        choices=["fp32", "int8", "int8-dynamic"],
+        default="fp32",
+        help_text="The weights' precision (the node's vtpu.models.bert.PRECISIONS): int8 keeps"
+        " cosine >= 0.999 with half the memory; int8-dynamic is faster and less exact.",
+    )
 
 
 class TokenSerializer(serializers.ModelSerializer):

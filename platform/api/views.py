@@ -339,7 +339,7 @@ class NodeModelLoadView(AccountView, APIView):
         action = nodes.node_action_request(
             node=node,
             kind=NodeAction.Kind.LOAD_MODEL,
-            payload={"model": data.validated_data["model"]},
+            payload=dict(data.validated_data),
         )
         return Response(s.ActionSerializer(action).data, status=status.HTTP_201_CREATED)
 

@@ -417,9 +417,24 @@ class Agent:
 
     async def model_load(self, request: Request) -> dict[str, Any]:
         self._refuse_if_suspended()
-        name = await self._model_name(request)
-        model = await anyio.to_thread.run_sync(_model_call, self.models.load, name)
-        log.info("model %s loaded (%d bytes)", model.name, model.bytes)
+        body = await read_json_body(request, self.config.max_body_bytes)
+        if (
+            not isinstance(body, dict)
+            or "model" not in body
+            or not set(body) <= {"model", "precision"}
+            or not isinstance(body["model"], str)
+            or not isinstance(body.get("precision", ""), str)
+        ):
+            raise HTTPError(
+                400,
+                'the body must be {"model": "<model id>"}, optionally with "precision": '
+                '"fp32" (the default), "int8" or "int8-dynamic"',
+            )
+        precision = body.get("precision", "fp32")
+        model = await anyio.to_thread.run_sync(
+            _model_call, self.models.load, body["model"], precision
+        )
+        log.info("model %s loaded in %s (%d bytes)", model.name, model.precision, model.bytes)
         return model.describe()
 
     async def model_unload(self, request: Request) -> dict[str, Any]:
@@ -1020,7 +1035,7 @@ def run_agent(
             from vtpu.models import ModelError
 
             try:
-                loaded = agent.models.load(name)
+                loaded = agent.models.load(name, agent.models_config.preload_precision)
             except ModelError as exc:
                 sock.close()
                 raise ConfigError(f"--load-model {name}: {exc}") from None

@@ -111,6 +111,7 @@ def _models_config(args: argparse.Namespace) -> Any:
             defaults.batch_window_seconds if window_ms is None else window_ms / 1000
         ),
         preload=tuple(args.load_model or ()),
+        preload_precision=args.precision,
     )
 
 
@@ -476,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="load this model at start (repeatable), e.g. all-MiniLM-L6-v2; this and the "
         "model options below are not saved in agent.json",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8", "int8-dynamic"),
+        default="fp32",
+        help="weights of the --load-model models: fp32 (default); int8 (weight-only, groups of "
+        "32, cosine >= 0.999 to fp32); int8-dynamic (int8 activations too: faster, less exact)",
     )
     p.add_argument(
         "--max-model-bytes", type=int, help="memory for resident models together (default 2 GiB)"

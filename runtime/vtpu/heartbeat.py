@@ -445,10 +445,13 @@ class HeartbeatClient:
         name = action.get("model")
         if not isinstance(name, str) or not name:
             raise ActionError("load_model needs 'model': the name of a model in the catalogue")
+        precision = action.get("precision", "fp32")
+        if not isinstance(precision, str):
+            raise ActionError("'precision' must be a string such as fp32 or int8")
         if self.agent.suspended:
             raise ActionError(SUSPENDED_MESSAGE)
         try:
-            model = self.agent.models.load(name)
+            model = self.agent.models.load(name, precision)
         except ModelError as exc:
             raise ActionError(str(exc)) from None
         return model.describe()

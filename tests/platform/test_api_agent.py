@@ -290,6 +290,7 @@ def test_a_customer_asks_a_node_to_load_a_model_through_its_heartbeats(
     url = f"/api/v1/nodes/{alice_node.pk}/models"
     assert alice_api.post(url, {"model": "../etc"}, format="json").status_code == 400
     assert alice_api.post(url, {}, format="json").status_code == 400
+    assert alice_api.post(url, {"model": "m", "precision": "fp4"}, format="json").status_code == 400
     assert bob_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json").status_code == 404
     asked = alice_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json")
     assert asked.status_code == 201 and asked.json()["type"] == "load_model"
@@ -299,6 +300,7 @@ def test_a_customer_asks_a_node_to_load_a_model_through_its_heartbeats(
         "id": str(asked.json()["id"]),
         "type": "load_model",
         "model": "all-MiniLM-L6-v2",
+        "precision": "fp32",
     }
     result = {"id": "all-MiniLM-L6-v2", "state": "loaded", "bytes": 90258432}
     heartbeat(

@@ -357,16 +357,20 @@ def test_load_model_makes_a_model_resident_or_says_why_not(
     plane.actions += [
         {"id": "lm-bad", "type": "load_model", "model": "no-such-model"},
         {"id": "lm-none", "type": "load_model"},
-        {"id": "lm-1", "type": "load_model", "model": "all-MiniLM-L6-v2"},
+        {"id": "lm-fp4", "type": "load_model", "model": "all-MiniLM-L6-v2", "precision": "fp4"},
+        {"id": "lm-1", "type": "load_model", "model": "all-MiniLM-L6-v2", "precision": "int8"},
     ]
     bad = wait_for(lambda: plane.results().get("lm-bad"), what="unknown model result")
     assert bad["ok"] is False and "no model 'no-such-model'" in bad["error"]
     none = wait_for(lambda: plane.results().get("lm-none"), what="nameless load result")
     assert none["ok"] is False and "needs 'model'" in none["error"]
+    fp4 = wait_for(lambda: plane.results().get("lm-fp4"), what="bad precision result")
+    assert fp4["ok"] is False and "precision 'fp4' is not implemented" in fp4["error"]
     loaded = wait_for(lambda: plane.results().get("lm-1"), what="load result", timeout=120)
     assert loaded["ok"] is True, loaded
     assert loaded["result"]["id"] == "all-MiniLM-L6-v2"
     assert loaded["result"]["state"] == "loaded" and loaded["result"]["bytes"] > 0
+    assert loaded["result"]["precision"] == "int8"
     status, listed = call_json(agent, "GET", "/vTPU/models")
     assert status == 200
     assert {m["id"]: m["state"] for m in listed["models"]}["all-MiniLM-L6-v2"] == "loaded"

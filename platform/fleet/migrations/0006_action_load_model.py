@@ -4,15 +4,23 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('fleet', '0005_sample_counters'),
+        ("fleet", "0005_sample_counters"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='nodeaction',
-            name='kind',
-            field=models.CharField(choices=[('benchmark', 'Benchmark'), ('load_model', 'Load Model'), ('suspend', 'Suspend'), ('resume', 'Resume'), ('rotate_token', 'Rotate Token')], max_length=20),
+            model_name="nodeaction",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("benchmark", "Benchmark"),
+                    ("load_model", "Load Model"),
+                    ("suspend", "Suspend"),
+                    ("resume", "Resume"),
+                    ("rotate_token", "Rotate Token"),
+                ],
+                max_length=20,
+            ),
         ),
     ]

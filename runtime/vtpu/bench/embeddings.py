@@ -14,6 +14,10 @@ the forward alone (tokenized, padded ids in) at batch 1, 8 and 32 of the short s
 against hand-written, interleaved, with the words each program issues and the share of the
 forward the sentron's per-word issue cost takes (measured NOP issue time x words).
 
+The reduced precisions (`BertEncoder(..., precision=)`: "int8", weight-only, and "int8-dynamic",
+int8 activations too) are timed in the same rotation as fp32, with their lowest cosine to the
+reference beside their speed and their resident weight bytes.
+
     vtpu bench-embeddings [--threads 1,2] [--repeats 7] [--json]
 """
 
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 MODEL = "all-MiniLM-L6-v2"
+PRECISIONS = ("int8", "int8-dynamic")  # timed beside fp32
 WORKLOADS = {
     "batch32x128": "32 sentences of exactly 128 tokens, one batch",
     "short64": "64 one-line sentences (6-24 words), one batch",
@@ -62,6 +67,7 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
     encoder = BertEncoder(directory)
     encoder.compile()
     hand = encoder.forward
+    reduced = {p: BertEncoder(directory, p) for p in PRECISIONS}
     reference = None
     try:
         import torch
@@ -73,7 +79,9 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
     except ImportError:
         reference_name = None
     out: dict[str, Any] = {"threads": threads, "kernel_threads": kernels.num_threads(),
-                           "reference": reference_name, "workloads": {}}  # fmt: skip
+                           "reference": reference_name, "workloads": {},
+                           "weight_bytes": {"fp32": encoder.nbytes,
+                                            **{p: e.nbytes for p, e in reduced.items()}}}  # fmt: skip
     for name in WORKLOADS:
         texts = _texts(str(directory / "tokenizer.json"), name)
 
@@ -88,6 +96,10 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
                 texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True
             )
 
+        def reduced_run(precision: str, texts: list[str] = texts) -> np.ndarray:
+            e = reduced[precision]
+            return e.encode_ids(e.tokenize(texts))
+
         mine = ours()
         record: dict[str, Any] = {"sentences": len(texts),
                                   "tokens": [len(s) for s in encoder.tokenize(texts[:1])][0]}  # fmt: skip
@@ -95,12 +107,18 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
         ours_s: list[float] = []
         compiled_s: list[float] = []
         base_s: list[float] = []
+        reduced_s: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        against = ref = theirs() if reference is not None else mine
         if reference is not None:
-            ref = theirs()
             record["min_cosine"] = float(np.min(np.sum(mine * ref, axis=1)))
+        for p in PRECISIONS:  # against the reference, else against our fp32
+            record[f"{p}_min_cosine"] = float(np.min(np.sum(reduced_run(p) * against, axis=1)))
+        record["reduced_cosine_against"] = "reference" if reference is not None else "ours fp32"
         for i in range(repeats):
-            pair = ((ours, ours_s), (ours_compiled, compiled_s))
-            for fn, times in pair if i % 2 == 0 else pair[::-1]:  # neither always first
+            timed = [(ours, ours_s), (ours_compiled, compiled_s)]
+            timed += [(lambda p=p: reduced_run(p), reduced_s[p]) for p in PRECISIONS]
+            shift = i % len(timed)  # none always first
+            for fn, times in timed[shift:] + timed[:shift]:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
@@ -110,6 +128,12 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
                 base_s.append(time.perf_counter() - t0)
         n = len(texts)
         record["ours_sentences_per_s"] = n / statistics.median(ours_s)
+        for p in PRECISIONS:
+            record[f"{p}_sentences_per_s"] = n / statistics.median(reduced_s[p])
+            # median of per-round fp32 hand-written time / this precision's time
+            record[f"{p}_vs_fp32"] = statistics.median(
+                f / r for f, r in zip(ours_s, reduced_s[p], strict=True)
+            )
         record["compiled_sentences_per_s"] = n / statistics.median(compiled_s)
         # the issue's bar: the compiled program within 5 % of the hand-written kernel calls
         record["compiled_vs_hand"] = statistics.median(
@@ -178,7 +202,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
 
     cpu = cpu_info()
     lines = [
-        f"{MODEL} embeddings, fp32, on {cpu.model_name} (family {cpu.family} model {cpu.model}, "
+        f"{MODEL} embeddings on {cpu.model_name} (family {cpu.family} model {cpu.model}, "
         f"{cpu.logical_cpus} CPUs, {cpu.vector_path})"
     ]
     lines.append(
@@ -200,6 +224,34 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         "ours: the hand-written kernel calls; compiled: the phextcc SIW program on a sentron "
         "(what the node serves); ratio: median of per-pair (interleaved) reference time / ours"
     )
+    lines.append("")
+    lines.append(
+        f"{'precision':<14}{'workload':>12}{'threads':>8}{'sent/s':>9}{'vs fp32':>9}"
+        f"{'min cosine':>12}{'weights MB':>12}"
+    )
+    for run in runs:
+        sizes = run.get("weight_bytes", {})
+        for name, r in run["workloads"].items():
+            rows = [("fp32", r["ours_sentences_per_s"], 1.0, r.get("min_cosine"))]
+            rows += [(p, r[f"{p}_sentences_per_s"], r[f"{p}_vs_fp32"], r[f"{p}_min_cosine"])
+                     for p in PRECISIONS if f"{p}_sentences_per_s" in r]  # fmt: skip
+            if r.get("reference_sentences_per_s"):
+                rows.append(("sent-transf.", r["reference_sentences_per_s"],
+                             1 / r["speedup"], 1.0))  # fmt: skip
+            for p, speed, ratio, cos in rows:
+                size = f"{sizes[p] / 1e6:>12.1f}" if p in sizes else f"{'':>12}"
+                lines.append(
+                    f"{p:<14}{name:>12}{run['threads']:>8}{speed:>9.1f}{ratio:>8.2f}x"
+                    + (f"{cos:>12.6f}" if cos is not None else f"{'':>12}")
+                    + size
+                )
+    if runs and runs[0]["workloads"]:
+        against = next(iter(runs[0]["workloads"].values())).get("reduced_cosine_against", "")
+        lines.append(
+            "all on the hand-written forward (int8 has no SIW op yet); vs fp32: median per-round "
+            f"fp32 time / this one's; min cosine against the {against}; int8 is weight-only "
+            "(groups of 32), int8-dynamic quantises activations per row too"
+        )
     lines.append("")
     lines.append(
         f"{'forward only':<14}{'threads':>8}{'batch':>6}{'tokens':>7}{'hand ms':>9}"

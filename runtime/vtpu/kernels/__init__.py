@@ -17,13 +17,21 @@ gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per eleme
 add_layer_norm 9; rms_norm 4; softmax 5; l2_normalize 3; masked_mean_pool 1 per pooled element
 + 1 per output; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
 topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); add/mul 1 per element; quantize_int8 3 per element; linear_int8 is
-its int8 GEMM plus bias/activation (the float rescale is not counted). gather/scatter move bytes
-and count 0 ops.
+its int8 GEMM plus bias/activation (the float rescale is not counted); linear_dynamic_int8 counts
+as linear (its per-row activation quantisation is not counted); linear_weight_int8 as linear
+plus 1 per weight widened. gather/scatter move bytes and count 0 ops.
+
+Reduced precision for resident models: `linear_weight_int8` (weight-only: int8 per output channel
+and group of input rows, widened to fp32 per call, then BLAS) and `linear_dynamic_int8` (weights
+int8 per output channel, packed once by `pack_int8_weight`; activations quantised per row on
+each call to 7 bits plus an offset of 64, so AVX2's u8 x s8 vpmaddubsw never saturates; a
+portable loop otherwise, chosen by `set_isa` like the rest).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,6 +57,12 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_int8",
+    "linear_dynamic_int8",
+    "linear_weight_int8",
+    "pack_int8_weight",
+    "quantize_int8_groups",
+    "Int8GroupWeight",
+    "Int8Weight",
     "l2_normalize",
     "masked_mean_pool",
     "mul",
@@ -640,6 +654,151 @@ def linear_int8(
     return bias_activation(y, b, activation) if (b is not None or act) else y
 
 
+@dataclass(frozen=True)
+class Int8Weight:
+    """A Linear weight quantised once for linear_dynamic_int8: W (N, K) ~= q * scale[:, None],
+    symmetric per output channel, q in [-127, 127], packed for the u8 x s8 kernel."""
+
+    n: int
+    k: int
+    packed: np.ndarray  # int8, (ceil(N/8) panels, K/4 groups, 8 columns, 4) flattened
+    scale: np.ndarray  # float32 (N,)
+    offset: np.ndarray  # int32 (N,): 64 * sum_k q[j, k], the activation offset's share
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale.nbytes + self.offset.nbytes
+
+
+def pack_int8_weight(w: np.ndarray, *, trans_w: bool = False) -> Int8Weight:
+    """Quantise a float32 Linear weight per output channel to int8 and pack it, once.
+
+    w is (N, K) as PyTorch stores it, or (K, N) (the layout `linear` reads) with trans_w=True.
+    """
+    w = _array("w", w, np.float32, 2)
+    if trans_w:
+        w = np.ascontiguousarray(w.T)
+    if not np.isfinite(w).all():
+        raise KernelInputError("pack_int8_weight: w must be finite (no NaN or inf)")
+    n, k = w.shape
+    if k > _INT8_MAX_K:
+        raise KernelInputError(
+            f"pack_int8_weight: K={k} could overflow int32 accumulators; at most {_INT8_MAX_K}"
+        )
+    q, scale = quantize_int8(w)
+    kp, np_ = -(-k // 4) * 4, -(-n // 8) * 8
+    padded = np.zeros((np_, kp), dtype=np.int8)
+    padded[:n, :k] = q
+    packed = padded.reshape(np_ // 8, 8, kp // 4, 4).transpose(0, 2, 1, 3)
+    offset = 64 * q.astype(np.int32).sum(axis=1, dtype=np.int32)
+    return Int8Weight(n, k, np.ascontiguousarray(packed).reshape(-1), scale, offset)
+
+
+def linear_dynamic_int8(
+    x: np.ndarray,
+    w: Int8Weight,
+    bias: np.ndarray | None = None,
+    activation: str = "none",
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """activation(x @ W.T + bias) with W an Int8Weight: dynamic int8 quantisation.
+
+    Each row of x is quantised per call to 7 bits ([-63, 63], its own symmetric scale) and
+    offset into u8, so the AVX2 u8 x s8 kernel (vpmaddubsw, then vpmaddwd) never saturates;
+    the integer GEMM is exact and only the scales round. x may have leading batch axes.
+    """
+    act = _activation(activation)
+    if not isinstance(w, Int8Weight):
+        raise KernelInputError(
+            f"w must be an Int8Weight from pack_int8_weight, got {type(w).__name__}"
+        )
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    if x.shape[-1] != w.k:
+        raise KernelInputError(
+            f"linear_dynamic_int8: x has {x.shape[-1]} features but the weight takes {w.k}"
+        )
+    b = None if bias is None else _vector("bias", bias, w.n)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    _check_dims(m=m, n=w.n, k=w.k)
+    inputs = (x,) if b is None else (x, b)
+    y = _out("linear_dynamic_int8", out, x.shape[:-1] + (w.n,), np.float32, *inputs)
+    if y.size == 0:
+        return y
+    if not np.isfinite(x2).all():
+        raise KernelInputError("linear_dynamic_int8: x must be finite (no NaN or inf)")
+    ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
+    kp = w.packed.size // (-(-w.n // 8) * 8)
+    with kernel_scope(ops):
+        _dense.linear_dynamic_int8(
+            x2, w.packed, kp, w.scale, w.offset, b, act, y.reshape(m, w.n), _threads(y.size)
+        )
+    return y
+
+
+@dataclass(frozen=True)
+class Int8GroupWeight:
+    """A (K, N) weight stored as int8 for linear_weight_int8: each output channel n has its own
+    symmetric scale per group of `group` input rows, W[k, n] ~= q[k, n] * scale[k // group, n]."""
+
+    q: np.ndarray  # int8 (K, N), in [-127, 127]
+    scale: np.ndarray  # float32 (ceil(K / group), N)
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+def quantize_int8_groups(w: np.ndarray, group: int = 32) -> Int8GroupWeight:
+    """Quantise a (K, N) float32 weight (the layout `linear` reads) to int8, symmetric per
+    output channel and per group of `group` input rows; the largest magnitude maps to 127."""
+    w = _array("w", w, np.float32, 2)
+    if isinstance(group, bool) or not isinstance(group, int | np.integer) or group < 1:
+        raise KernelInputError(
+            f"quantize_int8_groups: group must be a positive integer, got {group!r}"
+        )
+    if not np.isfinite(w).all():
+        raise KernelInputError("quantize_int8_groups: w must be finite (no NaN or inf)")
+    k, n = w.shape
+    groups = -(-k // group)
+    padded = np.zeros((groups * group, n), np.float32)
+    padded[:k] = w
+    amax = np.abs(padded.reshape(groups, group, n)).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.rint(padded.reshape(groups, group, n) / scale[:, None, :]).reshape(-1, n)[:k]
+    with kernel_scope(_ops.PER_ELEMENT["quantize_int8"] * w.size):
+        q = np.ascontiguousarray(np.clip(q, -127, 127).astype(np.int8))
+    return Int8GroupWeight(q, scale, int(group))
+
+
+def linear_weight_int8(
+    x: np.ndarray,
+    w: Int8GroupWeight,
+    bias: np.ndarray | None = None,
+    activation: str = "none",
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """activation(x @ W + bias) with W an Int8GroupWeight: weight-only int8, fp32 activations.
+
+    The weight is widened to fp32 once per call (a parallel pass over K x N, small next to the
+    M x N x K GEMM of a batch) and multiplied through BLAS as in linear(); what it saves is
+    resident memory (1.125 bytes per weight instead of 4 with groups of 32), not arithmetic.
+    """
+    if not isinstance(w, Int8GroupWeight):
+        raise KernelInputError(
+            f"w must be an Int8GroupWeight from quantize_int8_groups, got {type(w).__name__}"
+        )
+    k, n = w.q.shape
+    wide = np.empty((k, n), np.float32)
+    if wide.size:
+        with kernel_scope(wide.size):
+            _dense.dequantize_int8_groups(w.q, w.scale, w.group, wide, _threads(wide.size))
+    return linear(x, wide, bias, activation, out=out)
+
+
 def topk_similarity(
     queries: np.ndarray, keys: np.ndarray, k: int, *, metric: str = "cosine"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -820,6 +979,12 @@ def dispatch_info() -> dict[str, str]:
         "attention": f"{vector} fused QK, softmax and PV per (batch, head) (no BLAS)",
         "attention_packed": f"{vector} as attention, reading fused QKV rows in place",
         "gemm_int8": vector,
+        "linear_weight_int8": f"int8 -> fp32 widening pass (OpenMP) + {blas}",
+        "linear_dynamic_int8": (
+            "avx2 u8 x s8 (vpmaddubsw + vpmaddwd), OpenMP over rows"
+            if vector == "avx2"
+            else "generic u8 x s8 loop, OpenMP over rows"
+        ),
         "topk_similarity": f"{blas} + {vector} selection",
         "gather_rows": "memcpy rows (OpenMP)",
         "scatter_rows": "memcpy rows",

@@ -3,8 +3,8 @@
 # Entry points here trust their arguments: vtpu.kernels (Python) has already checked dtype, shape,
 # contiguity, aliasing and limits. Each one releases the GIL for the whole computation.
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, sqrtf
-from libc.stdint cimport int8_t, int16_t, int32_t
+from libc.math cimport INFINITY, fabsf, rintf, sqrtf
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
@@ -17,6 +17,7 @@ from ._simd cimport (
     vtpu_exp_shift_sum,
     vtpu_gemm_s8_packed_rows,
     vtpu_gemm_s8_rows_generic,
+    vtpu_gemm_u8s8_rows,
     vtpu_get_level,
     VTPU_LEVEL_AVX2,
     vtpu_pack_a_s8,
@@ -347,3 +348,66 @@ def attention_packed(const float[:, ::1] qkv, const int[::1] key_lengths, Py_ssi
         free(vb)
     if failed:
         raise MemoryError(f"attention_packed: no memory for {seq} x {d} per-thread buffers")
+
+
+def linear_dynamic_int8(const float[:, ::1] x, const int8_t[::1] wp, Py_ssize_t kp,
+                        const float[::1] w_scale, const int32_t[::1] w_offset,
+                        const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
+    """out = act(x @ W.T + bias) with W packed by vtpu.kernels.pack_int8_weight. Each row of x is
+    quantised symmetrically to [-63, 63] (its own scale) and offset by 64 into u8; the u8 x s8
+    GEMM is exact in int32, then out = x_scale * w_scale * (acc - w_offset) with w_offset =
+    64 * sum_k W[j, k]. Every work item quantises and multiplies its own rows, in its own
+    buffers, so nothing of size M x N but out is materialised."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1], kq = kp // 4
+    cdef Py_ssize_t blocks = (m + INT8_ROW_BLOCK - 1) // INT8_ROW_BLOCK
+    cdef Py_ssize_t blk, i0, i1, r, i, j
+    cdef uint8_t *au = NULL
+    cdef int32_t *acc = NULL
+    cdef float *xs = NULL
+    cdef float amax, inv
+    cdef const float *bptr = &bias[0] if bias is not None else NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        au = <uint8_t *>malloc(INT8_ROW_BLOCK * kp)
+        acc = <int32_t *>malloc(INT8_ROW_BLOCK * n * sizeof(int32_t))
+        xs = <float *>malloc(INT8_ROW_BLOCK * sizeof(float))
+        for blk in prange(blocks, schedule='static'):
+            if au == NULL or acc == NULL or xs == NULL:
+                failed += 1
+                continue
+            i0 = blk * INT8_ROW_BLOCK
+            i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < m else m
+            memset(au, 64, INT8_ROW_BLOCK * kp)
+            for r in range(i1 - i0):
+                amax = 0.0
+                for j in range(k):
+                    if fabsf(x[i0 + r, j]) > amax:
+                        amax = fabsf(x[i0 + r, j])
+                xs[r] = amax / 63.0 if amax > 0 else 1.0
+                inv = 63.0 / amax if amax > 0 else 0.0
+                for j in range(k):
+                    au[r * kp + j] = <uint8_t>(<int>rintf(x[i0 + r, j] * inv) + 64)
+            vtpu_gemm_u8s8_rows(au, kp, &wp[0], kq, acc, 0, (i1 - i0 + 3) // 4 * 4, i1 - i0, n)
+            for r in range(i1 - i0):
+                i = i0 + r
+                for j in range(n):
+                    out[i, j] = xs[r] * w_scale[j] * <float>(acc[r * n + j] - w_offset[j])
+                if bptr != NULL or act != 0:
+                    vtpu_bias_act(&out[i, 0], bptr, n, act)
+        free(au)
+        free(acc)
+        free(xs)
+    if failed:
+        raise MemoryError(f"linear_dynamic_int8: no memory for {INT8_ROW_BLOCK} rows of buffers")
+
+
+def dequantize_int8_groups(const int8_t[:, ::1] q, const float[:, ::1] scale, Py_ssize_t group,
+                           float[:, ::1] out, int nthreads) -> None:
+    """out[k, n] = q[k, n] * scale[k // group, n]: a weight-only int8 matrix back to fp32."""
+    cdef Py_ssize_t kk, j, rows = q.shape[0], n = q.shape[1]
+    cdef const float *srow
+    with nogil:
+        for kk in prange(rows, schedule='static', num_threads=nthreads):
+            srow = &scale[kk // group, 0]
+            for j in range(n):
+                out[kk, j] = q[kk, j] * srow[j]

@@ -398,6 +398,82 @@ VTPU_AVX2 static void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t 
     }
 }
 
+/* ---- u8 x s8 GEMM for dynamically quantised activations against packed int8 weights ---------
+ * C[i, j] = sum_k A[i, k] * W[j, k], A unsigned (an activation quantised to [-63, 63] plus an
+ * offset of 64, so in [1, 127]), W signed in [-127, 127]. vpmaddubsw multiplies u8 by s8 and adds
+ * pairs into int16 with saturation; with A <= 127 a pair is at most 2 * 127 * 127 = 32258, so it
+ * never saturates and vpmaddwd by ones widens the pairs into exact int32 sums of 4. The caller
+ * subtracts 64 * sum_k W[j, k] (the offset) and applies the scales.
+ * W is packed once: panels of 8 output columns; panel q, group p is 8 columns x 4 consecutive k
+ * = 32 bytes = one ymm (Kq = Kp / 4 groups, Kp = K rounded up to 4, padding zero). A rows have
+ * Kp bytes (lda). Rows [i0, i1) of A go to rows 0.. of C (ldc = N). */
+
+static void vtpu_gemm_u8s8_rows_generic(const uint8_t *A, long lda, const int8_t *Wp, long Kq,
+                                        int32_t *C, long i0, long i1, long N) {
+    for (long i = i0; i < i1; i++)
+        for (long j = 0; j < N; j++) {
+            const int8_t *w = Wp + ((j / 8) * Kq * 8 + j % 8) * 4;
+            const uint8_t *a = A + i * lda;
+            int32_t s = 0;
+            for (long p = 0; p < Kq; p++)
+                for (int t = 0; t < 4; t++) s += (int32_t)a[4 * p + t] * (int32_t)w[p * 32 + t];
+            C[(i - i0) * N + j] = s;
+        }
+}
+
+#define VTPU_U8_TILE(NP)                                                                         \
+    VTPU_AVX2 static void vtpu_u8_tile_4x##NP(const uint8_t *A, long lda, const int8_t *Wp,      \
+                                             long Kq, int32_t *tile) {                           \
+        const __m256i ones = _mm256_set1_epi16(1);                                               \
+        __m256i acc[4][NP];                                                                      \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                     \
+        for (long p = 0; p < Kq; p++) {                                                          \
+            __m256i b[NP];                                                                       \
+            for (int c = 0; c < NP; c++)                                                         \
+                b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));            \
+            for (int r = 0; r < 4; r++) {                                                        \
+                int32_t quad;                                                                    \
+                memcpy(&quad, A + r * lda + 4 * p, 4);                                           \
+                __m256i a = _mm256_set1_epi32(quad);                                             \
+                for (int c = 0; c < NP; c++)                                                     \
+                    acc[r][c] = _mm256_add_epi32(                                                \
+                        acc[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b[c]), ones));      \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++)                                                         \
+                _mm256_storeu_si256((__m256i *)(tile + r * 8 * NP + c * 8), acc[r][c]);          \
+    }
+VTPU_U8_TILE(3)
+VTPU_U8_TILE(1)
+
+/* i0, i1 multiples of 4; A holds rows up to i1 (rows past the real M may hold anything); only
+ * rows below M are stored. */
+VTPU_AVX2 static void vtpu_gemm_u8s8_rows_avx2(const uint8_t *A, long lda, const int8_t *Wp,
+                                               long Kq, int32_t *C, long i0, long i1, long M,
+                                               long N) {
+    int32_t tile[4 * 24];
+    long panels = (N + 7) / 8;
+    for (long i = i0; i < i1; i += 4) {
+        long q = 0;
+        for (; q + 3 <= panels; q += 3) {
+            vtpu_u8_tile_4x3(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
+            vtpu_s8_store(tile, 24, C, i - i0, q * 8, M - i0, N);
+        }
+        for (; q < panels; q++) {
+            vtpu_u8_tile_4x1(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
+            vtpu_s8_store(tile, 8, C, i - i0, q * 8, M - i0, N);
+        }
+    }
+}
+
+static inline void vtpu_gemm_u8s8_rows(const uint8_t *A, long lda, const int8_t *Wp, long Kq,
+                                       int32_t *C, long i0, long i1, long M, long N) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_gemm_u8s8_rows_avx2(A, lda, Wp, Kq, C, i0, i1, M, N);
+    else vtpu_gemm_u8s8_rows_generic(A, lda, Wp, Kq, C, i0, i1 < M ? i1 : M, N);
+}
+
 /* ---- dispatchers: one branch per call, predictable, costs nothing next to the work ---------- */
 
 static inline float vtpu_dot(const float *a, const float *b, long n) {

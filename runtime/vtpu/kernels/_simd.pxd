@@ -1,5 +1,5 @@
 # Declarations of the vector primitives in _simd.h, shared by the kernel modules.
-from libc.stdint cimport int8_t, int16_t, int32_t
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t
 
 
 cdef extern from "_simd.h" nogil:
@@ -30,3 +30,5 @@ cdef extern from "_simd.h" nogil:
                          int16_t *Bp)
     void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t *Bp, int32_t *C, long i0,
                                   long i1, long M, long N, long panels, long Kp)
+    void vtpu_gemm_u8s8_rows(const uint8_t *A, long lda, const int8_t *Wp, long Kq, int32_t *C,
+                             long i0, long i1, long M, long N)

