@@ -27,7 +27,6 @@ from accounts.models import Membership
 from billing.models import BillingCustomer, Invoice, Subscription
 from fleet.models import Node, NodeAction, NodeState
 from fleet.services import nodes as fleet_nodes
-from fleet.services.errors import FleetError
 from fleet.services.transitions import try_transition
 
 log = logging.getLogger(__name__)
@@ -168,15 +167,9 @@ def _deprovision(customer: BillingCustomer, now: datetime) -> int:
     ):
         return 0
     cause = f"deprovisioned for non-payment: invoice {customer.past_due_invoice_id} unpaid"
-    count = 0
-    for node in Node.objects.filter(account_id=customer.account_id).exclude(
-        state__in=[S.DEPROVISIONING, S.TERMINATED]
-    ):
-        try:
-            fleet_nodes.node_deprovision_request(node=node, cause=cause)
-            count += 1
-        except FleetError as exc:
-            log.warning("node %s not deprovisioned: %s", node.pk, exc.message)
+    count = fleet_nodes.nodes_deprovision(
+        nodes=Node.objects.filter(account_id=customer.account_id), cause=cause
+    )
     _tell(
         customer.account_id,
         "Your nodes were deprovisioned",

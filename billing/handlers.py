@@ -60,9 +60,7 @@ def payment_changed(event: dict) -> str:
     invoice_id = current["invoice"]
     if not invoice_id:
         return f"payment {intent['id']} ({current['status']}) pays no invoice"
-    return subscriptions.invoice_sync(
-        invoice_id=invoice_id if isinstance(invoice_id, str) else invoice_id["id"]
-    )
+    return subscriptions.invoice_sync(invoice_id=subscriptions.stripe_id(invoice_id))
 
 
 @handles("setup_intent.succeeded")

@@ -60,7 +60,9 @@ def _read_back(report: Report) -> None:
             for sub in subs.data:
                 known = Subscription.objects.filter(stripe_subscription_id=sub.id).first()
                 before = known and (known.status, known.quantity)
-                outcome = subscriptions.subscription_refresh(stripe_subscription_id=sub.id)
+                outcome = subscriptions.subscription_refresh(
+                    stripe_subscription_id=sub.id, current=sub
+                )
                 known = Subscription.objects.filter(stripe_subscription_id=sub.id).first()
                 if known is None and sub["status"] not in Subscription.ENDED:
                     report.issues.append(

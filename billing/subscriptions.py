@@ -37,7 +37,6 @@ from billing.stripe_client import is_missing, stripe_client, stripe_configured
 from fleet.models import Host, Node, NodeState
 from fleet.services import nodes as fleet_nodes
 from fleet.services import queue
-from fleet.services.errors import FleetError
 
 log = logging.getLogger(__name__)
 S = NodeState
@@ -57,7 +56,7 @@ def _when(timestamp) -> datetime | None:
     return datetime.fromtimestamp(int(timestamp), tz=UTC) if timestamp else None
 
 
-def _id(value) -> str:
+def stripe_id(value) -> str:
     """An expandable Stripe field: an id, or the object it names."""
     if not value:
         return ""
@@ -342,7 +341,9 @@ def invoice_apply(invoice) -> Invoice | None:
     in good standing again; payment failed → the nodes waiting for it stay unprovisioned with
     the reason, or (a renewal) the account becomes past due."""
     data = invoice.to_dict()  # plain dicts: the local server leaves out some optional fields
-    customer = BillingCustomer.objects.filter(stripe_customer_id=_id(data.get("customer"))).first()
+    customer = BillingCustomer.objects.filter(
+        stripe_customer_id=stripe_id(data.get("customer"))
+    ).first()
     if customer is None:
         log.info("invoice %s is not one of our customers'", data["id"])
         return None
@@ -351,7 +352,9 @@ def invoice_apply(invoice) -> Invoice | None:
         intent = stripe_client().v1.payment_intents.retrieve(intent).to_dict()
     intent = intent or {}
     error = (intent.get("last_payment_error") or {}).get("message") or ""
-    sub = Subscription.objects.filter(stripe_subscription_id=_id(data.get("subscription"))).first()
+    sub = Subscription.objects.filter(
+        stripe_subscription_id=stripe_id(data.get("subscription"))
+    ).first()
     status = str(data.get("status") or "")
     with transaction.atomic():
         mirrored, _ = Invoice.objects.update_or_create(
@@ -460,18 +463,18 @@ def invoices_pay_open(*, account: Account) -> int:
 # ---- subscriptions: Stripe's word, and cancellation -----------------------------------------
 
 
-def subscription_refresh(*, stripe_subscription_id: str) -> str:
-    """Re-read a subscription from Stripe and mirror it. A subscription that ended after the
-    account asked to cancel takes its nodes with it (that is what cancelling means); one that
-    ended otherwise is left to reconciliation to report (money and nodes disagree)."""
+def subscription_refresh(*, stripe_subscription_id: str, current=None) -> str:
+    """Re-read a subscription from Stripe (unless the caller just read it: `current`) and mirror
+    it. A subscription that ended after the account asked to cancel takes its nodes with it
+    (that is what cancelling means); one that ended otherwise is left to reconciliation to
+    report (money and nodes disagree)."""
     sub = Subscription.objects.filter(stripe_subscription_id=stripe_subscription_id).first()
-    client = stripe_client()
-    try:
-        current = client.v1.subscriptions.retrieve(stripe_subscription_id)
-    except stripe.StripeError as exc:
-        if not is_missing(exc):
-            raise
-        current = None
+    if current is None:
+        try:
+            current = stripe_client().v1.subscriptions.retrieve(stripe_subscription_id)
+        except stripe.StripeError as exc:
+            if not is_missing(exc):
+                raise
     if sub is None:
         sub = _adopt(current)
         if sub is None:
@@ -507,21 +510,10 @@ def cancellation_complete(*, subscription: Subscription) -> int:
     customer = BillingCustomer.objects.filter(account_id=subscription.account_id).first()
     if customer is None or customer.cancel_requested_at is None:
         return 0
-    return _deprovision_all(
-        Node.objects.filter(account_id=subscription.account_id, plan_id=subscription.plan_id),
+    return fleet_nodes.nodes_deprovision(
+        nodes=Node.objects.filter(account_id=subscription.account_id, plan_id=subscription.plan_id),
         cause="the account was cancelled and its billing period ended",
     )
-
-
-def _deprovision_all(nodes, *, cause: str) -> int:
-    count = 0
-    for node in nodes.exclude(state__in=NOT_BILLABLE):
-        try:
-            fleet_nodes.node_deprovision_request(node=node, cause=cause)
-            count += 1
-        except FleetError as exc:  # e.g. still provisioning: the next run takes it
-            log.warning("node %s not deprovisioned yet (%s): %s", node.pk, cause, exc.message)
-    return count
 
 
 def account_cancel(*, account: Account, user: User) -> BillingCustomer:

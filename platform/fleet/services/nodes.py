@@ -4,6 +4,7 @@ the customer's access token, and actions asked of a node's agent."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ from fleet.models import (
 )
 from fleet.services import queue
 from fleet.services.credentials import new_access_token
-from fleet.services.errors import Conflict, Forbidden, InvalidInput, NoCapacity
+from fleet.services.errors import Conflict, FleetError, Forbidden, InvalidInput, NoCapacity
 from fleet.services.jobs import job_cancel
 from fleet.services.transitions import force_terminate, node_transition, record_birth
 
+log = logging.getLogger(__name__)
 S = NodeState
 LIVE = ~Q(state=S.TERMINATED)
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -280,6 +282,20 @@ def node_deprovision_request(*, node: Node, cause: str) -> ProvisioningJob | Non
     return _new_job(node, ProvisioningJob.Kind.DEPROVISION)
 
 
+def nodes_deprovision(*, nodes, cause: str) -> int:
+    """node_deprovision_request for each live node of `nodes` (a queryset) that is not already
+    going; one that cannot go yet (still provisioning) is logged and left for the caller's next
+    run. Returns how many were asked to go."""
+    count = 0
+    for node in nodes.exclude(state__in=[S.DEPROVISIONING, S.TERMINATED]):
+        try:
+            node_deprovision_request(node=node, cause=cause)
+            count += 1
+        except FleetError as exc:
+            log.warning("node %s not deprovisioned yet (%s): %s", node.pk, cause, exc.message)
+    return count
+
+
 def _never_ran(node: Node) -> bool:
     """True when no job of the node ever started (only canceled-before-start jobs)."""
     return not node.jobs.filter(started_at__isnull=False).exists()
@@ -393,8 +409,7 @@ def node_resume(*, node: Node, by: User) -> Node:
     node = Node.objects.select_for_update().get(pk=node.pk)
     if node.state != S.SUSPENDED:
         raise Conflict(f"Only a suspended node can be resumed; {node.name} is {node.state}.")
-    last = node.transitions.filter(to_state=S.SUSPENDED).order_by("created", "id").last()
-    if last is None or not last.cause.endswith(BY_ACCOUNT):
+    if not suspended_by_account(node):
         raise Forbidden(
             f"Node {node.name} was suspended because a payment failed; it resumes by itself"
             " once the open invoice is paid."
