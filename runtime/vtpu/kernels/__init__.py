@@ -3,13 +3,16 @@
 Every public function here checks dtype, shape, contiguity, aliasing and limits, raises
 `KernelInputError` (a `ValueError`) with a message saying what to change, and only then calls a
 `nogil` kernel in `_dense` (D pipe: GEMM, fused bias+activation, norms, softmax, attention, int8
-GEMM, top-k similarity) or `_sparse` (S pipe: row gather and scatter). Arrays are float32 (int8
+GEMM, top-k similarity) or `_sparse` (S pipe: row gather and scatter). Linear weights resident in
+fp32, bf16 or int8 for LLM decode and prefill live in `vtpu.kernels.packed` (over `_packed`). Arrays are float32 (int8
 for the int8 GEMM); a non-contiguous input is copied once, an `out=` array must be C-contiguous.
 
-Instruction sets: the kernels pick AVX2+FMA at run time when the CPU and OS support it, else a
-portable path. Wider ISAs (AVX-512, VNNI, BF16, AMX) are detected and reported by
-`cpu_features()` but not used: we ship no path our CI cannot test. `set_isa("generic")` forces
-the portable path (tests compare both). GEMM goes through the BLAS that scipy links.
+Instruction sets: the kernels pick the widest level the CPU and OS support at run time --
+"avx512" (F+BW+VL), "avx2" (AVX2+FMA) or "generic" (portable C) -- and `set_isa(name)` forces a
+lower one (tests compare every path on one machine). Levels are ordered: a kernel without an
+AVX-512 body runs its AVX2 body at "avx512"; today only vtpu.kernels.packed has AVX-512 bodies.
+AMX is detected and reported by `cpu_features()`, not used: we ship no path our CI cannot test
+on the machine it runs on. GEMM goes through the BLAS that scipy links.
 
 Ops counted per call (`vtpu.counters`) come from the one op-count table, `vtpu.ops` (a
 multiply-add is 2; a transcendental counts 1):
@@ -24,7 +27,8 @@ plus 1 per weight widened. gather/scatter move bytes and count 0 ops.
 Reduced precision for resident models: `linear_weight_int8` (weight-only: int8 per output channel
 and group of input rows, widened to fp32 per call, then BLAS) and `linear_dynamic_int8` (weights
 int8 per output channel, packed once by `pack_int8_weight`; activations quantised per row on
-each call to 7 bits plus an offset of 64, so AVX2's u8 x s8 vpmaddubsw never saturates; a
+each call to 7 bits plus an offset of 64, so AVX2's u8 x s8 vpmaddubsw never saturates;
+AVX-512 VNNI's vpdpbusd at the "avx512" level when the CPU has it, with the same integers; a
 portable loop otherwise, chosen by `set_isa` like the rest).
 """
 
@@ -37,7 +41,7 @@ import numpy as np
 
 from vtpu import ops as _ops
 from vtpu.counters import kernel_scope
-from vtpu.kernels import _dense, _sparse
+from vtpu.kernels import _dense, _packed, _sparse
 
 __all__ = [
     "ACTIVATIONS",
@@ -81,7 +85,7 @@ class KernelInputError(ValueError):
 
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-_LEVELS = {"generic": 0, "avx2": 1}
+_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 _INT_MAX = 2**31 - 1
 # Largest K for which an int8 dot product cannot overflow int32: K * 128 * 128 <= 2**31 - 1.
 _INT8_MAX_K = _INT_MAX // (128 * 128)
@@ -129,18 +133,29 @@ def cpu_features() -> dict[str, bool]:
     return dict(_FEATURES)
 
 
+def _isa_supported(name: str) -> bool:
+    avx2 = _FEATURES["avx2"] and _FEATURES["fma"]
+    if name == "avx512":
+        return avx2 and _FEATURES["avx512f"] and _FEATURES["avx512bw"] and _FEATURES["avx512vl"]
+    return avx2 if name == "avx2" else name == "generic"
+
+
 def _best_isa() -> str:
-    return "avx2" if _FEATURES["avx2"] and _FEATURES["fma"] else "generic"
+    return next(name for name in ("avx512", "avx2", "generic") if _isa_supported(name))
 
 
 def isa() -> str:
-    """The instruction set the kernels are using now: "avx2" or "generic"."""
+    """The instruction set the kernels are using now: "avx512", "avx2" or "generic".
+
+    At "avx512" only the packed Linear kernels (vtpu.kernels.packed) have AVX-512 bodies; the
+    rest run their AVX2 bodies (dispatch_info() names each kernel's real path)."""
     level = _dense.get_level()
     return next(name for name, value in _LEVELS.items() if value == level)
 
 
 def set_isa(name: str | None = None) -> str:
-    """Use `name` ("generic" or "avx2"), or the best this CPU supports when None; returns it.
+    """Use `name` ("generic", "avx2" or "avx512"), or the best this CPU supports when None;
+    returns it.
 
     Process-wide: it changes the path of every thread's later kernel calls.
     """
@@ -149,11 +164,16 @@ def set_isa(name: str | None = None) -> str:
     if name not in _LEVELS:
         raise KernelInputError(
             f"unknown instruction set {name!r}; the kernels implement {sorted(_LEVELS)} "
-            "(wider ones such as AVX-512 and AMX are detected and reported, not used)"
+            "(AMX is detected and reported, not used)"
         )
-    if name == "avx2" and not (_FEATURES["avx2"] and _FEATURES["fma"]):
-        raise KernelInputError("this CPU (or its OS) lacks AVX2+FMA; use set_isa('generic')")
-    _dense.set_level(_LEVELS[name])  # _sparse only moves bytes: no ISA-specific code
+    if not _isa_supported(name):
+        need = "AVX-512 F+BW+VL" if name == "avx512" else "AVX2+FMA"
+        raise KernelInputError(
+            f"this CPU (or its OS) lacks {need}; use set_isa({_best_isa()!r}) or set_isa(None)"
+        )
+    # _simd.h's level is per extension module; _sparse only moves bytes: no ISA-specific code
+    _dense.set_level(_LEVELS[name])
+    _packed.set_level(_LEVELS[name])
     return name
 
 
@@ -964,7 +984,9 @@ def blas_library() -> str:
 def dispatch_info() -> dict[str, str]:
     """Which implementation each kernel uses on this CPU (for `vtpu info` and the bench): the
     vector path is the one the kernels run now (`isa()`), not the CPU's widest ISA."""
-    vector = isa()
+    from vtpu.kernels import packed  # imports this module: import it late
+
+    vector = "avx2" if isa() == "avx512" else isa()  # no AVX-512 bodies in _dense yet
     blas = f"BLAS sgemm (scipy.linalg.cython_blas, {blas_library()})"
     return {
         "gemm": blas,
@@ -981,7 +1003,9 @@ def dispatch_info() -> dict[str, str]:
         "gemm_int8": vector,
         "linear_weight_int8": f"int8 -> fp32 widening pass (OpenMP) + {blas}",
         "linear_dynamic_int8": (
-            "avx2 u8 x s8 (vpmaddubsw + vpmaddwd), OpenMP over rows"
+            "avx512 VNNI u8 x s8 (vpdpbusd), OpenMP over rows"
+            if isa() == "avx512" and _FEATURES["avx512_vnni"]
+            else "avx2 u8 x s8 (vpmaddubsw + vpmaddwd), OpenMP over rows"
             if vector == "avx2"
             else "generic u8 x s8 loop, OpenMP over rows"
         ),
@@ -990,5 +1014,9 @@ def dispatch_info() -> dict[str, str]:
         "scatter_rows": "memcpy rows",
         "add": "numpy ufunc",
         "mul": "numpy ufunc",
+        **{
+            f"packed.matmul[{p}]": f"{packed.path(p)}; else {packed.path(p, 1 << 30)}"
+            for p in packed.PRECISIONS
+        },
         "threads": str(_NUM_THREADS),
     }

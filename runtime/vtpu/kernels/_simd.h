@@ -1,10 +1,11 @@
 /* CPU feature detection and the vector primitives the kernels are built from.
  *
- * The build passes no -march (the wheel must run on any x86-64), so every AVX2 routine carries a
- * function-level target attribute and is chosen at run time through `vtpu_level`. Only paths we
- * can test on our CI machines (AVX2 + FMA) are implemented; wider ISAs (AVX-512, VNNI, BF16, AMX)
- * are detected and reported, not used. Each primitive has a portable scalar twin so a forced
- * "generic" level exercises the same kernels on any machine, which is how the tests cover both.
+ * The build passes no -march (the wheel must run on any x86-64), so every AVX2 / AVX-512 routine
+ * carries a function-level target attribute and is chosen at run time through `vtpu_level`. The
+ * primitives here have AVX2 bodies, and the u8 x s8 GEMM an AVX-512 VNNI one; the packed Linear
+ * kernels (_packed.h) have AVX-512 bodies. BF16 and AMX are detected and reported, not used.
+ * Each primitive has a portable scalar twin so a forced "generic" level exercises the same
+ * kernels on any machine, which is how the tests cover every path.
  */
 #ifndef VTPU_SIMD_H
 #define VTPU_SIMD_H
@@ -15,7 +16,9 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
-enum { VTPU_LEVEL_GENERIC = 0, VTPU_LEVEL_AVX2 = 1 };
+/* Levels are ordered: a kernel without an AVX-512 body runs its AVX2 body at VTPU_LEVEL_AVX512,
+ * which means AVX-512 F + BW + VL on top of AVX2 + FMA (VNNI is detected separately). */
+enum { VTPU_LEVEL_GENERIC = 0, VTPU_LEVEL_AVX2 = 1, VTPU_LEVEL_AVX512 = 2 };
 
 /* Written once from Python (detection, or a forced level in tests); read by kernels. */
 static int vtpu_level = VTPU_LEVEL_GENERIC;
@@ -468,9 +471,63 @@ VTPU_AVX2 static void vtpu_gemm_u8s8_rows_avx2(const uint8_t *A, long lda, const
     }
 }
 
+/* AVX-512 VNNI: vpdpbusd does the u8 x s8 products of a group of 4 and their sum into int32 in
+ * one instruction, without intermediate saturation, so it gives the AVX2 path's integers exactly.
+ * Same packed layout and tiles, on 256-bit registers (AVX-512 VL). */
+#define VTPU_AVX512_VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2,fma")))
+
+/* Set with the level: the AVX-512 level needs F+BW+VL, and VNNI is a separate feature. */
+static int vtpu_vnni = 0;
+
+#define VTPU_U8_TILE_VNNI(NP)                                                                    \
+    VTPU_AVX512_VNNI static void vtpu_u8_tile_vnni_4x##NP(const uint8_t *A, long lda,            \
+                                                        const int8_t *Wp, long Kq,              \
+                                                        int32_t *tile) {                        \
+        __m256i acc[4][NP];                                                                      \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                     \
+        for (long p = 0; p < Kq; p++) {                                                          \
+            __m256i b[NP];                                                                       \
+            for (int c = 0; c < NP; c++)                                                         \
+                b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));            \
+            for (int r = 0; r < 4; r++) {                                                        \
+                int32_t quad;                                                                    \
+                memcpy(&quad, A + r * lda + 4 * p, 4);                                           \
+                __m256i a = _mm256_set1_epi32(quad);                                             \
+                for (int c = 0; c < NP; c++) acc[r][c] = _mm256_dpbusd_epi32(acc[r][c], a, b[c]); \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < 4; r++)                                                              \
+            for (int c = 0; c < NP; c++)                                                         \
+                _mm256_storeu_si256((__m256i *)(tile + r * 8 * NP + c * 8), acc[r][c]);          \
+    }
+VTPU_U8_TILE_VNNI(3)
+VTPU_U8_TILE_VNNI(1)
+
+VTPU_AVX512_VNNI static void vtpu_gemm_u8s8_rows_vnni(const uint8_t *A, long lda,
+                                                      const int8_t *Wp, long Kq, int32_t *C,
+                                                      long i0, long i1, long M, long N) {
+    int32_t tile[4 * 24];
+    long panels = (N + 7) / 8;
+    for (long i = i0; i < i1; i += 4) {
+        long q = 0;
+        for (; q + 3 <= panels; q += 3) {
+            vtpu_u8_tile_vnni_4x3(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
+            vtpu_s8_store(tile, 24, C, i - i0, q * 8, M - i0, N);
+        }
+        for (; q < panels; q++) {
+            vtpu_u8_tile_vnni_4x1(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
+            vtpu_s8_store(tile, 8, C, i - i0, q * 8, M - i0, N);
+        }
+    }
+}
+
 static inline void vtpu_gemm_u8s8_rows(const uint8_t *A, long lda, const int8_t *Wp, long Kq,
                                        int32_t *C, long i0, long i1, long M, long N) {
-    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_gemm_u8s8_rows_avx2(A, lda, Wp, Kq, C, i0, i1, M, N);
+    if (vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni)
+        vtpu_gemm_u8s8_rows_vnni(A, lda, Wp, Kq, C, i0, i1, M, N);
+    else if (vtpu_level >= VTPU_LEVEL_AVX2)
+        vtpu_gemm_u8s8_rows_avx2(A, lda, Wp, Kq, C, i0, i1, M, N);
     else vtpu_gemm_u8s8_rows_generic(A, lda, Wp, Kq, C, i0, i1 < M ? i1 : M, N);
 }
 
@@ -594,7 +651,10 @@ static inline void vtpu_pv(const float *p, const float *V, long n, long d, float
     else vtpu_pv_generic(p, V, n, d, out);
 }
 
-static inline void vtpu_set_level(int level) { vtpu_level = level; }
+static inline void vtpu_set_level(int level) {
+    vtpu_level = level;
+    vtpu_vnni = level >= VTPU_LEVEL_AVX512 && vtpu_detect().avx512_vnni;
+}
 static inline int vtpu_get_level(void) { return vtpu_level; }
 
 #endif
