@@ -18,6 +18,7 @@ PER_ELEMENT = {
     "quantize_int8": 3,
     "add_layer_norm": 9,  # the residual add, then layer_norm's 8
     "l2_normalize": 3,  # square-accumulate (2) and the division
+    "rope": 3,  # rotary embedding: x * cos, then + rotate_half(x) * sin (a multiply-add)
 }
 
 

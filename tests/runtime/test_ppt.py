@@ -290,3 +290,198 @@ def test_concurrent_batches_from_two_threads_see_one_consistent_table() -> None:
     assert len(results) == 2
     assert all(np.array_equal(r, expected) for r in results)
     assert shared.stats()["lookups"] == 200_000
+
+
+# ---- explicit mapping: map_many, unmap_many, map_on_touch=False ------------------------------
+
+
+def rows(*coords: tuple[int, ...]) -> np.ndarray:
+    return np.array(coords, dtype=np.uint16)
+
+
+def test_map_many_places_pages_on_the_frames_given_and_unmap_many_returns_them() -> None:
+    ppt = PhextPageTable(arena_pages=8, map_on_touch=False)
+    assert ppt.map_on_touch is False
+    pages = rows(coord(1, 1, 1), coord(1, 1, 40), coord(1, 1, 1, book=2))
+    ppt.map_many(pages, [5, 0, 7])
+    assert (ppt.translate_many(pages) // 4096).tolist() == [5, 0, 7]
+    # Another slot of frame 5's page: scroll 3, section 2 (a page is 32 scrolls x 2 sections).
+    assert ppt.translate(coord(1, 2, 3)) == 5 * 4096 + (2 + 32) * 64
+    assert (ppt.stats()["pages_mapped"], ppt.stats()["regions"]) == (3, 2)
+    assert ppt.unmap_many(pages[[2, 0]]).tolist() == [7, 5]
+    assert (ppt.stats()["pages_mapped"], ppt.stats()["regions"]) == (1, 1)
+    ppt.map_many(pages[:1], np.array([7], dtype=np.int32))  # a freed frame can be used again
+    assert ppt.translate(pages[0]) == 7 * 4096
+    assert ppt.unmap_many(pages[:2]).tolist() == [7, 0]
+    assert ppt.stats()["pages_mapped"] == ppt.stats()["regions"] == 0
+    assert ppt.unmap_many(np.empty((0, 9), np.uint16)).shape == (0,)
+    ppt.map_many(np.empty((0, 9), np.uint16), [])  # an empty batch maps nothing
+
+
+def test_a_lookup_after_unmap_never_returns_the_old_frame() -> None:
+    ppt = PhextPageTable(arena_pages=4, map_on_touch=False)
+    a, b, c = rows(coord(1, 1, 1)), rows(coord(1, 1, 1, book=2)), rows(coord(9, 9, 9))
+    ppt.map_many(a, [2])
+    ppt.map_many(c, [1])
+    assert ppt.translate_many(a)[0] == ppt.translate(a[0]) == 2 * 4096  # now in the TLB
+    ppt.unmap_many(a)
+    ppt.reset_stats()
+    with pytest.raises(PPTError, match=r"1\.1\.1/1\.1\.1/1\.1\.1 is not mapped.*map_many"):
+        ppt.translate(a[0])
+    with pytest.raises(PPTError, match=r"row 1 \(1\.1\.1/1\.1\.1/1\.1\.1\) is not mapped"):
+        ppt.translate_many(np.concatenate([c, a]))
+    stats = ppt.stats()
+    assert (stats["lookups"], stats["hits"]) == (3, 0)  # counted, and A never hit the TLB
+    # The frame goes to another page; the old coordinate still finds nothing.
+    ppt.map_many(b, [2])
+    assert ppt.translate(b[0]) == 2 * 4096
+    with pytest.raises(PPTError, match="not mapped"):
+        ppt.translate(a[0])
+
+
+def test_unmap_invalidates_the_translation_cache_when_pages_map_on_touch() -> None:
+    # One TLB set of two ways. A is cached on frame 0; unmap A and give frame 0 to C. Were A's
+    # way still valid, A would hit it and alias C's page; instead A misses and gets a new frame.
+    ppt = PhextPageTable(arena_pages=4, tlb_sets=1, tlb_ways=2)
+    a, b, c = coord(1, 1, 1, book=1), coord(1, 1, 1, book=2), coord(1, 1, 1, book=3)
+    assert [ppt.translate(x) // 4096 for x in (a, b)] == [0, 1]
+    assert ppt.unmap_many(rows(a)).tolist() == [0]
+    ppt.map_many(rows(c), [0])
+    ppt.reset_stats()
+    assert ppt.translate(a) // 4096 == 2  # mapped again, on the first free frame after the last
+    assert (ppt.stats()["hits"], ppt.stats()["pages_mapped"]) == (0, 3)
+    assert ppt.translate(c) // 4096 == 0 and ppt.translate(b) // 4096 == 1
+
+
+def test_first_touch_skips_frames_in_use_and_reuses_freed_ones_after_the_arena_end() -> None:
+    ppt = PhextPageTable(arena_pages=3)
+    x, a, b, d = (coord(1, 1, 1, book=k) for k in (1, 2, 3, 4))
+    ppt.map_many(rows(x), [0])
+    assert [ppt.translate(p) // 4096 for p in (a, b)] == [1, 2]  # frame 0 is x's
+    with pytest.raises(PPTError, match="arena full: all 3 pages"):
+        ppt.translate(d)
+    ppt.unmap_many(rows(a))
+    assert ppt.translate(d) // 4096 == 1  # wraps around to the freed frame
+    assert ppt.stats()["pages_mapped"] == 3 and ppt.stats()["regions"] == 3
+
+
+def test_many_map_unmap_cycles_keep_every_remaining_page_findable() -> None:
+    # Against a dict, with the arena nearly full so the page table (twice the arena) has long
+    # probe runs; the TLB is cleared before each check so every lookup walks the table.
+    rng = np.random.default_rng(11)
+    arena = 256
+    ppt = PhextPageTable(arena_pages=arena, map_on_touch=False, tlb_sets=4, tlb_ways=2)
+    universe = np.ones((4000, 9), dtype=np.uint16)
+    # Many regions too: the region table (pages per region) deletes by backward shift as well.
+    universe[:, 5] = rng.integers(1, 200, size=4000)
+    universe[:, 6] = rng.integers(1, 6, size=4000)  # chapters: one page each (slots are scrolls)
+    universe = np.unique(universe, axis=0)
+    keys = [tuple(int(v) for v in r) for r in universe]
+    live: dict[tuple[int, ...], int] = {}
+    free = list(range(arena))
+    for cycle in range(300):
+        if len(live) > 40 and (len(free) < 20 or rng.random() < 0.45):
+            drop = rng.choice(len(live), size=int(rng.integers(1, 30)), replace=False)
+            gone = [list(live)[i] for i in drop]
+            assert ppt.unmap_many(rows(*gone)).tolist() == [live[k] for k in gone]
+            for k in gone:
+                free.append(live.pop(k))
+        else:
+            fresh = [k for k in (keys[i] for i in rng.permutation(len(keys))[:80]) if k not in live]
+            fresh = fresh[: min(len(free), int(rng.integers(1, 40)))]
+            frames = [free.pop(int(rng.integers(len(free)))) for _ in fresh]
+            ppt.map_many(np.array(fresh, dtype=np.uint16).reshape(-1, 9), frames)
+            live.update(zip(fresh, frames, strict=True))
+        if cycle % 10 == 0 or cycle == 299:
+            ppt.clear_tlb()
+            assert (ppt.translate_many(rows(*live)) // 4096).tolist() == list(live.values())
+            stats = ppt.stats()
+            assert stats["pages_mapped"] == len(live)
+            assert stats["regions"] == len({k[5] for k in live})
+            for k in [k for k in keys[:200] if k not in live][:20]:
+                with pytest.raises(PPTError, match="not mapped"):
+                    ppt.translate(k)
+    everything = rows(*live)
+    ppt.unmap_many(everything)
+    assert ppt.stats()["pages_mapped"] == ppt.stats()["regions"] == 0
+    ppt.map_many(everything, range(len(everything)))  # the emptied table takes them all again
+    assert (ppt.translate_many(everything) // 4096).tolist() == list(range(len(everything)))
+
+
+@pytest.mark.parametrize(
+    ("batch", "frames", "message"),
+    [
+        ([coord(1, 1, 1, book=9)], [1], r"row 0 \(1\.1\.1/1\.1\.9/1\.1\.1\): its page is already "
+         r"mapped, to frame 1"),
+        ([coord(2, 2, 2), coord(3, 3, 3)], [2, 1], r"row 1 \(1\.1\.1/1\.1\.1/3\.3\.3\): frame 1 "
+         r"already holds the page of 1\.1\.1/1\.1\.9/1\.1\.1"),
+        ([coord(2, 2, 2), coord(2, 2, 3)], [2, 3], "row 1 .*: row 0 maps the same page"),
+        ([coord(2, 2, 2), coord(3, 3, 3)], [2, 2], "row 1 .*: frame 2 is named by row 0 too"),
+        ([coord(2, 2, 2), coord(3, 3, 3)], [2, 8], r"row 1 .*: frame 8 is outside the arena "
+         r"\(frames 0-7\)"),
+        ([coord(2, 2, 2)], [-1], "frame -1 is outside the arena"),
+        ([coord(2, 2, 2)], [2, 3], r"1 coordinate\(s\), frames of shape \(2,\)"),
+        ([coord(2, 2, 2)], [2.0], "dtype float64"),
+        ([coord(2, 2, 2), coord(0, 2, 2)], [2, 3], r"row 1: chapter \(column 6\) is 0"),
+        ([(1, 1, 1)], [2], r"map_many takes a uint16 array of shape \(n, 9\)"),
+    ],
+)  # fmt: skip
+def test_map_many_refuses_a_bad_batch_and_maps_none_of_it(batch, frames, message) -> None:
+    ppt = PhextPageTable(arena_pages=8, map_on_touch=False)
+    ppt.map_many(rows(coord(1, 1, 1, book=9)), [1])
+    with pytest.raises(PPTError, match=message):
+        ppt.map_many(np.array(batch), frames)
+    assert ppt.stats()["pages_mapped"] == 1 and ppt.stats()["regions"] == 1
+    with pytest.raises(PPTError, match="not mapped"):
+        ppt.translate(coord(2, 2, 2))
+    ppt.map_many(rows(coord(2, 2, 2)), [2])  # frame 2 and the page are still free
+
+
+def test_unmap_many_refuses_a_page_that_is_not_mapped_and_unmaps_none() -> None:
+    ppt = PhextPageTable(arena_pages=8, map_on_touch=False)
+    pages = rows(coord(1, 1, 1), coord(1, 1, 1, book=2), coord(1, 1, 1, book=3))
+    ppt.map_many(pages, [3, 4, 5])
+    with pytest.raises(
+        PPTError, match=r"row 2 \(1\.1\.1/1\.1\.4/1\.1\.1\): its page is not mapped"
+    ):
+        ppt.unmap_many(np.concatenate([pages[:2], rows(coord(1, 1, 1, book=4))]))
+    with pytest.raises(PPTError, match="row 1 .*not mapped"):
+        ppt.unmap_many(rows(coord(1, 1, 1), coord(1, 1, 2)))  # one page named twice
+    with pytest.raises(PPTError, match=r"row 0: scroll \(column 8\) is 1000"):
+        ppt.unmap_many(rows((1, 1, 1, 1, 1, 1, 1, 1, 1000)))
+    assert ppt.stats()["pages_mapped"] == 3
+    ppt.clear_tlb()
+    assert (ppt.translate_many(pages) // 4096).tolist() == [3, 4, 5]
+
+
+def test_map_on_touch_must_be_a_bool() -> None:
+    with pytest.raises(PPTError, match="map_on_touch must be True or False"):
+        PhextPageTable(map_on_touch=0)
+
+
+def test_mapping_from_one_thread_while_another_translates() -> None:
+    ppt = PhextPageTable(arena_pages=64, map_on_touch=False, tlb_sets=2, tlb_ways=2)
+    steady = rows(*(coord(c, 1, 1) for c in range(1, 9)))
+    ppt.map_many(steady, range(8))
+    churn = rows(*(coord(c, 1, 1, book=2) for c in range(1, 33)))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def remap() -> None:
+        try:
+            while not stop.is_set():
+                ppt.map_many(churn, range(8, 40))
+                ppt.unmap_many(churn)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=remap)
+    worker.start()
+    try:
+        for _ in range(2000):
+            assert (ppt.translate_many(steady) // 4096).tolist() == list(range(8))
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    assert ppt.stats()["pages_mapped"] == 8

@@ -1,7 +1,9 @@
 """The Phext Page Table (PPT): phext coordinates -> pages of the node's arena.
 
 `coords` parses and prints phext coordinates exactly as the `phext` package does; `_ppt` holds
-the page table and its set-associative translation cache (layout and reasons in its docstring);
+the page table and its set-associative translation cache (layout and reasons in its docstring):
+pages map on first touch, or only through `map_many` / `unmap_many` (map_on_touch=False, as the
+KV cache of vtpu.models.kvcache uses it);
 `workloads` has the structured and random access patterns and `measure` for the benchmark.
 Lookups and translation-cache hits are added to `vtpu.counters.COUNTERS` (ppt_lookups, ppt_hits):
 batch calls add theirs at once, single lookups in groups of 256 (and on stats()/flush_counters()).
