@@ -1,16 +1,23 @@
 """phextcc, the model compiler: model graph -> IR -> passes -> SIW words on the sentron.
 
-A frontend (`phextcc.bert`) reads a model's architecture and resident weights into a small IR:
+A frontend (`phextcc.bert`, `phextcc.qwen3`) reads a model's architecture and weights into a
+small IR:
 a `Graph` of `Op`s over named `Value`s, in program order, with symbolic batch (`B`) and sequence
 (`S`) axes. Passes rewrite it — shape inference, constant folding of the embedding tables, QKV
 fusion, bias + GELU fusion, residual + layer-norm fusion, weight pre-packing, dead-value removal,
 in-place planning —
-and `vtpu compile MODEL` prints the IR after each one. `run` interprets a compiled graph
+and `vtpu compile MODEL` prints the IR after each one. For the Qwen3 decoder (a graph with a
+`precision`) the same passes also fuse the q/k/v projections across GQA widths together with the
+per-head q/k RMSNorm and rotary embeddings (`qk_norm_rope`), gate and up into one linear and a
+`swiglu`, each residual add with the RMSNorm after it (`add_rms_norm`, two results: the normalised
+row and the residual stream), and pack every Linear weight and the embedding table in the graph's
+precision with vtpu.kernels.packed. `run` interprets a compiled graph
 against its resident weights, one kernel call per op (the reference); `phextcc.lower` lowers it
 to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 
-Not yet: tiling and prefetch passes, int8/bf16. The IR is meant to carry the Qwen3 decoder
-too: ops are kernel-level, weights are named constants, shapes are symbolic.
+Not yet: tiling and prefetch passes; SIW lowering of the decoder (it runs through `run`).
+Ops are kernel-level, weights are named constants, shapes are symbolic; an op has one result
+(`output`) and, for `add_rms_norm`, a second one in `extra`.
 """
 
 from __future__ import annotations
@@ -42,10 +49,15 @@ class Op:
     inputs: list[str]
     output: str
     attrs: dict[str, Any] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)  # further results (add_rms_norm's sum)
+
+    @property
+    def results(self) -> list[str]:
+        return [self.output, *self.extra]
 
     def text(self) -> str:
         attrs = "".join(f" {k}={_attr_text(v)}" for k, v in self.attrs.items())
-        return f"{self.output} = {self.kind}({', '.join(self.inputs)}){attrs}"
+        return f"{', '.join(self.results)} = {self.kind}({', '.join(self.inputs)}){attrs}"
 
 
 def _attr_text(value: Any) -> str:
@@ -58,8 +70,11 @@ class Graph:
     inputs: list[str]
     outputs: list[str]
     ops: list[Op]
-    weights: dict[str, np.ndarray]  # resident constants by name
+    weights: dict[str, Any]  # resident constants by name: arrays, or packed.PackedWeight
     values: dict[str, Value] = field(default_factory=dict)
+    # None: BERT's float32 (K, N) GEMM layout. "fp32" / "bf16" / "int8": pack_weights packs the
+    # Linear weights and gathered tables with vtpu.kernels.packed in this precision.
+    precision: str | None = None
 
     def shape(self, name: str) -> tuple[Dim, ...]:
         if name in self.weights:
@@ -72,6 +87,9 @@ class Graph:
     def consumers(self, name: str) -> list[Op]:
         return [op for op in self.ops if name in op.inputs]
 
+    def producer(self, name: str) -> Op | None:
+        return next((op for op in self.ops if name in op.results), None)
+
     def text(self) -> str:
         """The IR as a person reads it: inputs, weights with their shapes and bytes, then ops."""
         lines = [f"graph {self.name}"]
@@ -79,9 +97,10 @@ class Graph:
             v = self.values[name]
             lines.append(f"  input  {name}: {v.dtype}{_shape_text(v.shape)}")
         total = sum(w.nbytes for w in self.weights.values())
-        lines.append(f"  weights: {len(self.weights)} tensors, {total} bytes")
+        packing = f" (linear weights: {self.precision})" if self.precision else ""
+        lines.append(f"  weights: {len(self.weights)} tensors, {total} bytes{packing}")
         for op in self.ops:
-            shape = self.values.get(op.output)
+            shape = self.values.get(op.output)  # add_rms_norm's sum has the same shape
             note = f"  : {_shape_text(shape.shape)}" if shape and shape.shape else ""
             lines.append(f"  {op.text()}{note}")
         lines.append(f"  return {', '.join(self.outputs)}")
@@ -107,7 +126,8 @@ def infer_shapes(graph: Graph) -> Graph:
         except (IndexError, KeyError, ValueError) as exc:
             shapes_text = ", ".join(_shape_text(s) for s in shapes)
             raise CompileError(f"{op.text()}: operand shapes {shapes_text}: {exc}") from None
-        graph.values.setdefault(op.output, Value(op.output)).shape = out
+        for name in op.results:
+            graph.values.setdefault(name, Value(name)).shape = out
     return graph
 
 
@@ -118,7 +138,8 @@ def _same(a: tuple, b: tuple, what: str) -> None:
 
 def _linear_shape(s: list, attrs: dict) -> tuple:
     x, w = s[0], s[1]
-    n, k = (w[0], w[1]) if attrs.get("trans_w") else (w[1], w[0])
+    # (N, K) as PyTorch stores it (trans_w) or as packed.PackedWeight keeps it (precision)
+    n, k = (w[0], w[1]) if attrs.get("trans_w") or attrs.get("precision") else (w[1], w[0])
     _same((x[-1],), (k,), "x features vs weight K")
     if len(s) > 2:
         _same(s[2], (n,), "bias")
@@ -135,6 +156,8 @@ def _norm_shape(s: list, attrs: dict) -> tuple:
 
 def _attention_shape(s: list, attrs: dict) -> tuple:
     heads = attrs["heads"]
+    if "kv_heads" in attrs:  # grouped-query: q, k, v widths from the head counts and head_dim
+        return _gqa_attention_shape(s, attrs)
     if attrs.get("packed"):  # one (B, S, 3H) input: q, k, v side by side
         width = s[0][-1]
         if width % 3 or (width // 3) % heads:
@@ -145,6 +168,86 @@ def _attention_shape(s: list, attrs: dict) -> tuple:
     if s[0][-1] % heads:
         raise ValueError(f"width {s[0][-1]} is not a multiple of {heads} heads")
     return s[0]
+
+
+def _gqa_attention_shape(s: list, attrs: dict) -> tuple:
+    q_w, kv_w = _head_widths(attrs)
+    if attrs.get("packed"):  # one (B, S, q + 2 kv) input: q heads, then k heads, then v heads
+        _same(s[0][-1:], (q_w + 2 * kv_w,), "packed q/k/v width")
+    else:
+        _same(s[0][-1:], (q_w,), "q width")
+        _same(s[1], (*s[0][:-1], kv_w), "k")
+        _same(s[2], (*s[0][:-1], kv_w), "v")
+    return (*s[0][:-1], q_w)
+
+
+def _head_widths(attrs: dict) -> tuple[int, int]:
+    heads, kv, d = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
+    if heads % kv:
+        raise ValueError(f"{heads} heads are not a multiple of {kv} kv heads")
+    return heads * d, kv * d
+
+
+def _rms_norm_shape(s: list, attrs: dict) -> tuple:
+    _same(s[-1], (s[0][-1],), "gamma")
+    if len(s) == 3:  # add_rms_norm(a, b, gamma)
+        _same(s[0], s[1], "residual")
+    return s[0]
+
+
+def _head_norm_shape(s: list, attrs: dict) -> tuple:
+    """head_rms_norm(x, gamma): x (..., heads * head_dim), one gamma (head_dim,) for every head."""
+    _same(s[0][-1:], (attrs["heads"] * attrs["head_dim"],), "heads x head_dim")
+    _same(s[1], (attrs["head_dim"],), "gamma")
+    return s[0]
+
+
+def _rope_shape(s: list, attrs: dict) -> tuple:
+    _same(s[0][-1:], (attrs["heads"] * attrs["head_dim"],), "heads x head_dim")
+    _same(s[1], s[0][:-1], "positions")
+    return s[0]
+
+
+def _qk_norm_rope_shape(s: list, attrs: dict) -> tuple:
+    q_w, kv_w = _head_widths(attrs)
+    _same(s[0][-1:], (q_w + 2 * kv_w,), "packed q/k/v width")
+    _same(s[1], (attrs["head_dim"],), "q gamma")
+    _same(s[2], (attrs["head_dim"],), "k gamma")
+    _same(s[3], s[0][:-1], "positions")
+    return s[0]
+
+
+def _cache_check(cache: tuple, attrs: dict) -> None:
+    # (2, B, kv_heads, T, head_dim): keys then values, T positions per sequence
+    if len(cache) != 5 or cache[0] != 2:
+        raise ValueError(f"cache {_shape_text(cache)} is not (2, B, kv_heads, T, head_dim)")
+    _same((cache[2], cache[4]), (attrs["kv_heads"], attrs["head_dim"]), "cache kv_heads, head_dim")
+
+
+def _kv_append_shape(s: list, attrs: dict) -> tuple:
+    _cache_check(s[0], attrs)
+    q_w, kv_w = _head_widths(attrs)
+    if attrs.get("packed"):  # kv_append(cache, qkv, positions)
+        _same(s[1][-1:], (q_w + 2 * kv_w,), "packed q/k/v width")
+    else:  # kv_append(cache, k, v, positions)
+        _same(s[1][-1:], (kv_w,), "k width")
+        _same(s[2], s[1], "v")
+    _same(s[-1], s[1][:-1], "positions")
+    return s[0]
+
+
+def _cached_attention_shape(s: list, attrs: dict) -> tuple:
+    q_w, kv_w = _head_widths(attrs)
+    _cache_check(s[1], attrs)
+    _same(s[0][-1:], ((q_w + 2 * kv_w) if attrs.get("packed") else q_w,), "q width")
+    _same(s[2], s[0][:-1], "positions")
+    return (*s[0][:-1], q_w)
+
+
+def _swiglu_shape(s: list, attrs: dict) -> tuple:
+    if s[0][-1] % 2:
+        raise ValueError(f"width {s[0][-1]} is not gate + up of one size")
+    return (*s[0][:-1], s[0][-1] // 2)
 
 
 _SHAPE_RULES: dict[str, Callable[[list, dict], tuple]] = {
@@ -159,6 +262,16 @@ _SHAPE_RULES: dict[str, Callable[[list, dict], tuple]] = {
     "attention": _attention_shape,
     "mean_pool": lambda s, a: (s[0][0], s[0][2]),
     "l2_normalize": lambda s, a: s[0],
+    "rms_norm": _rms_norm_shape,
+    "add_rms_norm": _rms_norm_shape,
+    "head_rms_norm": _head_norm_shape,
+    "rope": _rope_shape,
+    "qk_norm_rope": _qk_norm_rope_shape,
+    "silu": lambda s, a: s[0],
+    "mul": lambda s, a: (_same(s[0], s[1], "operands"), s[0])[1],
+    "swiglu": _swiglu_shape,
+    "kv_append": _kv_append_shape,
+    "cached_attention": _cached_attention_shape,
 }
 
 
@@ -183,32 +296,171 @@ def fold_embedding_tables(graph: Graph) -> Graph:
 
 def fuse_qkv(graph: Graph) -> Graph:
     """The three projections an attention reads from one input become one linear over
-    concatenated weights (one GEMM instead of three), and the attention reads it packed."""
-    for att in [op for op in graph.ops if op.kind == "attention" and not op.attrs.get("packed")]:
-        producers = [_producer(graph, name) for name in att.inputs[:3]]
-        if not all(p and p.kind == "linear" and len(p.inputs) == 3 for p in producers):
+    concatenated weights (one GEMM instead of three), and the attention reads it packed.
+
+    With or without bias, for any ratio of query to key/value heads. Where q and k each pass a
+    per-head RMSNorm and then rotary embeddings between projection and attention (Qwen3), those
+    four ops become one `qk_norm_rope` over the packed projection (in place: no split, no
+    merge); with a KV cache (the decode graph), `kv_append` and `cached_attention` read the
+    packed projection too."""
+    for att in [op for op in graph.ops
+                if op.kind in ("attention", "cached_attention") and not op.attrs.get("packed")]:  # fmt: skip
+        append = None
+        if att.kind == "attention":
+            names = att.inputs[:3]
+        else:  # cached_attention(q, cache, positions) reads the cache kv_append(cache, k, v) wrote
+            append = graph.producer(att.inputs[1])
+            if append is None or append.kind != "kv_append" or append.attrs.get("packed"):
+                continue
+            names = [att.inputs[0], *append.inputs[1:3]]
+        chains = [_head_chain(graph, name) for name in names]
+        producers = [graph.producer(chain[0].inputs[0] if chain else name)
+                     for chain, name in zip(chains, names, strict=True)]  # fmt: skip
+        if not _fusable_projections(graph, producers):
             continue
-        if len({p.inputs[0] for p in producers}) != 1 or len({bool(p.attrs.get("trans_w"))
-                                                              for p in producers}) != 1:  # fmt: skip
-            continue
-        if any(len(graph.consumers(p.output)) != 1 for p in producers):
+        kinds = [[op.kind for op in chain] for chain in chains]
+        if kinds == [["head_rms_norm", "rope"]] * 2 + [[]]:
+            (q_norm, q_rope), (k_norm, k_rope) = chains[:2]
+            if q_norm.attrs["eps"] != k_norm.attrs["eps"] or q_rope.inputs[1] != k_rope.inputs[1]:
+                continue
+            if q_rope.attrs["theta"] != k_rope.attrs["theta"]:
+                continue
+        elif kinds != [[], [], []]:
             continue
         trans = bool(producers[0].attrs.get("trans_w"))
-        axis = 0 if trans else 1
         base = att.output
-        graph.weights[f"{base}.wqkv"] = np.concatenate(
-            [graph.weights[p.inputs[1]] for p in producers], axis=axis
+        graph.weights[f"{base}.wqkv"] = _concat(
+            [graph.weights[p.inputs[1]] for p in producers], axis=0 if trans else 1
         )
-        graph.weights[f"{base}.bqkv"] = np.concatenate(
-            [graph.weights[p.inputs[2]] for p in producers]
-        )
-        fused = Op("linear", [producers[0].inputs[0], f"{base}.wqkv", f"{base}.bqkv"],
-                   f"{base}.qkv", {"trans_w": True} if trans else {})  # fmt: skip
+        inputs = [producers[0].inputs[0], f"{base}.wqkv"]
+        if len(producers[0].inputs) == 3:
+            graph.weights[f"{base}.bqkv"] = np.concatenate(
+                [graph.weights[p.inputs[2]] for p in producers]
+            )
+            inputs.append(f"{base}.bqkv")
+        fused = Op("linear", inputs, f"{base}.qkv", {"trans_w": True} if trans else {})
         graph.ops[graph.ops.index(producers[0])] = fused
         for p in producers[1:]:
             graph.ops.remove(p)
-        att.inputs = [fused.output, att.inputs[3]]
+        packed = fused.output
+        if chains[0]:
+            (q_norm, q_rope), (k_norm, k_rope) = chains[:2]
+            heads = {k: att.attrs[k] for k in ("heads", "kv_heads", "head_dim")}
+            rotated = Op(
+                "qk_norm_rope",
+                [packed, q_norm.inputs[1], k_norm.inputs[1], q_rope.inputs[1]],
+                f"{base}.qkv_rope",
+                {**heads, "eps": q_norm.attrs["eps"], "theta": q_rope.attrs["theta"]},
+            )
+            graph.ops.insert(graph.ops.index(fused) + 1, rotated)
+            for op in chains[0] + chains[1]:
+                graph.ops.remove(op)
+            packed = rotated.output
+        if append is not None:
+            append.inputs = [append.inputs[0], packed, append.inputs[3]]
+            append.attrs["packed"] = True
+            att.inputs = [packed, *att.inputs[1:]]
+        else:
+            att.inputs = [packed, *att.inputs[3:]]
         att.attrs["packed"] = True
+    return graph
+
+
+def _concat(weights: list[Any], axis: int) -> Any:
+    """Weights side by side; a checkpoint mixing raw bf16 bits and float32 is widened first.
+    Packed weights are joined row-wise as they are (bits and scales exact), without a copy
+    where they are adjacent rows of one buffer (a loaded model's fused weights, sliced)."""
+    from vtpu.kernels import packed
+
+    if isinstance(weights[0], packed.PackedWeight):
+        data = _adjacent_rows([w.data for w in weights])
+        scale = None if weights[0].scale is None else _adjacent_rows([w.scale for w in weights])
+        return packed.PackedWeight((data.shape[0], data.shape[1]), weights[0].precision, data,
+                                   scale)  # fmt: skip
+    if len({w.dtype for w in weights}) > 1:
+        weights = [_widen(w) for w in weights]
+    return np.concatenate(weights, axis=axis)
+
+
+def _adjacent_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of `parts` as one array: a view when they are consecutive rows of one buffer."""
+    first = parts[0]
+    at = first.__array_interface__["data"][0]
+    for part in parts:
+        if (
+            _root(part) is not _root(first)
+            or not part.flags.c_contiguous
+            or part.__array_interface__["data"][0] != at
+        ):
+            return np.concatenate(parts)
+        at += part.nbytes
+    rows = sum(part.shape[0] for part in parts)
+    return np.lib.stride_tricks.as_strided(first, (rows, *first.shape[1:]), writeable=False)
+
+
+def _root(array: np.ndarray) -> object:
+    """The object that owns an array's memory (an array, or the buffer it was made from)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
+
+
+def _head_chain(graph: Graph, name: str) -> list[Op]:
+    """The per-head ops (head_rms_norm, rope) between a projection and `name`, in program
+    order, each the only reader of what it reads."""
+    chain: list[Op] = []
+    op = graph.producer(name)
+    while op is not None and op.kind in ("head_rms_norm", "rope"):
+        if len(graph.consumers(op.inputs[0])) != 1:
+            return [op]  # not fusable: the caller sees a chain it does not accept
+        chain.insert(0, op)
+        op = graph.producer(op.inputs[0])
+    return chain
+
+
+def _fusable_projections(graph: Graph, producers: list[Op | None]) -> bool:
+    """Linears of one input, all with a bias or none, one layout, each read only once."""
+    if not all(p and p.kind == "linear" and not p.attrs.get("act") for p in producers):
+        return False
+    if len({p.inputs[0] for p in producers}) != 1 or len({len(p.inputs) for p in producers}) != 1:
+        return False
+    if len({bool(p.attrs.get("trans_w")) for p in producers}) != 1:
+        return False
+    from vtpu.kernels import packed
+
+    kinds = {type(graph.weights.get(p.inputs[1])) for p in producers}
+    if kinds == {packed.PackedWeight}:  # a loaded model's weights: one precision, (N, K) rows
+        precisions = {graph.weights[p.inputs[1]].precision for p in producers}
+        if len(precisions) != 1 or not producers[0].attrs.get("trans_w"):
+            return False
+    elif kinds != {np.ndarray}:
+        return False
+    return all(len(graph.consumers(p.output)) == 1 for p in producers)
+
+
+def fuse_gate_up(graph: Graph) -> Graph:
+    """mul(silu(linear(x, W_gate)), linear(x, W_up)) -> swiglu(linear(x, [W_gate; W_up])): one
+    GEMM for both projections, and the activation and product in one pass over its output."""
+    for op in [o for o in graph.ops if o.kind == "mul"]:
+        a, b = (graph.producer(name) for name in op.inputs)
+        if b is not None and b.kind == "silu":
+            a, b = b, a
+        if a is None or a.kind != "silu" or len(graph.consumers(a.output)) != 1:
+            continue
+        gate = graph.producer(a.inputs[0])
+        if not _fusable_projections(graph, [gate, b]) or len(gate.inputs) != 2:
+            continue
+        trans = bool(gate.attrs.get("trans_w"))
+        weight = f"{op.output}.wgu"
+        graph.weights[weight] = _concat(
+            [graph.weights[gate.inputs[1]], graph.weights[b.inputs[1]]], axis=0 if trans else 1
+        )
+        fused = Op("linear", [gate.inputs[0], weight], f"{op.output}.gu",
+                   {"trans_w": True} if trans else {})  # fmt: skip
+        graph.ops[graph.ops.index(gate)] = fused
+        graph.ops[graph.ops.index(op)] = Op("swiglu", [fused.output], op.output)
+        graph.ops.remove(a)
+        graph.ops.remove(b)
     return graph
 
 
@@ -229,12 +481,27 @@ def fuse_bias_activation(graph: Graph) -> Graph:
 
 def fuse_residual_norm(graph: Graph) -> Graph:
     """add(a, b) then layer_norm on its only consumer -> add_layer_norm(a, b): the residual
-    stream is read once and the sum never written back on its own."""
-    for op in [o for o in graph.ops if o.kind == "layer_norm"]:
+    stream is read once and the sum never written back on its own.
+
+    add(a, b) then rms_norm -> add_rms_norm(a, b) (pre-norm decoders): there the sum is the
+    residual stream the next add reads, so the fused op has it as a second result, written
+    in the same pass that normalises it."""
+    for op in [o for o in graph.ops if o.kind in ("layer_norm", "rms_norm")]:
         src = _producer(graph, op.inputs[0])
-        if src is None or src.kind != "add" or len(graph.consumers(src.output)) != 1:
+        if src is None or src.kind != "add":
             continue
-        fused = Op("add_layer_norm", [*src.inputs, *op.inputs[1:]], op.output, dict(op.attrs))
+        others = [c for c in graph.consumers(src.output) if c is not op]
+        if op.kind == "layer_norm":
+            if others:
+                continue
+            fused = Op("add_layer_norm", [*src.inputs, *op.inputs[1:]], op.output, dict(op.attrs))
+        else:
+            at = graph.ops.index(op)
+            if any(graph.ops.index(c) < at for c in others) or src.output in graph.outputs:
+                continue  # the sum is read before the norm (or returned): keep them apart
+            extra = [src.output] if others else []
+            fused = Op("add_rms_norm", [*src.inputs, op.inputs[1]], op.output, dict(op.attrs),
+                       extra)  # fmt: skip
         graph.ops[graph.ops.index(op)] = fused
         graph.ops.remove(src)
     return graph
@@ -242,7 +509,13 @@ def fuse_residual_norm(graph: Graph) -> Graph:
 
 def pack_weights(graph: Graph) -> Graph:
     """Linear weights stored (N, K) as PyTorch keeps them are transposed once to the (K, N)
-    layout the GEMM reads directly; every constant becomes C-contiguous float32."""
+    layout the GEMM reads directly; every constant becomes C-contiguous float32.
+
+    A graph with a precision (the decoder) instead packs every Linear weight and every gathered
+    table with vtpu.kernels.packed.pack, (N, K) rows in fp32, bf16 or int8 (per output channel):
+    one packed table serves both the embedding gather and a tied lm_head."""
+    if graph.precision is not None:
+        return _pack_precision(graph)
     for op in graph.ops:
         if op.kind == "linear" and op.attrs.pop("trans_w", False):
             name = op.inputs[1]
@@ -254,11 +527,45 @@ def pack_weights(graph: Graph) -> Graph:
     return graph
 
 
+def _pack_precision(graph: Graph) -> Graph:
+    from vtpu.kernels import KernelInputError, packed
+
+    layout: dict[str, bool] = {}  # weight -> stored (N, K)
+    for op in graph.ops:
+        if op.kind == "linear" and "precision" not in op.attrs:
+            rows = bool(op.attrs.pop("trans_w", False))
+            if layout.setdefault(op.inputs[1], rows) != rows:
+                raise CompileError(f"{op.text()}: weight {op.inputs[1]} is read in two layouts")
+            op.attrs["precision"] = graph.precision
+        elif op.kind == "gather" and layout.setdefault(op.inputs[0], True) is not True:
+            raise CompileError(f"{op.text()}: table {op.inputs[0]} is also a (K, N) weight")
+    for name, w in graph.weights.items():
+        if isinstance(w, packed.PackedWeight):  # a loaded model's: (N, K) rows already
+            if w.precision != graph.precision or layout.get(name) is False:
+                raise CompileError(f"weight {name} is packed {w.shape} in {w.precision}; the "
+                                   f"graph reads it in {graph.precision}")  # fmt: skip
+        elif name in layout:
+            try:
+                graph.weights[name] = packed.pack(w if layout[name] else w.T, graph.precision)
+            except KernelInputError as exc:
+                raise CompileError(f"weight {name}: {exc}") from None
+        else:
+            graph.weights[name] = np.ascontiguousarray(_widen(w))
+    return graph
+
+
+def _widen(w: np.ndarray) -> np.ndarray:
+    """float32 from float32, raw bf16 bits (uint16, as safetensors stores bf16) or float16."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(np.float32, copy=False)
+
+
 def drop_dead(graph: Graph) -> Graph:
     """Weights and values no op reads any more (the tables folded, the unfused projections)."""
     used = {name for op in graph.ops for name in op.inputs} | set(graph.outputs)
     graph.weights = {k: v for k, v in graph.weights.items() if k in used}
-    produced = {op.output for op in graph.ops} | set(graph.inputs)
+    produced = {name for op in graph.ops for name in op.results} | set(graph.inputs)
     graph.values = {k: v for k, v in graph.values.items() if k in produced}
     return graph
 
@@ -284,13 +591,17 @@ def plan_in_place(graph: Graph) -> Graph:
     return graph
 
 
-_IN_PLACE_KINDS = {"add_layer_norm", "layer_norm", "l2_normalize"}
+# add_rms_norm in place writes the residual sum over its first operand; qk_norm_rope
+# normalises and rotates the packed projection where it lies.
+_IN_PLACE_KINDS = {"add_layer_norm", "layer_norm", "l2_normalize", "rms_norm", "add_rms_norm",
+                   "qk_norm_rope"}  # fmt: skip
 
 
 PASSES: list[tuple[str, Callable[[Graph], Graph]]] = [
     ("infer_shapes", infer_shapes),
     ("fold_embedding_tables", fold_embedding_tables),
     ("fuse_qkv", fuse_qkv),
+    ("fuse_gate_up", fuse_gate_up),
     ("fuse_bias_activation", fuse_bias_activation),
     ("fuse_residual_norm", fuse_residual_norm),
     ("pack_weights", pack_weights),
@@ -312,7 +623,7 @@ def compile_graph(graph: Graph, on_pass: Callable[[str, Graph], None] | None = N
 
 
 def _producer(graph: Graph, name: str) -> Op | None:
-    return next((op for op in graph.ops if op.output == name), None)
+    return graph.producer(name)
 
 
 def _rename(graph: Graph, old: str, new: str) -> None:
@@ -323,7 +634,8 @@ def _rename(graph: Graph, old: str, new: str) -> None:
 
 def count_ops(graph: Graph, lengths: np.ndarray, seq: int) -> int:
     """The ops one run retires for a batch of len(lengths) sequences padded to `seq`, from the
-    one op-count table (vtpu.ops) the kernels count with, so it equals what they add up."""
+    one op-count table (vtpu.ops) the kernels count with, so it equals what they add up.
+    Encoder (BERT) graphs only: the decoder's ops (rms_norm, swiglu, ...) are not counted yet."""
     from vtpu import ops
 
     bsz = len(lengths)
@@ -359,19 +671,31 @@ def count_ops(graph: Graph, lengths: np.ndarray, seq: int) -> int:
 
 
 def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Execute the graph's ops in order on vtpu.kernels against its resident weights. Feeds:
-    `ids` (B, S) int64, `lengths` (B,) int32 (each sequence's unpadded length)."""
+    """Execute the graph's ops in order on vtpu.kernels against its resident weights.
+
+    Feeds: `ids` (B, S) int64; for BERT `lengths` (B,) int32 (each sequence's unpadded length);
+    for the Qwen3 graphs `positions` (B, S) int64 and, for decode, each layer's KV cache
+    `cache.N` float32 (2, B, kv_heads, T, head_dim), which kv_append updates in place (the
+    graph's cache outputs are those same arrays, as the node's KV pages are written in place).
+    """
     from vtpu import kernels as K
+    from vtpu.kernels import packed
 
     env: dict[str, Any] = {**graph.weights, **feeds}
-    lengths = feeds["lengths"]
+    lengths = feeds.get("lengths")
     dies_after = _last_uses(graph)
     for i, op in enumerate(graph.ops):
         a = [env[name] for name in op.inputs]
         kind, attrs = op.kind, op.attrs
+        out = a[0] if attrs.get("in_place") else None
         if kind == "gather":
             table, ids = a
-            y = K.gather_rows(table, ids.reshape(-1)).reshape(*ids.shape, table.shape[1])
+            flat = ids.reshape(-1)
+            if isinstance(table, packed.PackedWeight):
+                y = packed.rows(table, flat)
+            else:
+                y = _widen(K.gather_rows(table, flat))
+            y = y.reshape(*ids.shape, table.shape[1])
         elif kind == "add_row":
             y = K.add(a[0].reshape(-1, a[0].shape[-1]), a[1]).reshape(a[0].shape)
         elif kind == "add_positions":
@@ -382,15 +706,11 @@ def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             y = K.add(a[0].reshape(-1, a[0].shape[-1]), a[1].reshape(-1, a[1].shape[-1]))
             y = y.reshape(a[0].shape)
         elif kind == "layer_norm":
-            out = a[0] if attrs.get("in_place") else None
             y = K.layer_norm(a[0], a[1], a[2], attrs["eps"], out=out)
         elif kind == "add_layer_norm":
-            out = a[0] if attrs.get("in_place") else None
             y = K.add_layer_norm(a[0], a[1], a[2], a[3], attrs["eps"], out=out)
         elif kind == "linear":
-            bias = a[2] if len(a) > 2 else None
-            y = K.linear(a[0], a[1], bias, attrs.get("act", "none"),
-                         trans_w=bool(attrs.get("trans_w")))  # fmt: skip
+            y = _linear(K, packed, a, attrs)
         elif kind == "gelu":
             y = K.bias_activation(a[0].copy(), None, "gelu")
         elif kind == "attention":
@@ -398,13 +718,147 @@ def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif kind == "mean_pool":
             y = K.masked_mean_pool(a[0], a[1])
         elif kind == "l2_normalize":
-            y = K.l2_normalize(a[0], out=a[0] if attrs.get("in_place") else None)
+            y = K.l2_normalize(a[0], out=out)
+        elif kind == "rms_norm":
+            y = K.rms_norm(a[0], a[1], attrs["eps"], out=out)
+        elif kind == "add_rms_norm":
+            rows = a[0].reshape(-1, a[0].shape[-1])
+            total = K.add(rows, a[1].reshape(rows.shape), out=None if out is None else rows)
+            total = total.reshape(a[0].shape)
+            if op.extra:
+                env[op.extra[0]] = total
+            y = K.rms_norm(total, a[2], attrs["eps"])
+        elif kind == "head_rms_norm":
+            x = a[0]
+            heads = x.reshape(*x.shape[:-1], attrs["heads"], attrs["head_dim"])
+            y = K.rms_norm(heads, a[1], attrs["eps"]).reshape(x.shape)
+        elif kind == "rope":
+            y = _rope(a[0], a[1], attrs["heads"], attrs["head_dim"], attrs["theta"])
+        elif kind == "qk_norm_rope":
+            y = qk_norm_rope(K, a, attrs, out)
+        elif kind == "silu":
+            y = silu(a[0])
+        elif kind == "mul":
+            y = np.multiply(a[0], a[1])
+        elif kind == "swiglu":
+            n = a[0].shape[-1] // 2
+            y = silu(a[0][..., :n])
+            y *= a[0][..., n:]
+        elif kind == "kv_append":
+            y = kv_append(a, attrs)
+        elif kind == "cached_attention":
+            y = cached_attention(K, a, attrs)
         else:
             raise CompileError(f"{op.text()}: no kernel for {kind!r}")
         env[op.output] = y
         for name in dies_after.get(i, ()):
             del env[name]  # freed as soon as read for the last time: the next op reuses it
     return {name: env[name] for name in graph.outputs}
+
+
+def _linear(K: Any, packed: Any, a: list, attrs: dict) -> np.ndarray:
+    bias = a[2] if len(a) > 2 else None
+    act = attrs.get("act", "none")
+    if not isinstance(a[1], packed.PackedWeight):
+        return K.linear(a[0], _widen(a[1]), bias, act, trans_w=bool(attrs.get("trans_w")))
+    x = a[0]
+    y = packed.matmul(x.reshape(-1, x.shape[-1]), a[1])
+    if bias is not None or act != "none":
+        K.bias_activation(y, bias, act)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x * sigmoid(x) = x / (1 + exp(-x)); exp's overflow for very negative x gives -0.
+    (Public, like qk_norm_rope, kv_append, cached_attention and gqa_attention: the sentron
+    runs the SIW ops these graph ops lower to with this very code, so both agree bit for bit.)"""
+    with np.errstate(over="ignore"):
+        y = np.exp(np.negative(x, out=out), out=out)
+        y += 1.0
+        return np.divide(x, y, out=y)
+
+
+def rope_inv_freq(theta: float, d: int) -> np.ndarray:
+    """Rotary inverse frequencies 1 / theta ** (2i / d), float32 (d / 2,), as transformers'."""
+    half = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    return np.float32(1.0) / np.power(np.float32(theta), half, dtype=np.float32)
+
+
+def _rope(x: np.ndarray, positions: np.ndarray, heads: int, d: int, theta: float,
+          inv_freq: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Rotary embeddings, rotate-half layout, as transformers computes them in float32:
+    angle = position / theta ** (2i / d); x * cos + rotate_half(x) * sin per head."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(theta, d)
+    angles = positions.astype(np.float32)[..., None] * inv_freq  # (..., d / 2)
+    cos = np.cos(angles)[..., None, :]
+    sin = np.sin(angles)[..., None, :]
+    xh = x.reshape(*x.shape[:-1], heads, d)
+    x1, x2 = xh[..., : d // 2], xh[..., d // 2 :]
+    y = np.empty(xh.shape, np.float32)
+    y[..., : d // 2] = x1 * cos - x2 * sin
+    y[..., d // 2 :] = x2 * cos + x1 * sin
+    return y.reshape(x.shape)
+
+
+def qk_norm_rope(K: Any, a: list, attrs: dict, out: np.ndarray | None,
+                 inv_freq: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The q and k heads of a packed projection RMS-normalised and rotated; v passes as is.
+    inv_freq: rope_inv_freq(theta, head_dim) when the caller holds it (SIW's resident table)."""
+    qkv, q_gamma, k_gamma, positions = a
+    y = qkv if out is not None else qkv.copy()
+    q_w, kv_w = _head_widths(attrs)
+    d = attrs["head_dim"]
+    for lo, width, gamma in ((0, q_w, q_gamma), (q_w, kv_w, k_gamma)):
+        part = np.ascontiguousarray(y[..., lo : lo + width])
+        heads = part.reshape(*part.shape[:-1], width // d, d)
+        K.rms_norm(heads, gamma, attrs["eps"], out=heads)
+        y[..., lo : lo + width] = _rope(part, positions, width // d, d, attrs.get("theta"),
+                                        inv_freq)  # fmt: skip
+    return y
+
+
+def _kv_split(qkv: np.ndarray, attrs: dict) -> tuple[np.ndarray, ...]:
+    q_w, kv_w = _head_widths(attrs)
+    return qkv[..., :q_w], qkv[..., q_w : q_w + kv_w], qkv[..., q_w + kv_w :]
+
+
+def _check_positions(positions: np.ndarray, limit: int, what: str) -> np.ndarray:
+    if positions.dtype.kind not in "iu" or positions.ndim != 2:
+        raise ValueError(f"{what}: positions must be integers (B, S), got {positions.dtype} "
+                         f"{positions.shape}")  # fmt: skip
+    if positions.size and (positions.min() < 0 or positions.max() >= limit):
+        raise ValueError(f"{what}: positions must lie in [0, {limit}), the cache's length")
+    return positions
+
+
+def _kv_append(a: list, attrs: dict) -> np.ndarray:
+    """Write each token's k and v heads into its sequence's cache rows, in place."""
+    cache, positions = a[0], a[-1]
+    k, v = _kv_split(a[1], attrs)[1:] if attrs.get("packed") else (a[1], a[2])
+    _check_positions(positions, cache.shape[3], "kv_append")
+    bsz, seq = positions.shape
+    kv, d = attrs["kv_heads"], attrs["head_dim"]
+    rows = np.repeat(np.arange(bsz), seq)
+    at = positions.reshape(-1)
+    cache[0, rows, :, at, :] = k.reshape(bsz * seq, kv, d)
+    cache[1, rows, :, at, :] = v.reshape(bsz * seq, kv, d)
+    return cache
+
+
+def _cached_attention(K: Any, a: list, attrs: dict) -> np.ndarray:
+    """One query per sequence against its cached keys 0..position (grouped-query)."""
+    x, cache, positions = a
+    q = _kv_split(x, attrs)[0] if attrs.get("packed") else x
+    _check_positions(positions, cache.shape[3], "cached_attention")
+    bsz, seq = positions.shape
+    if seq != 1:
+        raise ValueError("cached_attention: the decode graph takes one token per sequence")
+    heads, d = attrs["heads"], attrs["head_dim"]
+    q4 = np.ascontiguousarray(q.reshape(bsz, heads, 1, d))
+    seen = (positions[:, 0] + 1).astype(np.int32)
+    ctx = K.attention(q4, cache[0], cache[1], key_lengths=seen)
+    return ctx.reshape(bsz, 1, heads * d)
 
 
 def _last_uses(graph: Graph) -> dict[int, list[str]]:
@@ -426,6 +880,8 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     """Packed QKV goes to attention_packed; separate (B, S, H) projections are viewed as (B,
     heads, S, D) — a reshape and a transpose — and the result merged back to (B, S, H)."""
     heads = attrs["heads"]
+    if "kv_heads" in attrs:
+        return _gqa_attention(K, a, attrs, lengths)
     if attrs.get("packed"):  # the fused projection read in place: no split, no merge
         return K.attention_packed(a[0], heads, key_lengths=lengths)
     bsz, seq, width = a[0].shape
@@ -433,3 +889,18 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     q, k, v = (x.reshape(bsz, seq, heads, d).transpose(0, 2, 1, 3) for x in a[:3])
     ctx = K.attention(q, k, v, key_lengths=lengths)
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(bsz, seq, heads * d)
+
+
+def _gqa_attention(K: Any, a: list, attrs: dict, lengths: np.ndarray | None) -> np.ndarray:
+    """Grouped-query attention over q (B, S, heads * D) and k, v (B, S, kv_heads * D), or one
+    packed projection; heads go first for the kernel and are merged back after it."""
+    q, k, v = _kv_split(a[0], attrs) if attrs.get("packed") else a[:3]
+    bsz, seq = q.shape[:2]
+    d = attrs["head_dim"]
+
+    def heads_first(t: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(t.reshape(bsz, seq, -1, d).transpose(0, 2, 1, 3))
+
+    ctx = K.attention(heads_first(q), heads_first(k), heads_first(v),
+                      causal=bool(attrs.get("causal")), key_lengths=lengths)  # fmt: skip
+    return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(bsz, seq, q.shape[-1])
