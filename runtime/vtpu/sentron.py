@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import vtpu.kernels as K
-from vtpu import ops, siw
+from vtpu import ops, phextcc, siw
 from vtpu.arena import Arena, ArenaFull, bytes_needed
 from vtpu.counters import COUNTERS, PIPES
+from vtpu.kernels import packed
 from vtpu.siw import COp, DOp, Limits, Program, ProgramError, SOp
 
 __all__ = [
@@ -181,6 +182,16 @@ def _word_ops(program: Program, w: dict) -> int:
         return ops.PER_ELEMENT["l2_normalize"] * size
     if op == DOp.GELU:
         return size
+    if op == DOp.MATMUL:
+        (m, k), n = t[w["d_a"]].shape, t[w["d_b"]].shape[0]
+        return ops.gemm(m, n, k)
+    if op == DOp.ADD_RMSNORM:
+        return (ops.PER_ELEMENT["add"] + ops.PER_ELEMENT["rms_norm"]) * size
+    if op == DOp.ATTN_GQA:
+        bsz, seq, width = t[w["d_dst"]].shape
+        heads = w["d_flags"]
+        scores = ops.attention_scores(seq, seq, heads=heads, causal=True) * bsz
+        return ops.attention(scores, bsz * heads * seq, width // heads)
     return 0
 
 
@@ -201,6 +212,12 @@ def _data_ops(program: Program, w: dict, v: list) -> Callable[[], int] | None:
     if op == DOp.MEAN_POOL:
         bsz, _, d = t[w["d_a"]].shape
         return lambda: ops.masked_mean_pool(int(v[lengths].sum()), bsz, d)
+    if op == DOp.CACHED_ATTN:
+        positions, heads = w["d_c"], w["d_flags"]
+        bsz, _, width = t[w["d_dst"]].shape
+        return lambda: ops.attention(
+            heads * int(v[positions].sum() + bsz), bsz * heads, width // heads
+        )
     return None
 
 
@@ -256,7 +273,83 @@ def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
         if dst == a:
             return lambda: K.bias_activation(v[dst], None, "gelu")
         return lambda: K.bias_activation(_copy_into(v[dst], v[a]), None, "gelu")
+    decoder = _decoder_slot(program, w, v)
+    if decoder is not None:
+        return decoder
     raise AssertionError(f"validated program has D opcode {op}")
+
+
+def _decoder_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
+    """The decoder's D ops. Each calls what phextcc.run calls for the graph op it lowers
+    (packed.matmul / packed.rows, vtpu.kernels, phextcc's decoder routines), in the same order,
+    so a lowered program's logits equal the interpreted graph's bit for bit."""
+    op, dst, a, b, c = w["d_op"], w["d_dst"], w["d_a"], w["d_b"], w["d_c"]
+    t = program.tensors
+    eps = _imm(w) or 1e-6
+    heads = w["d_flags"]
+    if op == DOp.ADD_RMSNORM:
+
+        def add_rmsnorm() -> None:
+            K.add(v[a], v[b], out=v[a])  # the residual stream, left in x
+            K.rms_norm(v[a], v[c], eps, out=v[dst])
+
+        return add_rmsnorm
+    if op == DOp.MATMUL:
+        weight = _packed_weight(t, v, b, c)
+        return lambda: packed.matmul(v[a], weight(), out=v[dst])
+    if op == DOp.ROWS:
+        table = _packed_weight(t, v, a, c)
+        return lambda: packed.rows(table(), v[b], out=v[dst])
+    if op == DOp.SWIGLU:
+        n = t[dst].shape[-1]
+
+        def swiglu() -> None:
+            x = v[a]
+            np.multiply(phextcc.silu(x[..., :n], out=v[dst]), x[..., n:], out=v[dst])
+
+        return swiglu
+    if op == DOp.QK_NORM_ROPE:
+        d = t[a].shape[1]
+        kv = (t[dst].shape[2] // d - heads) // 2
+        attrs = {"heads": heads, "kv_heads": kv, "head_dim": d, "eps": eps}
+
+        def qk_norm_rope() -> None:
+            gammas = v[a]
+            phextcc.qk_norm_rope(K, [v[dst], gammas[0], gammas[1], v[c]], attrs, v[dst], v[b])
+
+        return qk_norm_rope
+    if op == DOp.ATTN_GQA:
+        d = t[dst].shape[2] // heads
+        kv = (t[a].shape[2] // d - heads) // 2
+        attrs = {"heads": heads, "kv_heads": kv, "head_dim": d, "causal": True, "packed": True}
+        return lambda: np.copyto(v[dst], phextcc.gqa_attention(K, [v[a]], attrs, None))
+    if op in (DOp.KV_APPEND, DOp.CACHED_ATTN):
+        cache = t[dst if op == DOp.KV_APPEND else b].shape
+        attrs = {"heads": heads, "kv_heads": cache[2], "head_dim": cache[4], "packed": True}
+        if op == DOp.KV_APPEND:
+            return lambda: phextcc.kv_append([v[dst], v[a], v[b]], attrs)
+        return lambda: np.copyto(v[dst], phextcc.cached_attention(K, [v[a], v[b], v[c]], attrs))
+    return None
+
+
+def _packed_weight(
+    t: list[siw.TensorSpec], v: list, data: int, scale: int
+) -> Callable[[], packed.PackedWeight]:
+    """The PackedWeight a MATMUL or ROWS word reads: made once for resident tensors (bound at
+    prepare), per call for tensors bound per run."""
+    precision = {"f32": "fp32", "bf16": "bf16", "i8": "int8"}[t[data].dtype]
+    shape = t[data].shape
+
+    def make() -> packed.PackedWeight:
+        return packed.PackedWeight(
+            shape, precision, v[data], None if scale == siw.NONE else v[scale]
+        )
+
+    resident = t[data].init == "resident" and (scale == siw.NONE or t[scale].init == "resident")
+    if resident and v[data] is not None:
+        weight = make()
+        return lambda: weight
+    return make
 
 
 def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
@@ -361,7 +454,7 @@ def arena_bytes_for(program: Program) -> int:
     """Arena bytes a program needs with every tensor, scratch included, live at once."""
     return bytes_needed(
         [(t.shape, siw.NUMPY_DTYPES[t.dtype]) for t in program.tensors
-         if t.init not in ("resident", "view")]
+         if t.init not in ("resident", "view", "inout")]
     )  # fmt: skip
 
 
@@ -439,8 +532,9 @@ class Sentron:
         allocated = [
             i
             for i, t in enumerate(program.tensors)
-            if t.init not in ("scratch", "resident", "view")
+            if t.init not in ("scratch", "resident", "view", "inout")
         ]
+        inout = [i for i, t in enumerate(program.tensors) if t.init == "inout"]
         bound_views = [
             i
             for i, t in enumerate(program.tensors)
@@ -453,7 +547,7 @@ class Sentron:
             [(program.tensors[i].shape, siw.NUMPY_DTYPES[program.tensors[i].dtype])
              for i in allocated]
         )  # fmt: skip
-        return Prepared(program, views, plan, allocated, bound_views, owners, need)
+        return Prepared(program, views, plan, allocated, bound_views, owners, need, inout)
 
     def run(
         self,
@@ -504,6 +598,8 @@ class Sentron:
         tensors = program.tensors
         owners = prepared.owners
         try:
+            for i in prepared.inout:
+                views[i] = inputs[tensors[i].name]
             for i in prepared.allocated:
                 spec = tensors[i]
                 views[i] = self.arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
@@ -526,7 +622,9 @@ class Sentron:
                 if spec.init == "view" and init != "resident":
                     views[i] = None
             for i, spec in enumerate(tensors):
-                if spec.init not in ("resident", "view") and views[i] is not None:
+                if spec.init == "inout":
+                    views[i] = None  # the caller's array: bound for this run only
+                elif spec.init not in ("resident", "view") and views[i] is not None:
                     self.arena.release(views[i])
                     views[i] = None
         self.counters.add_run(result)
@@ -646,6 +744,7 @@ class Prepared:
     bound_views: list[int]  # views of those, rebuilt per run
     owners: list[int]
     arena_bytes: int
+    inout: list[int]  # tensors bound in place to the caller's arrays per run (KV caches)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -675,7 +774,7 @@ def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: 
 
 
 def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
-    declared = {t.name: t for t in program.tensors if t.init == "input"}
+    declared = {t.name: t for t in program.tensors if t.init in ("input", "inout")}
     missing = sorted(set(declared) - set(inputs))
     if missing:
         raise RunError(f"missing input(s) {', '.join(missing)}: pass them by name in `inputs`")
@@ -696,6 +795,27 @@ def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
                 f" {spec.dtype}{list(spec.shape)}: pass an array of that shape, e.g."
                 f" x.astype(np.{want.name})"
             )
+    _check_inout(program, inputs)
+
+
+def _check_inout(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
+    """`inout` arrays are written in place: each must be dense, writeable and apart from the
+    others (two caches on one buffer would race)."""
+    spans = []
+    for spec in program.tensors:
+        if spec.init != "inout":
+            continue
+        value = inputs[spec.name]
+        if not value.flags.c_contiguous or not value.flags.writeable:
+            raise RunError(
+                f"inout {spec.name!r} is updated in place: pass a C-contiguous, writeable array"
+            )
+        start = value.__array_interface__["data"][0]
+        spans.append((start, start + value.nbytes, spec.name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise RunError(f"inout {first!r} and {second!r} share memory; give each its own array")
 
 
 def _initialise(view: np.ndarray, spec: siw.TensorSpec, inputs: Mapping[str, np.ndarray]) -> None:
@@ -714,6 +834,10 @@ def random_tensor(spec: siw.TensorSpec) -> np.ndarray:
     rng = np.random.default_rng(spec.seed)
     if spec.dtype == "f32":
         return rng.random(spec.shape, dtype=np.float32) * 2 - 1
+    if spec.dtype == "bf16":  # the high 16 bits of f32 values in [-1, 1)
+        return ((rng.random(spec.shape, dtype=np.float32) * 2 - 1).view(np.uint32) >> 16).astype(
+            np.uint16
+        )
     if spec.dtype == "i8":
         return rng.integers(-127, 128, spec.shape, dtype=np.int8)
     return rng.integers(0, 100, spec.shape, dtype=siw.NUMPY_DTYPES[spec.dtype])

@@ -27,9 +27,11 @@ there was never anything to wait for. Their codes and bits are rejected with tha
 
 D flags: bits 0-1 activation of LINEAR (0 none, 1 relu, 2 gelu, 3 silu); bit 2 causal of
 ATTENTION; bit 3 acc of GEMM (dst += a @ b, accumulating as a systolic array does); all 8 bits
-the head count of ATTN_QKV. D imm: eps of LAYERNORM/RMSNORM/ADD_LAYERNORM/L2NORM, scale of
-ATTENTION/ATTN_QKV (0 = the default), else 0.
-Operand fields a slot does not use are 0; LINEAR without bias has c = 0xFFFF. D operands are
+the (query) head count of ATTN_QKV, QK_NORM_ROPE, ATTN_GQA, KV_APPEND and CACHED_ATTN (text
+heads=N, 1..255). D imm: eps of LAYERNORM/RMSNORM/ADD_LAYERNORM/L2NORM/ADD_RMSNORM/
+QK_NORM_ROPE, scale of ATTENTION/ATTN_QKV (0 = the default), else 0.
+Operand fields a slot does not use are 0; LINEAR without bias and MATMUL/ROWS without scale
+have c = 0xFFFF. D operands are
 dense row-major tensors (views included); dst may share memory with a source only where the
 rule says "in place" and only as that very tensor.
 
@@ -55,6 +57,30 @@ rule says "in place" and only as that very tensor.
 
 add, mul, layernorm, rmsnorm, softmax, add_layernorm, l2norm and gelu may work in place.
 
+The decoder's D ops (a Qwen3 graph lowered by phextcc.lower.DecoderModule; each runs the code
+phextcc.run runs for the graph op, so the two agree bit for bit). A packed weight W (N, K) is
+f32, bf16 (raw bits) or i8 with an f32 (N,) per-row scale (vtpu.kernels.packed's layouts);
+positions are i32/i64; a packed q|k|v row is (heads + 2 kv_heads) x head_dim wide, q heads
+first, heads a multiple of kv_heads (grouped-query); head_dim and kv_heads follow from shapes.
+
+    add_rmsnorm dst, x, res, gamma    x += res (x keeps the residual stream), dst = rmsnorm(x);
+                                      writes dst and x
+    qk_norm_rope qkv, gammas, inv_freq, positions heads=H
+                                      in place on qkv (b,s,width): q and k heads RMS-normalised
+                                      (gammas (2,d): q's, k's) and rotated (rotate-half;
+                                      inv_freq (d/2,) = 1/theta^(2i/d)); positions (b,s)
+    attn_gqa   dst, qkv heads=H       causal grouped-query attention: qkv (b,s,width) ->
+                                      dst (b,s,H*d)
+    swiglu     dst, x                 x (..,2n) gate|up -> dst (..,n) = silu(gate) * up
+    matmul     dst, x, w[, scale]     packed.matmul: x (m,K) @ W.T -> dst (m,N)
+    rows       dst, table, idx[, scale]  packed.rows: dequantised table[idx] -> dst (r,K) f32
+                                      (an index beyond the table fails the run)
+    kv_append  cache, qkv, positions heads=H  writes each token's k and v heads into its
+                                      sequence's row `position` of cache (2,b,kv_heads,T,d),
+                                      in place (a position >= T fails the run)
+    cached_attn dst, qkv, cache, positions heads=H  one query per sequence, qkv (b,1,width),
+                                      against its cached keys 0..position -> dst (b,1,H*d)
+
     S ops  operands                   rule
     load       dst, src  tile rows    dst[:rows] = src[tile*rows:(tile+1)*rows]
     store      dst, src  tile rows    dst[tile*rows:(tile+1)*rows] = src[:rows]
@@ -68,7 +94,9 @@ add, mul, layernorm, rmsnorm, softmax, add_layernorm, l2norm and gelu may work i
     word whose C slot is HALT.
 
 Tensors (initialisers below) live in the sentron's arena, except `resident` ones: bound by name
-to arrays the node holds (a loaded model's weights), used in place and read-only; and `view`s:
+to arrays the node holds (a loaded model's weights), used in place and read-only; `inout` ones:
+bound by name per run to the caller's arrays (a decoder's KV caches), used in place and
+writable, never copied; and `view`s:
 a shape, an element offset and element strides over an earlier non-view tensor (reshape is a
 dense view, transpose a strided one; D operands must be dense, S.load/S.store copy any view).
 A view aliases its base: races and issue order are judged on the memory, not the name.
@@ -100,9 +128,11 @@ Text form, one word per line, ``#`` comments::
     D.linear y, x, w act=gelu | S.prefetch w tile=1 rows=64
     C.halt
 
-Initialisers: zeros (the default), ones, random(seed) (f32 uniform [-1, 1), i8 [-127, 127],
-i32/i64 [0, 100)), input (bound at run time), scratch (no memory until S.alloc), resident
-(bound by name at run time, not copied), view(BASE,OFFSET,STRIDE,...) (strides in elements).
+Initialisers: zeros (the default), ones, random(seed) (f32 uniform [-1, 1), bf16 those
+truncated, i8 [-127, 127], i32/i64 [0, 100)), input (bound at run time), scratch (no memory
+until S.alloc), resident (bound by name at run time, not copied), inout (bound by name per run,
+in place), view(BASE,OFFSET,STRIDE,...) (strides in elements). Dtypes: f32, bf16 (raw bits,
+only as a packed weight), i8, i32, i64; 1 to 5 dims.
 """
 
 from __future__ import annotations
@@ -120,7 +150,7 @@ CONTAINER_VERSION = 1
 WORD_FORMAT = 1
 WORD_BYTES = 64
 NONE = 0xFFFF  # "no tensor" in an optional operand field
-MAX_NDIM = 4
+MAX_NDIM = 5  # a decoder's KV cache is (2, batch, kv_heads, tokens, head_dim)
 MAX_NAME = 64
 
 
@@ -140,6 +170,14 @@ class DOp(IntEnum):
     MEAN_POOL = 12
     L2NORM = 13
     GELU = 14
+    ADD_RMSNORM = 15
+    QK_NORM_ROPE = 16
+    ATTN_GQA = 17
+    SWIGLU = 18
+    MATMUL = 19
+    ROWS = 20
+    KV_APPEND = 21
+    CACHED_ATTN = 22
 
 
 class SOp(IntEnum):
@@ -172,9 +210,11 @@ FLAG_CAUSAL = 4
 FLAG_ACC = 8
 INT8_MAX_K = (2**31 - 1) // (128 * 128)
 
-DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64"}
-NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64}
-INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch", 5: "resident", 6: "view"}
+DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64", 5: "bf16"}  # bf16: raw bits, as uint16
+NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64,
+                "bf16": np.uint16}  # fmt: skip
+INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch", 5: "resident", 6: "view",
+         7: "inout"}  # fmt: skip
 _DTYPE_CODE = {v: k for k, v in DTYPES.items()}
 _INIT_CODE = {v: k for k, v in INITS.items()}
 
@@ -223,6 +263,14 @@ _D_OPERANDS = {
     DOp.MEAN_POOL: ("d_dst", "d_a", "d_b"),
     DOp.L2NORM: ("d_dst", "d_a"),
     DOp.GELU: ("d_dst", "d_a"),
+    DOp.ADD_RMSNORM: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.QK_NORM_ROPE: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.ATTN_GQA: ("d_dst", "d_a"),
+    DOp.SWIGLU: ("d_dst", "d_a"),
+    DOp.MATMUL: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.ROWS: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.KV_APPEND: ("d_dst", "d_a", "d_b"),
+    DOp.CACHED_ATTN: ("d_dst", "d_a", "d_b", "d_c"),
 }
 _S_OPERANDS = {
     SOp.NOP: (),
@@ -242,7 +290,16 @@ _D_IMM = {
     DOp.ADD_LAYERNORM: "eps",
     DOp.ATTN_QKV: "scale",
     DOp.L2NORM: "eps",
+    DOp.ADD_RMSNORM: "eps",
+    DOp.QK_NORM_ROPE: "eps",
 }
+# D ops with the head count in their flags (heads=N in text), and ops whose last operand is
+# optional (c = NONE: LINEAR's bias, MATMUL's and ROWS' int8 scale).
+_HEADS_OPS = (DOp.ATTN_QKV, DOp.QK_NORM_ROPE, DOp.ATTN_GQA, DOp.KV_APPEND, DOp.CACHED_ATTN)
+_OPTIONAL_C = (DOp.LINEAR, DOp.MATMUL, DOp.ROWS)
+# D ops that also read dst (they write part of it) or also write their first source.
+_D_READS_DST = (DOp.QK_NORM_ROPE, DOp.KV_APPEND)
+_D_WRITES_A = (DOp.ADD_RMSNORM,)
 # D ops whose dst may be their first source (row-wise kernels read a row before writing it).
 _D_IN_PLACE = (DOp.LAYERNORM, DOp.RMSNORM, DOp.ADD_LAYERNORM, DOp.L2NORM, DOp.GELU, DOp.ADD,
                DOp.MUL, DOp.SOFTMAX)  # fmt: skip
@@ -510,7 +567,7 @@ def _check_tensors(program: Program, limits: Limits) -> None:
                 "limits", None,
                 f"{where} has {t.size} elements; at most {limits.max_tensor_elements} allowed",
             )  # fmt: skip
-        if t.init not in ("view", "resident"):  # neither allocates
+        if t.init not in ("view", "resident", "inout"):  # none of them allocates
             total += t.size
     if total > limits.max_total_elements:
         raise ProgramError(
@@ -655,11 +712,11 @@ def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
     # D slot
     name = d_op.name.lower()
     used = _D_OPERANDS[d_op]
-    if d_op == DOp.LINEAR and w["d_c"] == NONE:
+    if d_op in _OPTIONAL_C and w["d_c"] == NONE:
         used = used[:3]
     reserved_fields(("d_dst", "d_a", "d_b", "d_c"), _D_OPERANDS[d_op], "D")
     flags_allowed = {DOp.LINEAR: 3, DOp.ATTENTION: FLAG_CAUSAL, DOp.GEMM: FLAG_ACC,
-                     DOp.ATTN_QKV: 0xFF}.get(d_op, 0)  # fmt: skip
+                     **dict.fromkeys(_HEADS_OPS, 0xFF)}.get(d_op, 0)  # fmt: skip
     if w["d_flags"] & ~flags_allowed:
         raise ProgramError("reserved bytes", i, f"D.{name} flags {w['d_flags']:#x} not defined")
     imm = float(np.uint32(w["d_imm"]).view(np.float32))
@@ -727,6 +784,14 @@ def _check_d_aliasing(
     source(s) exactly (the same tensor)."""
     dst = w["d_dst"]
     _check_writable(program, i, label, dst, owners)
+    if op in _D_WRITES_A:  # add_rmsnorm leaves the residual sum in x: x is written too
+        x = w["d_a"]
+        _check_writable(program, i, label, x, owners)
+        if owners[x] in (owners[w["d_b"]], owners[w["d_c"]]):
+            raise ProgramError(
+                "bad operand", i, f"{label}: x {program.tensors[x].name!r} (written with the"
+                " residual sum) shares memory with another source",
+            )  # fmt: skip
     exact = ("d_a", "d_b") if op in (DOp.ADD_LAYERNORM, DOp.ADD, DOp.MUL) else ("d_a",)
     for f in _D_OPERANDS[op][1:]:
         src = w[f]
@@ -757,6 +822,11 @@ def _need_dtype(i: int, name: str, specs: list[TensorSpec], dtypes: tuple[str, .
 
 def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) -> None:
     name = f"D.{name}"
+    if op in _DECODER_CHECKS:
+        _DECODER_CHECKS[op](i, name, t, w)
+        if any(w[f] == w["d_dst"] for f in _D_OPERANDS[op][1:]):
+            raise ProgramError("bad operand", i, f"{name}: dst must not also be a source")
+        return
     if op == DOp.GEMM_I8:
         _need_dtype(i, name, t, ("i32", "i8", "i8"))
     elif op in (DOp.ATTN_QKV, DOp.MEAN_POOL):
@@ -837,6 +907,149 @@ def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) ->
             raise ProgramError("bad operand", i, f"{name}: dst must not also be a source")
 
 
+def _ints(i: int, name: str, t: TensorSpec, what: str) -> None:
+    if t.dtype not in ("i32", "i64"):
+        raise ProgramError("wrong dtype", i, f"{name}: {what} {t.name!r} must be i32 or i64")
+
+
+def _gqa_heads(i: int, name: str, heads: int, width: int, d: int) -> int:
+    """kv_heads of a packed (heads + 2 kv_heads) x d projection, or ProgramError."""
+    rest = width // d - heads if d and width % d == 0 else -1
+    if heads < 1 or rest < 2 or rest % 2 or heads % (rest // 2):
+        raise _shape_error(
+            i, name, f"a packed q|k|v row of {width} is not (heads={heads} + 2 kv_heads) x"
+            f" head_dim={d} with heads a multiple of kv_heads",
+        )  # fmt: skip
+    return rest // 2
+
+
+def _check_add_rmsnorm(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t, ("f32",) * 4)
+    dst, x, res, gamma = (u.shape for u in t)
+    if not dst == x == res or gamma != (x[-1],):
+        raise _shape_error(
+            i, name, f"dst {dst}, x {x} and residual {res} must match, gamma ({x[-1]},); got"
+            f" gamma {gamma}",
+        )  # fmt: skip
+
+
+def _check_qk_norm_rope(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t[:3], ("f32",) * 3)
+    _ints(i, name, t[3], "positions")
+    qkv, gammas, inv_freq, positions = (u.shape for u in t)
+    if len(qkv) != 3 or len(gammas) != 2 or gammas[0] != 2 or gammas[1] % 2:
+        raise _shape_error(
+            i, name, f"qkv (batch, seq, width) and gammas (2, head_dim) (q's then k's, head_dim"
+            f" even); got qkv {qkv}, gammas {gammas}",
+        )  # fmt: skip
+    d = gammas[1]
+    _gqa_heads(i, name, w["d_flags"], qkv[2], d)
+    if inv_freq != (d // 2,) or positions != qkv[:2]:
+        raise _shape_error(
+            i, name, f"inv_freq must be ({d // 2},) and positions {qkv[:2]}; got {inv_freq},"
+            f" {positions}",
+        )  # fmt: skip
+
+
+def _check_attn_gqa(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t, ("f32", "f32"))
+    dst, qkv = t[0].shape, t[1].shape
+    heads = w["d_flags"]
+    if len(qkv) != 3 or len(dst) != 3 or dst[:2] != qkv[:2] or heads < 1 or dst[2] % heads:
+        raise _shape_error(
+            i, name, f"qkv (batch, seq, width) -> dst (batch, seq, heads={heads} x head_dim);"
+            f" got qkv {qkv}, dst {dst}",
+        )  # fmt: skip
+    _gqa_heads(i, name, heads, qkv[2], dst[2] // heads)
+
+
+def _check_swiglu(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t, ("f32", "f32"))
+    dst, x = t[0].shape, t[1].shape
+    if x[-1] % 2 or dst != (*x[:-1], x[-1] // 2):
+        raise _shape_error(
+            i, name, f"x (..., 2n) gate then up -> dst (..., n); got x {x}, dst {dst}"
+        )
+
+
+def _check_packed(i: int, name: str, w: TensorSpec, scale: TensorSpec | None) -> None:
+    """A packed weight (N, K): f32, bf16 bits, or i8 with its f32 (N,) per-row scale."""
+    if w.dtype not in ("f32", "bf16", "i8") or len(w.shape) != 2:
+        raise ProgramError(
+            "wrong dtype", i, f"{name}: weight {w.name!r} must be 2-D (N, K) f32, bf16 or i8"
+        )
+    if (w.dtype == "i8") != (scale is not None):
+        raise ProgramError(
+            "bad operand", i, f"{name}: an i8 weight takes an f32 (N,) scale, others none"
+        )
+    if scale is not None and (scale.dtype != "f32" or scale.shape != (w.shape[0],)):
+        raise _shape_error(i, name, f"scale {scale.name!r} must be f32 ({w.shape[0]},)")
+
+
+def _check_matmul(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t[:2], ("f32", "f32"))
+    _check_packed(i, name, t[2], t[3] if len(t) > 3 else None)
+    dst, x, (n, k) = t[0].shape, t[1].shape, t[2].shape
+    if len(x) != 2 or x[1] != k or dst != (x[0], n):
+        raise _shape_error(
+            i, name, f"x (m, {k}) @ W({n}, {k}).T -> dst (m, {n}); got x {x}, dst {dst}"
+        )
+
+
+def _check_rows(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t[:1], ("f32",))
+    _check_packed(i, name, t[1], t[3] if len(t) > 3 else None)
+    _ints(i, name, t[2], "index")
+    dst, (_, k), idx = t[0].shape, t[1].shape, t[2].shape
+    if len(idx) != 1 or dst != (idx[0], k):
+        raise _shape_error(i, name, f"index (r,) -> dst (r, {k}); got index {idx}, dst {dst}")
+
+
+def _check_cache(i: int, name: str, cache: TensorSpec, qkv: TensorSpec, heads: int) -> None:
+    c, q = cache.shape, qkv.shape
+    if len(c) != 5 or c[0] != 2 or len(q) != 3 or c[1] != q[0]:
+        raise _shape_error(
+            i, name, f"cache (2, batch, kv_heads, tokens, head_dim) for qkv (batch, seq, width);"
+            f" got cache {c}, qkv {q}",
+        )  # fmt: skip
+    if _gqa_heads(i, name, heads, q[2], c[4]) != c[2]:
+        raise _shape_error(i, name, f"cache has {c[2]} kv heads; qkv {q} holds another count")
+
+
+def _check_kv_append(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t[:2], ("f32", "f32"))
+    _ints(i, name, t[2], "positions")
+    _check_cache(i, name, t[0], t[1], w["d_flags"])
+    if t[2].shape != t[1].shape[:2]:
+        raise _shape_error(i, name, f"positions must be {t[1].shape[:2]}, got {t[2].shape}")
+
+
+def _check_cached_attn(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    _need_dtype(i, name, t[:3], ("f32",) * 3)
+    _ints(i, name, t[3], "positions")
+    dst, qkv, cache, positions = t
+    _check_cache(i, name, cache, qkv, w["d_flags"])
+    bsz, seq, _ = qkv.shape
+    want = (bsz, 1, w["d_flags"] * cache.shape[4])
+    if seq != 1 or positions.shape != (bsz, 1) or dst.shape != want:
+        raise _shape_error(
+            i, name, f"one token per sequence: qkv (batch, 1, width), positions (batch, 1) ->"
+            f" dst {want}; got qkv {qkv.shape}, positions {positions.shape}, dst {dst.shape}",
+        )  # fmt: skip
+
+
+_DECODER_CHECKS = {
+    DOp.ADD_RMSNORM: _check_add_rmsnorm,
+    DOp.QK_NORM_ROPE: _check_qk_norm_rope,
+    DOp.ATTN_GQA: _check_attn_gqa,
+    DOp.SWIGLU: _check_swiglu,
+    DOp.MATMUL: _check_matmul,
+    DOp.ROWS: _check_rows,
+    DOp.KV_APPEND: _check_kv_append,
+    DOp.CACHED_ATTN: _check_cached_attn,
+}
+
+
 def _check_s_shapes(i: int, name: str, op: SOp, t: list[TensorSpec], w: dict) -> None:
     name = f"S.{name}"
     if op in (SOp.LOAD, SOp.STORE, SOp.PREFETCH):
@@ -898,8 +1111,10 @@ def _rw_sets(
     d_op, s_op = w["d_op"], w["s_op"]
     d_reads = {w[f] for f in _D_OPERANDS[d_op][1:] if w[f] != NONE}
     d_writes = {w["d_dst"]} if d_op else set()
-    if w["d_flags"] & FLAG_ACC:
+    if (w["d_flags"] & FLAG_ACC and d_op == DOp.GEMM) or d_op in _D_READS_DST:
         d_reads.add(w["d_dst"])
+    if d_op in _D_WRITES_A:
+        d_writes.add(w["d_a"])
     s_fields = _S_OPERANDS[s_op]
     s_writes = {w["s_dst"]} if "s_dst" in s_fields else set()
     s_reads = {w[f] for f in s_fields if f != "s_dst"}
@@ -1006,7 +1221,7 @@ def word_text(program: Program, i: int) -> str:
         text = f"D.{d_op.name.lower()} " + ", ".join(ops)
         if d_op == DOp.LINEAR and w["d_flags"] & 3:
             text += f" act={ACTIVATIONS[w['d_flags'] & 3]}"
-        if d_op == DOp.ATTN_QKV:
+        if d_op in _HEADS_OPS:
             text += f" heads={w['d_flags']}"
         if w["d_flags"] & FLAG_CAUSAL and d_op == DOp.ATTENTION:
             text += " causal"
@@ -1045,7 +1260,7 @@ def disassemble(data: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
 
 
 _TENSOR_RE = re.compile(
-    r"\.tensor\s+(\S+)\s+(f32|i8|i32|i64)\[([0-9,\s]*)\]((?:\s+\S+)*)\s*\Z"
+    r"\.tensor\s+(\S+)\s+(f32|i8|i32|i64|bf16)\[([0-9,\s]*)\]((?:\s+\S+)*)\s*\Z"
 )  # fmt: skip
 _OPS_BY_PIPE = {"D": DOp, "S": SOp, "C": COp}
 
@@ -1095,7 +1310,7 @@ def _parse_tensor(line: str, lineno: int) -> TensorSpec:
         vm = re.fullmatch(r"view\(([A-Za-z_][A-Za-z0-9_]*),(\d+),(\d+(?:,\d+)*)\)", tok)
         if tok == "output":
             output = True
-        elif tok in ("zeros", "ones", "input", "scratch", "resident"):
+        elif tok in ("zeros", "ones", "input", "scratch", "resident", "inout"):
             init = tok
         elif rm:
             init, seed = "random", int(rm.group(1))
@@ -1106,7 +1321,7 @@ def _parse_tensor(line: str, lineno: int) -> TensorSpec:
             raise ProgramError(
                 "syntax", None,
                 f"{tok!r} in {line!r}: expected zeros, ones, random(SEED), input, scratch,"
-                " resident, view(BASE,OFFSET,STRIDE,...), output",
+                " resident, inout, view(BASE,OFFSET,STRIDE,...), output",
                 lineno,
             )  # fmt: skip
     return TensorSpec(name, dtype, shape, init, seed, output, base, offset, strides)
@@ -1180,7 +1395,7 @@ def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
     allowed: set[str] = set()
     if pipe == "D":
         fields = list(_D_OPERANDS[op])
-        if op == DOp.LINEAR and len(positional) == 3:
+        if op in _OPTIONAL_C and len(positional) == 3:
             fields = fields[:3]
             w["d_c"] = NONE
         if op == DOp.LINEAR:
@@ -1189,7 +1404,7 @@ def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
             if act not in ("none", "relu", "gelu", "silu"):
                 raise fail(f"{label}: act={act!r}; use none, relu, gelu or silu")
             w["d_flags"] |= ACTIVATIONS.index(None if act == "none" else act)
-        if op == DOp.ATTN_QKV:
+        if op in _HEADS_OPS:
             allowed.add("heads")
             if "heads" not in keywords:
                 raise fail(f"{label} needs heads=N (1..255)")

@@ -267,3 +267,122 @@ def test_the_agent_answers_a_program_with_unknown_resident_tensors_with_400(
     assert status == 400 and "read-only" in str(doc), doc
     status, _ = call_json(agent, "GET", "/vTPU/health", None, token=None)
     assert status == 200
+
+
+# ---- the decoder's ops (Qwen3) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_packed_matmul_rows_and_add_rmsnorm_compute_what_the_kernels_do(precision) -> None:
+    from vtpu.kernels import packed
+
+    w = packed.pack(f32(6, 8), precision)
+    dtype = {"fp32": "f32", "bf16": "bf16", "int8": "i8"}[precision]
+    scale = ", w_scale" if w.scale is not None else ""
+    resident = {"w": w.data, "g": f32(8)}
+    if w.scale is not None:
+        resident["w_scale"] = w.scale
+    ids = np.array([5, 0, 5], np.int64)
+    x, res = f32(3, 8), f32(3, 8)
+    result = run(
+        f"""
+        .tensor w {dtype}[6,8] resident
+        {".tensor w_scale f32[6] resident" if scale else ""}
+        .tensor g f32[8] resident
+        .tensor ids i64[3] input
+        .tensor x f32[3,8] input
+        .tensor res f32[3,8] input
+        .tensor e f32[3,8] output
+        .tensor n f32[3,8] output
+        .tensor y f32[3,6] output
+        D.rows e, w, ids{scale}
+        D.add_rmsnorm n, x, res, g eps=1e-5
+        D.matmul y, n, w{scale}
+        D.add e, e, x | C.halt
+        """,
+        {"ids": ids, "x": x, "res": res},
+        resident,
+    )
+    total = K.add(x, res)  # add_rmsnorm leaves the sum in x, which the last word reads
+    np.testing.assert_array_equal(result.outputs["e"], K.add(packed.rows(w, ids), total))
+    n = K.rms_norm(total, resident["g"], 1e-5)
+    np.testing.assert_array_equal(result.outputs["n"], n)
+    np.testing.assert_array_equal(result.outputs["y"], packed.matmul(n, w))
+
+
+def test_inout_tensors_are_updated_in_place_and_never_copied() -> None:
+    program = siw.assemble(
+        """
+        .tensor state f32[4,8] inout
+        .tensor x f32[4,8] input
+        .tensor gate f32[4,16] input
+        .tensor s f32[4,8] output
+        D.add state, state, x
+        D.swiglu s, gate | C.halt
+        """
+    )
+    state, x, gate = f32(4, 8), f32(4, 8), f32(4, 16)
+    before = state.copy()
+    with Sentron(Arena(arena_bytes_for(program))) as sentron:
+        assert arena_bytes_for(program) < 3 * state.nbytes + 4096  # the state takes no arena
+        result = sentron.run(program, {"state": state, "x": x, "gate": gate})
+        np.testing.assert_array_equal(state, before + x)
+        from vtpu import phextcc
+
+        up = gate[:, 8:]
+        np.testing.assert_array_equal(result.outputs["s"], phextcc.silu(gate[:, :8]) * up)
+        with pytest.raises(RunError, match="missing input"):
+            sentron.run(program, {"x": x, "gate": gate})
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "fragment"),
+    [
+        ("D.matmul y, x, w8", "bad operand", "an i8 weight takes an f32 (N,) scale"),
+        ("D.matmul y, x, w, s6", "bad operand", "others none"),
+        ("D.matmul y, x, wt", "shape mismatch", "x (m, 3) @ W(6, 3).T -> dst (m, 6); got x (2, 4)"),
+        ("D.matmul y, x, i", "wrong dtype", "must be 2-D (N, K) f32, bf16 or i8"),
+        ("D.rows e, w, fidx", "wrong dtype", "index 'fidx' must be i32 or i64"),
+        (
+            "D.rows y, w, i",
+            "shape mismatch",
+            "index (r,) -> dst (r, 4); got index (2,), dst (2, 6)",
+        ),
+        ("D.add_rmsnorm n, x8, x8, g8", "bad operand", "shares memory with another source"),
+        ("D.add_rmsnorm n, r8, x8, g8", "read-only", "resident tensors are read-only"),
+        ("D.qk_norm_rope q, gm, fr, pos heads=3", "shape mismatch", "heads=3 + 2 kv_heads"),
+        ("D.qk_norm_rope q, gm, fr, pos", "syntax", "needs heads=N"),
+        ("D.qk_norm_rope q, gm, g8, pos heads=4", "shape mismatch", "inv_freq must be (2,)"),
+        ("D.attn_gqa c, q heads=4", "shape mismatch", "heads=4 + 2 kv_heads"),
+        ("D.attn_gqa c, q heads=5", "shape mismatch", "qkv (batch, seq, width) -> dst"),
+        ("D.swiglu x8, x8", "shape mismatch", "gate then up"),
+        ("D.kv_append cache, q, pos heads=6", "shape mismatch", "cache has 2 kv heads"),
+        ("D.kv_append q, q, pos heads=4", "shape mismatch", "cache (2, batch, kv_heads"),
+        ("D.cached_attn c, q, cache, pos heads=4", "shape mismatch", "one token per sequence"),
+        ("D.kv_append cache, q, fidx heads=4", "wrong dtype", "positions 'fidx' must be i32"),
+        ("D.add_rmsnorm n, n, x8, g8", "bad operand", "dst must not also be a source"),
+    ],
+)
+def test_bad_decoder_ops_are_refused(body: str, reason: str, fragment: str) -> None:
+    decl = """
+    .tensor w f32[6,4] resident
+    .tensor w8 i8[6,4] resident
+    .tensor wt f32[6,3] resident
+    .tensor s6 f32[6] resident
+    .tensor x f32[2,4]
+    .tensor y f32[2,6]
+    .tensor i i64[2]
+    .tensor fidx f32[2]
+    .tensor e f32[2,4]
+    .tensor x8 f32[2,8]
+    .tensor r8 f32[2,8] resident
+    .tensor n f32[2,8]
+    .tensor g8 f32[8]
+    .tensor q f32[2,3,32]
+    .tensor gm f32[2,4]
+    .tensor fr f32[2]
+    .tensor pos i64[2,3]
+    .tensor c f32[2,3,12]
+    .tensor cache f32[2,2,2,16,4]
+    """
+    refused(decl + body + " | C.halt", reason, fragment)

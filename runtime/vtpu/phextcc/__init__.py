@@ -15,7 +15,8 @@ precision with vtpu.kernels.packed. `run` interprets a compiled graph
 against its resident weights, one kernel call per op (the reference); `phextcc.lower` lowers it
 to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 
-Not yet: tiling and prefetch passes; SIW lowering of the decoder (it runs through `run`).
+The decoder's prefill and decode graphs lower to SIW too (`phextcc.lower.DecoderModule`).
+Not yet: tiling and prefetch passes.
 Ops are kernel-level, weights are named constants, shapes are symbolic; an op has one result
 (`output`) and, for `add_rms_norm`, a second one in `extra`.
 """
@@ -832,7 +833,7 @@ def _check_positions(positions: np.ndarray, limit: int, what: str) -> np.ndarray
     return positions
 
 
-def _kv_append(a: list, attrs: dict) -> np.ndarray:
+def kv_append(a: list, attrs: dict) -> np.ndarray:
     """Write each token's k and v heads into its sequence's cache rows, in place."""
     cache, positions = a[0], a[-1]
     k, v = _kv_split(a[1], attrs)[1:] if attrs.get("packed") else (a[1], a[2])
@@ -846,7 +847,7 @@ def _kv_append(a: list, attrs: dict) -> np.ndarray:
     return cache
 
 
-def _cached_attention(K: Any, a: list, attrs: dict) -> np.ndarray:
+def cached_attention(K: Any, a: list, attrs: dict) -> np.ndarray:
     """One query per sequence against its cached keys 0..position (grouped-query)."""
     x, cache, positions = a
     q = _kv_split(x, attrs)[0] if attrs.get("packed") else x
@@ -881,7 +882,7 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     heads, S, D) — a reshape and a transpose — and the result merged back to (B, S, H)."""
     heads = attrs["heads"]
     if "kv_heads" in attrs:
-        return _gqa_attention(K, a, attrs, lengths)
+        return gqa_attention(K, a, attrs, lengths)
     if attrs.get("packed"):  # the fused projection read in place: no split, no merge
         return K.attention_packed(a[0], heads, key_lengths=lengths)
     bsz, seq, width = a[0].shape
@@ -891,7 +892,7 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(bsz, seq, heads * d)
 
 
-def _gqa_attention(K: Any, a: list, attrs: dict, lengths: np.ndarray | None) -> np.ndarray:
+def gqa_attention(K: Any, a: list, attrs: dict, lengths: np.ndarray | None) -> np.ndarray:
     """Grouped-query attention over q (B, S, heads * D) and k, v (B, S, kv_heads * D), or one
     packed projection; heads go first for the kernel and are merged back after it."""
     q, k, v = _kv_split(a[0], attrs) if attrs.get("packed") else a[:3]

@@ -19,6 +19,14 @@ weights bound, words planned) in a small LRU cache. Lowering:
 
 The program computes exactly what `phextcc.run` computes, with the same kernels in the same
 order (tested bit for bit); `SiwModule.forward` is the chunk forward the embeddings path uses.
+
+`DecoderModule` lowers a compiled Qwen3 graph the same way (`lower_decoder`), per (batch,
+tokens): packed weights as resident f32 / bf16 / i8 tensors (+ an int8 scale) read in place by
+D.matmul and D.rows, one D op per IR op (rmsnorm, matmul, qk_norm_rope, attn_gqa, add_rmsnorm
+writing the residual sum over its first operand, swiglu; for decode kv_append and cached_attn
+over the caller's dense caches bound as `inout` tensors), one word per op: 3 + 9 per layer for
+prefill, 3 + 10 per layer for decode (283 words for Qwen3-0.6B's 28 layers). Its prefill and step
+equal phextcc.qwen3.prefill / decode bit for bit in fp32, bf16 and int8.
 """
 
 from __future__ import annotations
@@ -240,14 +248,52 @@ def _emit(b: _Builder, op, dst: str, srcs: list[str], shape, bsz, seq, stacked, 
         raise CompileError(f"{op.text()}: no SIW lowering for {kind!r}")
 
 
-class SiwModule:
+class _Programs:
+    """Prepared programs per shape key on one sentron (an LRU of `cache_size`), against the
+    resident tensors `self.resident`; subclasses say how a key lowers (`program(*key)`)."""
+
+    resident: dict[str, np.ndarray]
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache_size = cache_size
+        self._prepared: OrderedDict[tuple[int, ...], tuple[Prepared, str]] = OrderedDict()
+        self._sentron: Sentron | None = None
+        self._lock = threading.Lock()
+
+    def program(self, *key: int) -> tuple[Program, str]:
+        raise NotImplementedError
+
+    def _get(self, *key: int) -> tuple[Prepared, str]:
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+            return hit
+        program, out = self.program(*key)
+        need = arena_bytes_for(program)
+        if self._sentron is None or self._sentron.arena.capacity < need:
+            if self._sentron is not None:
+                self._sentron.close()
+            self._sentron = Sentron(Arena(need), overlap=False)
+            self._prepared.clear()  # prepared programs belong to the sentron that planned them
+        hit = (self._sentron.prepare(program, self.resident), out)
+        self._prepared[key] = hit
+        while len(self._prepared) > self.cache_size:
+            self._prepared.popitem(last=False)
+        return hit
+
+    def close(self) -> None:
+        if self._sentron is not None:
+            self._sentron.close()
+
+
+class SiwModule(_Programs):
     """A compiled graph as SIW: programs per (batch, seq) shape, run on one sentron against the
     graph's resident weights. `forward(ids, lengths)` is a chunk forward for
     BertEncoder.encode_ids; one forward runs at a time."""
 
     def __init__(self, graph: Graph, *, cache_size: int = 32) -> None:
+        super().__init__(cache_size)
         self.graph = graph
-        self.cache_size = cache_size
         taken: set[str] = set()
         self.names: dict = {}
         self.stacked: dict[tuple[str, str], np.ndarray] = {}
@@ -272,9 +318,6 @@ class SiwModule:
             self.names[k]: (self.stacked[k] if isinstance(k, tuple) else graph.weights[k])
             for k in self.names
         }
-        self._prepared: OrderedDict[tuple[int, int], tuple[Prepared, str]] = OrderedDict()
-        self._sentron: Sentron | None = None
-        self._lock = threading.Lock()
 
     @property
     def resident_bytes(self) -> int:
@@ -283,25 +326,6 @@ class SiwModule:
 
     def program(self, bsz: int, seq: int) -> tuple[Program, str]:
         return lower(self.graph, bsz, seq, self.names, self.stacked)
-
-    def _get(self, bsz: int, seq: int) -> tuple[Prepared, str]:
-        key = (bsz, seq)
-        hit = self._prepared.get(key)
-        if hit is not None:
-            self._prepared.move_to_end(key)
-            return hit
-        program, out = self.program(bsz, seq)
-        need = arena_bytes_for(program)
-        if self._sentron is None or self._sentron.arena.capacity < need:
-            if self._sentron is not None:
-                self._sentron.close()
-            self._sentron = Sentron(Arena(need), overlap=False)
-            self._prepared.clear()  # prepared programs belong to the sentron that planned them
-        hit = (self._sentron.prepare(program, self.resident), out)
-        self._prepared[key] = hit
-        while len(self._prepared) > self.cache_size:
-            self._prepared.popitem(last=False)
-        return hit
 
     def run(self, ids: np.ndarray, lengths: np.ndarray):
         """One forward: ids (B, S) int64, lengths (B,) int32 -> the sentron's RunResult."""
@@ -315,11 +339,249 @@ class SiwModule:
             result = self._sentron.run(prepared, {"ids": ids, "lengths": lengths})
         return result.outputs[out]
 
-    def close(self) -> None:
-        if self._sentron is not None:
-            self._sentron.close()
-
 
 def forward(graph: Graph) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A compiled graph's SIW chunk forward (see SiwModule)."""
     return SiwModule(graph).forward
+
+
+# ---- the decoder (Qwen3) ---------------------------------------------------------------------
+
+_SIW_DTYPE = {np.dtype(np.float32): "f32", np.dtype(np.uint16): "bf16", np.dtype(np.int8): "i8"}
+
+
+class DecoderModule(_Programs):
+    """A compiled decoder graph (phextcc.qwen3: prefill, or decode with its dense per-layer KV
+    caches) as SIW programs, one per (batch, tokens) shape — tokens the prompt length of a
+    prefill, the cache length T of a decode — run on one sentron against the graph's resident
+    packed weights.
+
+    Residents: each packed weight's data (f32, bf16 bits or i8 (N, K)) and, for int8, its
+    per-row scale (`NAME_scale`), bound by name and read in place by D.matmul and D.rows (one
+    table for the embedding and a tied lm_head); the norms' gammas; per attention block q's and
+    k's head gammas stacked (2, head_dim) and the rotary inverse frequencies, the operands of
+    D.qk_norm_rope. A decode program binds the caches as `inout` tensors (the caller's arrays,
+    written in place by D.kv_append, never copied). `prefill` and `decode` equal
+    phextcc.qwen3.prefill / decode bit for bit (same kernels, same order)."""
+
+    def __init__(self, graph: Graph, *, cache_size: int = 32) -> None:
+        from vtpu.kernels import packed
+
+        super().__init__(cache_size)
+        if graph.precision is None:
+            raise CompileError(f"{graph.name}: not a decoder graph (no packed precision)")
+        self.graph = graph
+        self.decode = any(op.kind == "kv_append" for op in graph.ops)
+        taken: set[str] = {"ids", "positions"}
+        # graph cache inputs -> SIW names, as lower_decoder's builder names them
+        self._cache_names = {k: siw_name(k, set()) for k in graph.inputs if k.startswith("cache.")}
+        self.names: dict[str, tuple[str, ...]] = {}  # graph weight -> SIW name(s)
+        self.resident: dict[str, np.ndarray] = {}
+        for op in graph.ops:
+            for name in op.inputs:
+                w = graph.weights.get(name)
+                if w is None or name in self.names:
+                    continue
+                if isinstance(w, packed.PackedWeight):
+                    parts = [siw_name(name, taken)]
+                    self.resident[parts[0]] = w.data
+                    if w.scale is not None:
+                        parts.append(siw_name(f"{name}_scale", taken))
+                        self.resident[parts[1]] = w.scale
+                    self.names[name] = tuple(parts)
+                elif op.kind != "qk_norm_rope":
+                    self.names[name] = (siw_name(name, taken),)
+                    self.resident[self.names[name][0]] = w
+        for op in graph.ops:  # q and k head gammas stacked; rotary frequencies, one per theta
+            if op.kind == "qk_norm_rope":
+                d, theta = op.attrs["head_dim"], op.attrs["theta"]
+                gammas = np.stack([graph.weights[op.inputs[1]], graph.weights[op.inputs[2]]])
+                self.names[op.output] = (siw_name(f"{op.output}.gammas", taken),)
+                self.resident[self.names[op.output][0]] = np.ascontiguousarray(gammas, np.float32)
+                key = f"rope_{d}_{theta:g}"
+                if key not in self.names:
+                    self.names[key] = (siw_name(f"rope.inv_freq.{d}.{theta:g}", taken),)
+                    self.resident[self.names[key][0]] = _inv_freq(theta, d)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the stacked head gammas and rotary tables add to the graph's weights."""
+        extra = [parts[0] for key, parts in self.names.items() if key not in self.graph.weights]
+        return sum(self.resident[name].nbytes for name in extra)
+
+    def program(self, bsz: int, tokens: int) -> tuple[Program, str]:
+        if bsz < 1 or tokens < 1:
+            raise CompileError(f"batch {bsz} x {tokens} tokens: both must be at least 1")
+        return lower_decoder(self.graph, bsz, tokens, self.names, self.resident)
+
+    def run(self, inputs: dict[str, np.ndarray], bsz: int, tokens: int):
+        """One run: the sentron's RunResult (logits in outputs)."""
+        with self._lock:
+            prepared, _ = self._get(bsz, tokens)
+            return self._sentron.run(prepared, inputs)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Logits (B, S, vocab) of prompts `ids` (B, S) from position 0."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.decode or ids.ndim != 2:
+            raise ValueError(f"prefill: a prefill graph and ids (B, S); got ids {ids.shape}")
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+        result = self.run({"ids": ids, "positions": positions}, *ids.shape)
+        (logits,) = result.outputs.values()
+        return logits.reshape(*ids.shape, -1)
+
+    def step(self, cache: dict[str, np.ndarray], ids, positions) -> np.ndarray:
+        """One decode step: `ids` (B,) at `positions` (B,) -> logits (B, vocab); each token's
+        keys and values are written into `cache` (phextcc.qwen3.new_cache) in place."""
+        ids = np.ascontiguousarray(np.reshape(ids, (-1, 1)), dtype=np.int64)
+        positions = np.ascontiguousarray(np.reshape(positions, (-1, 1)), dtype=np.int64)
+        if not self.decode or ids.shape != positions.shape:
+            raise ValueError(f"step: a decode graph, one position per id; got {ids.shape[0]} "
+                             f"ids and {positions.shape[0]} positions")  # fmt: skip
+        first = cache.get("cache.0")
+        if first is None or first.ndim != 5:
+            raise ValueError("step: cache must hold cache.0 .. cache.N (2, B, kv_heads, T, d)")
+        feeds = {"ids": ids, "positions": positions}
+        feeds.update({self._cache_names.get(k, k): v for k, v in cache.items()})
+        (logits,) = self.run(feeds, ids.shape[0], first.shape[3]).outputs.values()
+        return logits
+
+
+def _inv_freq(theta: float, d: int) -> np.ndarray:
+    from vtpu.phextcc import rope_inv_freq
+
+    return rope_inv_freq(theta, d)
+
+
+def lower_decoder(
+    graph: Graph, bsz: int, tokens: int, names: dict, resident: dict[str, np.ndarray]
+) -> tuple[Program, str]:
+    """A decoder graph as one SIW program for `bsz` sequences of `tokens` (the prompt length of
+    a prefill, the cache length of a decode); returns it and its logits tensor's name. Values
+    get dense (rows, last axis) buffers reused by liveness, written in place where the IR
+    planned it; 3-D ops read (B, S, width) views of them."""
+    b = _Builder()
+    seq = 1 if any(op.kind == "kv_append" for op in graph.ops) else tokens
+
+    def dims(shape) -> tuple[int, ...]:
+        sizes = {"B": bsz, "S": seq, "T": tokens}
+        return tuple(sizes.get(d, d) if isinstance(d, str) else int(d) for d in shape)
+
+    for sname, array in resident.items():
+        b.tensor(sname, _SIW_DTYPE[array.dtype], array.shape, "resident")
+    feeds: dict[str, str] = {}
+    for name in graph.inputs:
+        v = graph.values[name]
+        init = "inout" if name.startswith("cache.") else "input"
+        feeds[name] = b.tensor(name, v.dtype, dims(v.shape), init)
+    last_use: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for name in op.inputs:
+            last_use[name] = i
+    (logits,) = (o for o in graph.outputs if not o.endswith(".cache"))
+    buffer_of: dict[str, str] = {}
+    holders: dict[str, set[str]] = {}  # buffer -> live values it holds
+    free: dict[tuple[int, ...], list[str]] = {}
+    count = [0]
+
+    def operand(name: str) -> str:
+        if name in buffer_of:
+            return buffer_of[name]
+        if name in feeds:
+            return feeds[name]
+        raise CompileError(f"{name} is read before any op produces it")
+
+    def weight(name: str) -> tuple[str, str | None]:
+        parts = names[name]
+        return parts[0], parts[1] if len(parts) > 1 else None
+
+    def new_buffer(value: str, shape: tuple[int, ...]) -> str:
+        pool = free.get(shape)
+        if pool and value != logits:
+            buf = pool.pop()
+        elif value == logits:
+            buf = b.tensor("logits", "f32", shape, "zeros", output=True)
+        else:
+            buf = b.tensor(f"act{count[0]}", "f32", shape, "zeros")
+            count[0] += 1
+        return buf
+
+    def hold(value: str, buf: str) -> None:
+        buffer_of[value] = buf
+        holders.setdefault(buf, set()).add(value)
+
+    def grid(name: str, width: int) -> str:  # a (B, S, width) view of a value's buffer
+        return b.view(name, (bsz, seq, width))
+
+    rows = bsz * seq
+    for i, op in enumerate(graph.ops):
+        kind, attrs = op.kind, op.attrs
+        width = dims(graph.shape(op.output))[-1]
+        src = [operand(n) if n not in graph.weights else None for n in op.inputs]
+        first = op.inputs[0] if op.inputs else None
+        in_place = attrs.get("in_place") and first in buffer_of
+        heads = attrs.get("heads", 0)
+        if kind == "gather":
+            table, scale = weight(op.inputs[0])
+            dst = new_buffer(op.output, (rows, width))
+            b.d(DOp.ROWS, dst, table, b.view(src[1], (rows,)), scale)
+        elif kind == "rms_norm":
+            dst = buffer_of[first] if in_place else new_buffer(op.output, (rows, width))
+            b.d(DOp.RMSNORM, dst, src[0], names[op.inputs[1]][0], imm=attrs["eps"])
+        elif kind == "linear":
+            if "precision" not in attrs or len(op.inputs) > 2 or attrs.get("act"):
+                raise CompileError(f"{op.text()}: only packed linears without bias lower")
+            w, scale = weight(op.inputs[1])
+            dst = new_buffer(op.output, (rows, width))
+            b.d(DOp.MATMUL, dst, src[0], w, scale)
+        elif kind == "qk_norm_rope":
+            if not in_place:
+                raise CompileError(f"{op.text()}: lowers in place only (run plan_in_place)")
+            dst = buffer_of[first]
+            rope = names[f"rope_{attrs['head_dim']}_{attrs['theta']:g}"][0]
+            b.d(DOp.QK_NORM_ROPE, grid(dst, width), names[op.output][0], rope, src[3],
+                flags=heads, imm=attrs["eps"])  # fmt: skip
+        elif kind == "attention":
+            if not (attrs.get("packed") and attrs.get("causal") and "kv_heads" in attrs):
+                raise CompileError(f"{op.text()}: only packed causal GQA attention lowers")
+            dst = new_buffer(op.output, (rows, width))
+            qkv_width = b.tensors[b.ids[src[0]]].shape[-1]
+            b.d(DOp.ATTN_GQA, grid(dst, width), grid(src[0], qkv_width), flags=heads)
+        elif kind == "add_rms_norm":
+            gamma = names[op.inputs[2]][0]
+            dst = new_buffer(op.output, (rows, width))
+            if in_place:
+                total = buffer_of[first]
+                b.d(DOp.ADD_RMSNORM, dst, total, src[1], gamma, imm=attrs["eps"])
+            else:  # the sum in a buffer of its own, as phextcc.run adds then normalises
+                total = new_buffer(op.extra[0] if op.extra else "", (rows, width))
+                b.d(DOp.ADD, total, src[0], src[1])
+                b.d(DOp.RMSNORM, dst, total, gamma, imm=attrs["eps"])
+            for extra in op.extra:
+                hold(extra, total)
+        elif kind == "swiglu":
+            dst = new_buffer(op.output, (rows, width))
+            b.d(DOp.SWIGLU, dst, src[0])
+        elif kind == "kv_append":
+            dst = src[0]  # the cache itself, written in place
+            qkv_width = b.tensors[b.ids[src[1]]].shape[-1]
+            b.d(DOp.KV_APPEND, dst, grid(src[1], qkv_width), src[2], flags=heads)
+        elif kind == "cached_attention":
+            dst = new_buffer(op.output, (rows, width))
+            qkv_width = b.tensors[b.ids[src[0]]].shape[-1]
+            b.d(DOp.CACHED_ATTN, grid(dst, width), grid(src[0], qkv_width), src[1], src[2],
+                flags=heads)  # fmt: skip
+        else:
+            raise CompileError(f"{op.text()}: no SIW lowering for {kind!r}")
+        hold(op.output, dst)
+        for name in {*op.inputs, *op.results}:
+            buf = buffer_of.get(name)
+            if buf is None or (last_use.get(name, -1) > i) or name in graph.outputs:
+                continue
+            live = holders[buf]
+            live.discard(name)
+            if not live and buf not in feeds.values():
+                free.setdefault(b.tensors[b.ids[buf]].shape, []).append(buf)
+    program = Program(b.tensors)
+    program.words = pack_words(program, b.slots)
+    return program, buffer_of[logits]
