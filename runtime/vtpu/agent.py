@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -292,7 +293,7 @@ class Agent:
     def __init__(
         self, config: AgentConfig, access: AccessToken, models: ModelsConfig | None = None
     ) -> None:
-        from vtpu.models import ModelRegistry
+        from vtpu.models.saved import SavedModelRegistry
         from vtpu.telemetry import Telemetry
 
         self.config = config
@@ -305,9 +306,13 @@ class Agent:
         self.pool = SentronPool(workers, config.max_arena_bytes, config.max_queue)
         self.benchmark_lock = threading.Lock()
         self.models_config = models or ModelsConfig()
-        self.models = ModelRegistry(
+        self.models = SavedModelRegistry(  # its loads are kept in agent.json
+            config.state_dir,
             max_bytes=self.models_config.max_bytes,
             max_batch_tokens=self.models_config.max_batch_tokens,
+            model_dirs={n: Path(d) for n, d in self.models_config.model_dirs},
+            kv_cache_bytes=self.models_config.kv_cache_bytes,
+            max_sequences=self.models_config.max_sequences,
         )
         self._batchers: dict[int, Any] = {}  # id(LoadedModel) -> its embeddings Batcher
         self.heartbeat: Any = None  # a vtpu.heartbeat.HeartbeatClient once started
@@ -373,6 +378,7 @@ class Agent:
             "queue_waiting": self.pool.waiting,
             "queue_refused": self.pool.refused,
             "heartbeats": self.heartbeat.beat_counts() if self.heartbeat else None,
+            "models": self.models.summary(),
         }
 
     # -- endpoints ------------------------------------------------------------------------
@@ -439,7 +445,8 @@ class Agent:
 
     async def model_unload(self, request: Request) -> dict[str, Any]:
         name = await self._model_name(request)
-        model = _model_call(self.models.unload, name)
+        # In a worker thread: an LLM's engine finishes its step before it stops.
+        model = await anyio.to_thread.run_sync(_model_call, self.models.unload, name)
         self._batchers.pop(id(model), None)
         log.info("model %s unloaded", model.name)
         return {"id": model.name, "state": "unloaded", "freed_bytes": model.bytes}
@@ -467,7 +474,12 @@ class Agent:
         parsed = _model_call(embeddings.parse_request, body, self.models_config.max_inputs)
         model = _model_call(self.models.get, parsed.model)
         if model.kind != "embedding":
-            raise HTTPError(400, f"{model.name} is not an embedding model")
+            raise HTTPError(
+                400,
+                f"{model.name} is not an embedding model (it is an {model.kind}): use "
+                "/v1/completions or /v1/chat/completions",
+                extra={"param": "model", "code": "wrong_model_kind"},
+            )
         sequences = await anyio.to_thread.run_sync(_model_call, embeddings.tokenize, model, parsed)
         batcher = self._batchers.get(id(model))
         if batcher is None or batcher.model is not model:
@@ -489,6 +501,54 @@ class Agent:
             )
         )
         return _text_response(200, text + "\n", "application/json")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        """An LLM's completion, whole or streamed (docs/architecture.md, "Resident models")."""
+        from starlette.responses import StreamingResponse
+
+        from vtpu.models import ModelError, completions
+
+        self._refuse_if_suspended()
+        body = await read_json_body(request, self.config.max_body_bytes)
+        parse = completions.parse_chat if chat else completions.parse_completion
+        parsed = _model_call(parse, body)
+        model = _model_call(self.models.get, parsed.model)
+        if model.engine is None:
+            raise HTTPError(
+                400,
+                f"{model.name} is an embedding model: it answers /v1/embeddings, not "
+                f"{request.url.path}",
+                extra={"param": "model", "code": "wrong_model_kind"},
+            )
+        prompt = await anyio.to_thread.run_sync(_model_call, completions.prompt_ids, model, parsed)
+        try:
+            params = completions.sampling_params(model.engine, parsed, len(prompt))
+            handle = model.engine.submit(prompt, params, asyncio.get_running_loop())
+        except ModelError as exc:
+            headers = {"Retry-After": RETRY_AFTER_SECONDS} if exc.status == 429 else None
+            extra = {"code": exc.code, "param": exc.param}
+            raise HTTPError(exc.status, str(exc), extra=extra, headers=headers) from None
+        if parsed.stream:
+            return StreamingResponse(
+                completions.stream(model, parsed, handle),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-store", "Server": SERVER_HEADER},
+            )
+        try:
+            doc = await completions.complete_unless_disconnected(
+                model, parsed, handle, request.receive
+            )
+        except ModelError as exc:
+            raise HTTPError(exc.status, str(exc), extra={"code": exc.code}) from None
+        if doc is None:  # the client left: its pages are free, nobody to answer
+            return Response(status_code=499, headers={"Connection": "close"})
+        return json_response(200, doc)
 
     async def metrics(self, _request: Request) -> Response:
         from vtpu.metrics import CONTENT_TYPE, exposition
@@ -729,6 +789,8 @@ ROUTES: dict[str, dict[str, str]] = {
     "/vTPU/models/unload": {"POST": "model_unload"},
     "/v1/models": {"GET": "openai_models"},
     "/v1/embeddings": {"POST": "embeddings"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
 }
 # OpenAI-compatible endpoints answer errors in OpenAI's shape, which its clients parse.
 OPENAI_PREFIX = "/v1/"
@@ -1040,6 +1102,7 @@ def run_agent(
                 sock.close()
                 raise ConfigError(f"--load-model {name}: {exc}") from None
             log.info("model %s loaded (%d bytes)", loaded.name, loaded.bytes)
+        agent.models.load_saved()  # what it served before a restart
         host, port = sock.getsockname()[:2]
         agent.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         # Written only once the agent can listen, so a new token is never stored unseen.

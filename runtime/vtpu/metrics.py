@@ -162,6 +162,7 @@ class VtpuCollector:
                 state["queue_refused"],
             ),
         ]
+        families += _model_families(state.get("models"))
         beats = state.get("heartbeats")
         if beats is not None:
             family = CounterMetricFamily(
@@ -173,6 +174,61 @@ class VtpuCollector:
                 family.add_metric([outcome], count)
             families.append(family)
         return families
+
+
+def _model_families(models: dict | None) -> list[Metric | None]:
+    """Resident models: memory, work done, and for LLMs their sequences and KV-cache pages."""
+    if not models:
+        return []
+    loaded = models["loaded"]
+    llms = {name: m["llm"] for name, m in loaded.items() if "llm" in m}
+    families: list[Metric | None] = [
+        _gauge(
+            "vtpu_model_budget_bytes", "the node's model memory budget", [({}, models["max_bytes"])]
+        ),
+        _gauge(
+            "vtpu_model_resident_bytes",
+            "bytes a loaded model holds: weights, working memory and KV cache",
+            [({"model": name}, m["bytes"]) for name, m in loaded.items()],
+        ),
+    ]
+    requests = CounterMetricFamily(
+        "vtpu_model_requests", "requests a loaded model served", labels=["model"]
+    )
+    tokens = CounterMetricFamily(
+        "vtpu_model_tokens", "tokens a loaded model processed, by kind", labels=["model", "kind"]
+    )
+    for name, m in loaded.items():
+        llm = llms.get(name)
+        requests.add_metric([name], llm["requests"] if llm else m["requests"])
+        if llm:
+            tokens.add_metric([name, "prompt"], llm["prompt_tokens"])
+            tokens.add_metric([name, "generated"], llm["generated_tokens"])
+        else:
+            tokens.add_metric([name, "input"], m["tokens"])
+    families += [requests, tokens]
+    if llms:
+        families += [
+            _gauge(
+                "vtpu_llm_sequences",
+                "sequences of a loaded LLM, by state",
+                [
+                    ({"model": n, "state": s}, llm[f"{s}_sequences"])
+                    for n, llm in llms.items()
+                    for s in ("active", "waiting")
+                ],
+            ),
+            _gauge(
+                "vtpu_kv_cache_pages",
+                "KV-cache pages of a loaded LLM, by state",
+                [
+                    ({"model": n, "state": s}, llm[f"pages_{s}"])
+                    for n, llm in llms.items()
+                    for s in ("total", "used", "reserved")
+                ],
+            ),
+        ]
+    return families
 
 
 def exposition(telemetry: Any, agent_state: Callable[[], dict] | None = None) -> str:

@@ -150,7 +150,7 @@ def test_the_client_sees_the_errors_and_the_agent_keeps_serving(agent: RunningAg
     with pytest.raises(openai.AuthenticationError, match="token"):
         nobody.embeddings.create(model=MODEL, input="x")
     assert [m.id for m in client.models.list()] == [MODEL]
-    with pytest.raises(openai.NotFoundError, match="no endpoint /v1/completions"):
+    with pytest.raises(openai.BadRequestError, match="is an embedding model"):
         client.completions.create(model=MODEL, prompt="x")
     assert len(client.embeddings.create(model=MODEL, input="still here").data) == 1
 
@@ -257,9 +257,10 @@ def test_a_load_that_does_not_fit_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_embeddings_reports_speed_and_cosine_per_workload() -> None:
+def test_bench_embeddings_reports_speed_and_cosine_per_workload(tmp_path: Path) -> None:
     pytest.importorskip("sentence_transformers")
     import json
+    import os
     import subprocess
     import sys
 
@@ -278,8 +279,10 @@ def test_bench_embeddings_reports_speed_and_cosine_per_workload() -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "VTPU_CACHE_DIR": str(tmp_path)},  # exports the ONNX model anew
     )
     assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "onnx").glob("all-MiniLM-L6-v2-*.onnx"))
     (run,) = json.loads(proc.stdout)
     assert run["threads"] == run["kernel_threads"] == 1
     assert run["reference"].startswith("sentence-transformers")
@@ -290,3 +293,44 @@ def test_bench_embeddings_reports_speed_and_cosine_per_workload() -> None:
     assert run["workloads"]["batch32x128"]["tokens"] == 128
     assert run["workloads"]["batch32x128"]["sentences"] == 32
     assert run["workloads"]["short64"]["sentences"] == 64
+    # ONNX Runtime (dev extra) in the same rotation: fp32, so as exact as sentence-transformers
+    assert run["onnxruntime"].startswith("onnxruntime "), run["onnxruntime"]
+    for name, record in run["workloads"].items():
+        assert record["onnxruntime_min_cosine"] >= 0.9999, name
+        assert record["onnxruntime_sentences_per_s"] > 0 and record["onnxruntime_speedup"] > 0
+    from vtpu.bench.embeddings import format_table
+
+    table = format_table([run])
+    assert "ORT sent/s" in table and "\nonnxruntime " in table
+
+
+def test_bench_embeddings_rss_reports_an_idle_agents_memory_per_precision() -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vtpu", "bench-embeddings", "--rss", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["precision"] for r in rows] == ["no model", "fp32", "int8", "int8-dynamic"]
+    for row in rows:  # the figures, whatever they are; the bench prints them beside the target
+        assert 0 < row["RssAnon"] < row["VmRSS"] <= row["VmHWM"], row
+    for row in rows[1:]:
+        assert row["weight_bytes"] > 0 and row["warm_up_tokens"] > 0, row
+
+    from vtpu.bench.idle_rss import format_rows
+
+    table = format_rows(rows, MODEL)
+    assert "target < 400 MB RSS" in table and "fp32 weights" in table
+
+
+def test_bench_embeddings_rss_says_why_when_the_agent_cannot_start() -> None:
+    from vtpu.bench.idle_rss import RssUnavailable, measure
+
+    with pytest.raises(RssUnavailable, match="no model 'no-such-model'"):
+        measure("fp32", "no-such-model")

