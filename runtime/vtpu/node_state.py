@@ -1,7 +1,8 @@
 """The node's configuration and state dir, shared by the agent and its control channel.
 
 STATE_DIR (0700) holds:
-  agent.json           the agent's configuration, plus token_sha256 and node_secret_sha256
+  agent.json           the agent's configuration, plus token_sha256 and node_secret_sha256, and
+                       "models": the models loaded, loaded again at start (vtpu.models.saved)
   access_token.sha256  sha256 hex of the customer access token (0600); the token itself is never
                        stored on a node
   node_secret          the node secret in clear (0600): only the Bearer of heartbeats
@@ -42,6 +43,8 @@ MAX_REMEMBERED_ACTIONS = 500
 MIN_SECRET_CHARS = 16
 DEFAULT_TDP_WATTS = 125.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SAVED_MODELS_KEY = "models"  # agent.json: [{"name", "precision"}] loaded again at start
+_CONFIG_LOCK = threading.Lock()
 
 
 def default_state_dir() -> Path:
@@ -151,13 +154,19 @@ def save_config(config: AgentConfig, token_hash: str, node_secret_hash: str | No
     record: dict[str, Any] = {name: getattr(config, name) for name in AgentConfig.PERSISTED}
     record["token_sha256"] = token_hash
     record["node_secret_sha256"] = node_secret_hash
-    write_private(config.state_dir / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+    with _CONFIG_LOCK:
+        # the loaded models are the agent's state, not its command line (vtpu.models.saved)
+        models = load_saved_config(config.state_dir).get(SAVED_MODELS_KEY)
+        if models is not None:
+            record[SAVED_MODELS_KEY] = models
+        write_private(config.state_dir / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def update_saved_config(state_dir: Path, **fields: Any) -> None:
-    saved = load_saved_config(state_dir)
-    saved.update(fields)
-    write_private(state_dir / CONFIG_FILE, json.dumps(saved, indent=2) + "\n")
+    with _CONFIG_LOCK:  # a model load and a token rotation may both update it at once
+        saved = load_saved_config(state_dir)
+        saved.update(fields)
+        write_private(state_dir / CONFIG_FILE, json.dumps(saved, indent=2) + "\n")
 
 
 def read_secret_file(path: Path, what: str) -> str:

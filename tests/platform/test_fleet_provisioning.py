@@ -99,6 +99,13 @@ def test_a_successful_provision_stores_events_once_and_waits_for_the_agent(alice
     assert alice_node.access_token not in str(spec.extravars)
     assert spec.extravars["wheel_path"].endswith(".whl")
     assert spec.extravars["node_dir"].endswith(str(alice_node.pk))
+    assert spec.extravars["vtpu_models"] == []  # NODE_MODELS unset: the core wheel alone
+
+
+def test_provisioning_passes_the_models_nodes_serve(alice_node, fake_runner, settings):
+    settings.NODE_MODELS = ["all-MiniLM-L6-v2"]
+    job_run(job_id=alice_node.jobs.get().pk)
+    assert fake_runner.specs[0].extravars["vtpu_models"] == ["all-MiniLM-L6-v2"]
 
 
 def test_a_failing_playbook_fails_the_job_and_the_node_with_the_reason(alice_node, fake_runner):

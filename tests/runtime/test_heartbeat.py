@@ -374,3 +374,6 @@ def test_load_model_makes_a_model_resident_or_says_why_not(
     status, listed = call_json(agent, "GET", "/vTPU/models")
     assert status == 200
     assert {m["id"]: m["state"] for m in listed["models"]}["all-MiniLM-L6-v2"] == "loaded"
+    # kept in agent.json, so the agent loads it again when it restarts (vtpu.models.saved)
+    saved = json.loads((agent.state_dir / "agent.json").read_text())["models"]
+    assert saved == [{"name": "all-MiniLM-L6-v2", "precision": "int8"}]

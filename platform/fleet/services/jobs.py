@@ -266,6 +266,7 @@ def _provision_spec(job: ProvisioningJob) -> Any:
             "control_plane_url": settings.PUBLIC_URL,
             "heartbeat_seconds": settings.HEARTBEAT_SECONDS,
             "tdp_watts": float(host.tdp_watts),
+            "vtpu_models": list(settings.NODE_MODELS),  # installed and preloaded
         },
         secret_vars=frozenset({"node_secret"}),
         job_timeout=settings.PROVISIONING_JOB_TIMEOUT,

@@ -18,7 +18,17 @@ The reduced precisions (`BertEncoder(..., precision=)`: "int8", weight-only, and
 int8 activations too) are timed in the same rotation as fp32, with their lowest cosine to the
 reference beside their speed and their resident weight bytes.
 
+ONNX Runtime is the second reference (vtpu.bench.onnx_baseline: the same weights exported to
+ONNX once and cached, fp32, intra-op threads = the run's threads), timed in the same rotation,
+with its lowest cosine to sentence-transformers and the median per-pair ratio of its time to
+ours. It is a benchmark reference only (the dev extra), never on a node.
+
+`--rss` measures memory instead (vtpu.bench.idle_rss): a real agent process per precision with
+the model preloaded, after a warm-up request and once idle, its VmRSS and VmHWM beside the
+issue's 400 MB target.
+
     vtpu bench-embeddings [--threads 1,2] [--repeats 7] [--json]
+    vtpu bench-embeddings --rss [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from vtpu.bench.onnx_baseline import OnnxEncoder, OnnxUnavailable
 
 MODEL = "all-MiniLM-L6-v2"
 PRECISIONS = ("int8", "int8-dynamic")  # timed beside fp32
@@ -78,8 +90,15 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
         reference_name = f"sentence-transformers (torch {torch.__version__})"
     except ImportError:
         reference_name = None
+    onnx: OnnxEncoder | None = None
+    try:
+        onnx = OnnxEncoder.open(directory, MODEL, encoder.config.max_seq_length, threads)
+        onnx_name = f"onnxruntime {onnx.version}"
+    except OnnxUnavailable as exc:
+        onnx_name = f"none: {exc}"
     out: dict[str, Any] = {"threads": threads, "kernel_threads": kernels.num_threads(),
                            "reference": reference_name, "workloads": {},
+                           "onnxruntime": onnx_name,
                            "weight_bytes": {"fp32": encoder.nbytes,
                                             **{p: e.nbytes for p, e in reduced.items()}}}  # fmt: skip
     for name in WORKLOADS:
@@ -100,6 +119,9 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
             e = reduced[precision]
             return e.encode_ids(e.tokenize(texts))
 
+        def onnx_run(texts: list[str] = texts) -> np.ndarray:
+            return onnx.encode(texts)
+
         mine = ours()
         record: dict[str, Any] = {"sentences": len(texts),
                                   "tokens": [len(s) for s in encoder.tokenize(texts[:1])][0]}  # fmt: skip
@@ -108,15 +130,20 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
         compiled_s: list[float] = []
         base_s: list[float] = []
         reduced_s: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        onnx_s: list[float] = []
         against = ref = theirs() if reference is not None else mine
         if reference is not None:
             record["min_cosine"] = float(np.min(np.sum(mine * ref, axis=1)))
         for p in PRECISIONS:  # against the reference, else against our fp32
             record[f"{p}_min_cosine"] = float(np.min(np.sum(reduced_run(p) * against, axis=1)))
         record["reduced_cosine_against"] = "reference" if reference is not None else "ours fp32"
+        if onnx is not None:
+            record["onnxruntime_min_cosine"] = float(np.min(np.sum(onnx_run() * against, axis=1)))
         for i in range(repeats):
             timed = [(ours, ours_s), (ours_compiled, compiled_s)]
             timed += [(lambda p=p: reduced_run(p), reduced_s[p]) for p in PRECISIONS]
+            if onnx is not None:
+                timed.append((onnx_run, onnx_s))
             shift = i % len(timed)  # none always first
             for fn, times in timed[shift:] + timed[:shift]:
                 t0 = time.perf_counter()
@@ -135,6 +162,12 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
                 f / r for f, r in zip(ours_s, reduced_s[p], strict=True)
             )
         record["compiled_sentences_per_s"] = n / statistics.median(compiled_s)
+        if onnx_s:
+            record["onnxruntime_sentences_per_s"] = n / statistics.median(onnx_s)
+            # median of per-round onnxruntime time / ours (hand-written fp32): > 1 is ours faster
+            record["onnxruntime_speedup"] = statistics.median(
+                x / o for o, x in zip(ours_s, onnx_s, strict=True)
+            )
         # the issue's bar: the compiled program within 5 % of the hand-written kernel calls
         record["compiled_vs_hand"] = statistics.median(
             h / c for h, c in zip(ours_s, compiled_s, strict=True)
@@ -197,6 +230,13 @@ def _run_child(threads: int, repeats: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _against(runs: list[dict[str, Any]]) -> str:
+    """What the reduced precisions' and onnxruntime's cosines were taken against."""
+    if not runs or not runs[0]["workloads"]:
+        return "reference"
+    return next(iter(runs[0]["workloads"].values())).get("reduced_cosine_against", "reference")
+
+
 def format_table(runs: list[dict[str, Any]]) -> str:
     from vtpu.cpu import cpu_info
 
@@ -208,21 +248,32 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     lines.append(
         f"reference: {runs[0]['reference'] or 'none (sentence-transformers not installed)'}"
     )
+    lines.append(f"onnxruntime: {runs[0].get('onnxruntime') or 'none'}")
     lines.append(
         f"{'workload':<14}{'threads':>8}{'ours sent/s':>13}{'compiled':>10}{'ref sent/s':>12}"
-        f"{'ratio':>8}{'min cosine':>12}"
+        f"{'ratio':>8}{'min cosine':>12}{'ORT sent/s':>12}{'vs ORT':>8}{'ORT cosine':>12}"
     )
     for run in runs:
         for name, r in run["workloads"].items():
             ref = r.get("reference_sentences_per_s")
+            ort = r.get("onnxruntime_sentences_per_s")
+            blank = f"{'':>12}{'':>8}{'':>12}"
             lines.append(
                 f"{name:<14}{run['threads']:>8}{r['ours_sentences_per_s']:>13.1f}"
                 f"{r['compiled_sentences_per_s']:>10.1f}"
-                + (f"{ref:>12.1f}{r['speedup']:>7.2f}x{r['min_cosine']:>12.6f}" if ref else "")
+                + (f"{ref:>12.1f}{r['speedup']:>7.2f}x{r['min_cosine']:>12.6f}" if ref else blank)
+                + (
+                    f"{ort:>12.1f}{r['onnxruntime_speedup']:>7.2f}x"
+                    f"{r['onnxruntime_min_cosine']:>12.6f}"
+                    if ort
+                    else ""
+                )
             )
     lines.append(
         "ours: the hand-written kernel calls; compiled: the phextcc SIW program on a sentron "
-        "(what the node serves); ratio: median of per-pair (interleaved) reference time / ours"
+        "(what the node serves); ratio / vs ORT: median of per-pair (interleaved) reference "
+        "(sentence-transformers / onnxruntime fp32) time / ours; ORT cosine: onnxruntime's "
+        f"lowest cosine to the {_against(runs)}"
     )
     lines.append("")
     lines.append(
@@ -238,6 +289,9 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             if r.get("reference_sentences_per_s"):
                 rows.append(("sent-transf.", r["reference_sentences_per_s"],
                              1 / r["speedup"], 1.0))  # fmt: skip
+            if r.get("onnxruntime_sentences_per_s"):
+                rows.append(("onnxruntime", r["onnxruntime_sentences_per_s"],
+                             1 / r["onnxruntime_speedup"], r["onnxruntime_min_cosine"]))  # fmt: skip
             for p, speed, ratio, cos in rows:
                 size = f"{sizes[p] / 1e6:>12.1f}" if p in sizes else f"{'':>12}"
                 lines.append(
@@ -246,9 +300,9 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                     + size
                 )
     if runs and runs[0]["workloads"]:
-        against = next(iter(runs[0]["workloads"].values())).get("reduced_cosine_against", "")
+        against = _against(runs)
         lines.append(
-            "all on the hand-written forward (int8 has no SIW op yet); vs fp32: median per-round "
+            "ours on the hand-written forward (int8 has no SIW op yet); vs fp32: median per-round "
             f"fp32 time / this one's; min cosine against the {against}; int8 is weight-only "
             "(groups of 32), int8-dynamic quantises activations per row too"
         )
@@ -280,12 +334,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (1,2)")
     parser.add_argument("--repeats", type=int, default=7, help="timed pairs per workload (7)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--rss",
+        action="store_true",
+        help="measure an idle agent's memory with the model loaded (per precision) instead",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.child:
         print(json.dumps(_child(args.child, args.repeats)))
+        return 0
+    if args.rss:
+        from vtpu.bench import idle_rss
+
+        try:
+            rows = idle_rss.measure_all(("fp32", *PRECISIONS), MODEL)
+        except idle_rss.RssUnavailable as exc:
+            raise SystemExit(str(exc)) from None
+        print(json.dumps(rows, indent=2) if args.json else idle_rss.format_rows(rows, MODEL))
         return 0
     try:
         counts = [int(t) for t in args.threads.split(",")]
