@@ -434,7 +434,7 @@ class Agent:
             raise HTTPError(
                 400,
                 'the body must be {"model": "<model id>"}, optionally with "precision": '
-                '"fp32" (the default), "int8" or "int8-dynamic"',
+                '"fp32" (the default), "bf16", "int8" or "int8-dynamic"',
             )
         precision = body.get("precision", "fp32")
         model = await anyio.to_thread.run_sync(

@@ -561,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "int8", "int8-dynamic"),
         default="fp32",
         help="weights of the --load-model models: fp32 (default); int8 (weight-only, groups of "
-        "32, cosine >= 0.999 to fp32); int8-dynamic (int8 activations too: faster, less exact); "
+        "32, cosine >= 0.999 to fp32); int8-dynamic (int8 activations too, outlier channels in "
+        "fp32: cosine >= 0.999, faster where the CPU has VNNI); bf16 (AVX512_BF16 CPUs only); "
         "an LLM takes fp32, bf16 or int8 (per output channel)",
     )
     p.add_argument(

@@ -25,46 +25,102 @@ def isa(request: pytest.FixtureRequest):
     K.set_isa()
 
 
-def _dynamic_reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """What linear_dynamic_int8 computes, from its definition: int8 weights per output row,
-    activations per row to [-63, 63], an exact integer product, then the two scales."""
-    wq, ws = K.quantize_int8(w)
-    amax = np.abs(x).max(axis=1)
-    xs = np.where(amax > 0, amax / np.float32(63), np.float32(1)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(63) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    xq = np.rint(x * inv[:, None]).astype(np.int64)
-    y = (xq @ wq.astype(np.int64).T).astype(np.float32) * xs[:, None] * ws[None, :]
+HAS_VNNI = K.cpu_features()["avx512_vnni"] and K.cpu_features()["avx512bw"]
+
+
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def int8_path(request: pytest.FixtureRequest):
+    """linear_dynamic_int8's three bodies: scalar, AVX2 (vpmaddubsw), AVX-512 VNNI (vpdpbusd)."""
+    if request.param == "avx2" and not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2+FMA")
+    if request.param == "avx512" and not HAS_VNNI:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa()
+
+
+def _dynamic_reference(
+    x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, group: int, outliers: np.ndarray
+) -> np.ndarray:
+    """What linear_dynamic_int8 computes, from its definition, in float64: W's int8 part per
+    output channel and group of inputs; each row of x over W's int8 channels to 255 levels
+    between its min and max; the exact integer product; the outlier channels in fp32."""
+    keep = np.ones(x.shape[1], bool)
+    keep[outliers] = False
+    wk = w * keep
+    kp = -(-w.shape[1] // group) * group
+    blocks = np.pad(wk, ((0, 0), (0, kp - w.shape[1]))).reshape(w.shape[0], -1, group)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    wq = (np.rint(blocks / scale) * scale).reshape(w.shape[0], kp)[:, : w.shape[1]]
+    lo = np.where(keep, x, np.inf).min(axis=1) if keep.any() else np.zeros(len(x), np.float32)
+    hi = np.where(keep, x, -np.inf).max(axis=1) if keep.any() else np.zeros(len(x), np.float32)
+    c = np.float32(0.5) * (lo + hi)
+    step = (hi - lo) / np.float32(254)
+    inv = np.float32(1) / np.where(step > 0, step, 1)
+    q = np.clip(np.rint((x - c[:, None]) * inv[:, None]), -127, 127) * keep
+    xq = q * step[:, None].astype(np.float64) + c[:, None]
+    y = np.where(keep, xq, 0) @ wq.T.astype(np.float64) + x[:, outliers] @ w[:, outliers].T
     return y if bias is None else y + bias
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 5, 7), (17, 384, 1152), (33, 1536, 390)])
-def test_dynamic_int8_linear_is_its_integer_reference(isa: str, m: int, k: int, n: int) -> None:
+@pytest.mark.parametrize(
+    "m,k,n,group,n_out",
+    [(1, 1, 1, 4, 0), (3, 5, 7, 4, 1), (17, 384, 1152, 128, 8), (33, 1536, 390, 128, 8),
+     (6, 100, 24, 32, 100)],
+)  # fmt: skip
+def test_dynamic_int8_linear_is_its_reference(
+    int8_path: str, m: int, k: int, n: int, group: int, n_out: int
+) -> None:
     rng = np.random.default_rng(m * 1000 + k)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    y = K.linear_dynamic_int8(x, K.pack_int8_weight(w), b)
-    expect = _dynamic_reference(x, w, b)
-    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-4 * np.abs(expect).max())
-    # and it is an approximation of the fp32 product, 7-bit activations being the coarse part
+    outliers = np.sort(rng.choice(k, n_out, replace=False))
+    x[:, outliers] *= 40  # what a transformer's outlier channels look like
+    packed = K.pack_int8_weight(w, group=group, outliers=outliers)
+    y = K.linear_dynamic_int8(x, packed, b)
+    expect = _dynamic_reference(x, w, b, group, outliers)
+    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+    # every path gives the same bits: the group sums are exact integers, folded in one order
+    K.set_isa("generic")
+    assert np.array_equal(y, K.linear_dynamic_int8(x, packed, b))
+    # and it approximates the fp32 product: 8-bit activations, the outliers exact
     exact = x @ w.T + b
-    assert np.abs(y - exact).max() <= 0.05 * np.abs(exact).max()
+    assert np.abs(y - exact).max() <= 0.01 * np.abs(exact).max()
 
 
-def test_dynamic_int8_never_saturates_at_the_extremes(isa: str) -> None:
-    """Every activation at +-amax (u8 127 or 1 after the offset) against weights of +-127:
-    vpmaddubsw's int16 pairs would saturate with 8-bit activations; the result must stay the
-    exact integer sum."""
+def test_outlier_channels_keep_the_rest_of_a_row_fine() -> None:
+    """One input channel 100x the others: quantised with the rest, it sets the row's step and
+    the small channels lose their bits; kept in fp32, they keep them."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    x[:, 7] = 100.0
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    exact = x @ w.T
+    plain = K.linear_dynamic_int8(x, K.pack_int8_weight(w))
+    kept = K.linear_dynamic_int8(x, K.pack_int8_weight(w, outliers=[7]))
+    assert np.abs(kept - exact).max() * 10 < np.abs(plain - exact).max()
+    assert np.abs(kept - exact).max() <= 0.02 * np.abs(exact - x[:, 7:8] @ w[:, 7:8].T).max()
+
+
+def test_dynamic_int8_never_saturates_at_the_extremes(int8_path: str) -> None:
+    """Every activation at +-127 against weights of +-127: vpmaddubsw's int16 pair sums reach
+    2 * 127 * 127 = 32258 (|w| times a with w's sign) and must not saturate; VNNI's unsigned
+    a + 128 must give the same integers; the result is the exact sum."""
     k, n = 512, 24
     signs = np.where(np.arange(k) % 3 == 0, -1.0, 1.0).astype(np.float32)
-    x = np.stack([signs, -signs, np.ones(k, np.float32), -np.ones(k, np.float32)])
+    ones = np.ones(k, np.float32)
+    ones[0] = -1.0  # a range of [-1, 1], so the ones quantise to 127, not to the centre
+    x = np.stack([signs, -signs, ones, -ones])
     w = np.stack([signs * (1 if j % 2 else -1) for j in range(n)]).astype(np.float32)
     y = K.linear_dynamic_int8(x, K.pack_int8_weight(w))
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-6)
     assert np.abs(y).max() == pytest.approx(k)
 
 
-def test_dynamic_int8_takes_batch_axes_activations_and_out(isa: str) -> None:
+def test_dynamic_int8_takes_batch_axes_activations_and_out(int8_path: str) -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 5, 64)).astype(np.float32)
     w = rng.standard_normal((40, 64)).astype(np.float32)
@@ -109,6 +165,14 @@ def test_int8_kernels_refuse_bad_input_with_reasons() -> None:
         K.linear_dynamic_int8(np.full((2, 16), np.nan, np.float32), packed)
     with pytest.raises(K.KernelInputError, match="dtype float64"):
         K.pack_int8_weight(np.ones((8, 16)))
+    with pytest.raises(K.KernelInputError, match="group must be a positive multiple of 4"):
+        K.pack_int8_weight(w, group=6)
+    with pytest.raises(K.KernelInputError, match=r"distinct input channels in \[0, 16\)"):
+        K.pack_int8_weight(w, outliers=[3, 3])
+    with pytest.raises(K.KernelInputError, match=r"distinct input channels in \[0, 16\)"):
+        K.pack_int8_weight(w, outliers=[16])
+    with pytest.raises(K.KernelInputError, match="1-D list of channel indices"):
+        K.pack_int8_weight(w, outliers=[[1]])
     with pytest.raises(K.KernelInputError, match="finite"):
         K.quantize_int8_groups(np.full((4, 4), np.inf, np.float32))
     with pytest.raises(K.KernelInputError, match="group must be a positive integer"):
@@ -130,17 +194,22 @@ def reference() -> np.ndarray:
     return model.encode(VARIED_TEXTS, normalize_embeddings=True, convert_to_numpy=True)
 
 
-# The lowest cosine each precision must reach on the varied set. Weight-only int8 meets the
-# issue's 0.999; per-row dynamic activations measured 0.960 (the empty string) to 0.995, and
-# are held to what they do, so a regression still fails.
-FLOORS = {"int8": 0.999, "int8-dynamic": 0.955}
+# The lowest cosine each precision must reach on the varied set: the issue's 0.999. Measured
+# on AMD Zen 4: weight-only int8 0.99957, int8-dynamic 0.99942 (the empty string; the same bits
+# on every path).
+FLOORS = {"int8": 0.999, "int8-dynamic": 0.999}
 
 
 @needs_minilm
 @pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
 def test_int8_minilm_against_sentence_transformers_on_the_varied_set(
-    reference: np.ndarray, isa: str, precision: str
+    reference: np.ndarray, int8_path: str, precision: str
 ) -> None:
+    if int8_path == "generic" and precision == "int8-dynamic":
+        pytest.skip(
+            "its scalar twin gives the vector paths' bits (test_dynamic_int8_linear_is_its_"
+            "reference) and takes ~14 s for the varied set"
+        )
     encoder = BertEncoder(MINILM_DIR, precision)
     ours = encoder.encode_ids(encoder.tokenize(VARIED_TEXTS))
     cosines = np.sum(ours * reference, axis=1)
@@ -159,7 +228,7 @@ def test_precision_is_chosen_per_load() -> None:
     registry = ModelRegistry(max_bytes=300_000_000, max_batch_tokens=1024)
     with pytest.raises(ModelError) as info:
         registry.load("all-MiniLM-L6-v2", "int4")
-    assert info.value.status == 400 and "fp32, int8, int8-dynamic" in str(info.value)
+    assert info.value.status == 400 and "fp32, bf16, int8, int8-dynamic" in str(info.value)
     assert registry.used_bytes() == 0
     model = registry.load("all-MiniLM-L6-v2", "int8")
     assert model.precision == "int8" and model.encoder.compiled is None

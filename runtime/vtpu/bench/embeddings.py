@@ -14,9 +14,10 @@ the forward alone (tokenized, padded ids in) at batch 1, 8 and 32 of the short s
 against hand-written, interleaved, with the words each program issues and the share of the
 forward the sentron's per-word issue cost takes (measured NOP issue time x words).
 
-The reduced precisions (`BertEncoder(..., precision=)`: "int8", weight-only, and "int8-dynamic",
-int8 activations too) are timed in the same rotation as fp32, with their lowest cosine to the
-reference beside their speed and their resident weight bytes.
+The reduced precisions (`BertEncoder(..., precision=)`: "bf16" where the CPU has AVX512_BF16,
+"int8", weight-only, and "int8-dynamic", int8 activations too) are timed in the same rotation as
+fp32, with their lowest cosine to the reference beside their speed and their resident weight
+bytes; bf16 is left out, with the reason printed, on a CPU without AVX512_BF16.
 
 ONNX Runtime is the second reference (vtpu.bench.onnx_baseline: the same weights exported to
 ONNX once and cached, fp32, intra-op threads = the run's threads), timed in the same rotation,
@@ -45,10 +46,13 @@ from typing import Any
 
 import numpy as np
 
+from vtpu import kernels
 from vtpu.bench.onnx_baseline import OnnxEncoder, OnnxUnavailable
 
 MODEL = "all-MiniLM-L6-v2"
-PRECISIONS = ("int8", "int8-dynamic")  # timed beside fp32
+PRECISIONS = tuple(
+    p for p in ("bf16", "int8", "int8-dynamic") if p != "bf16" or kernels.bf16_native()
+)  # timed beside fp32
 WORKLOADS = {
     "batch32x128": "32 sentences of exactly 128 tokens, one batch",
     "short64": "64 one-line sentences (6-24 words), one batch",
@@ -304,7 +308,9 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             "ours on the hand-written forward (int8 has no SIW op yet); vs fp32: median per-round "
             f"fp32 time / this one's; min cosine against the {against}; int8 is weight-only "
-            "(groups of 32), int8-dynamic quantises activations per row too"
+            "(groups of 32), int8-dynamic quantises activations per row too (outlier channels "
+            "in fp32), bf16 rounds weights and activations (vdpbf16ps)"
+            + ("" if "bf16" in PRECISIONS else "; bf16 skipped: this CPU has no AVX512_BF16")
         )
     lines.append("")
     lines.append(

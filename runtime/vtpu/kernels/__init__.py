@@ -10,7 +10,8 @@ for the int8 GEMM); a non-contiguous input is copied once, an `out=` array must 
 Instruction sets: the kernels pick the widest level the CPU and OS support at run time --
 "avx512" (F+BW+VL), "avx2" (AVX2+FMA) or "generic" (portable C) -- and `set_isa(name)` forces a
 lower one (tests compare every path on one machine). Levels are ordered: a kernel without an
-AVX-512 body runs its AVX2 body at "avx512"; today only vtpu.kernels.packed has AVX-512 bodies.
+AVX-512 body runs its AVX2 body at "avx512"; the AVX-512 bodies are vtpu.kernels.packed's, and
+linear_dynamic_int8's (VNNI) and linear_bf16's (BF16) where the CPU has those extensions.
 AMX is detected and reported by `cpu_features()`, not used: we ship no path our CI cannot test
 on the machine it runs on. GEMM goes through the BLAS that scipy links.
 
@@ -20,16 +21,20 @@ gemm 2MNK; linear 2MNK + MN per bias + MN per activation; layer_norm 8 per eleme
 add_layer_norm 9; rms_norm 4; softmax 5; l2_normalize 3; masked_mean_pool 1 per pooled element
 + 1 per output; attention (4D + 5) per query-key score + D per query row; gemm_int8 2MNK;
 topk_similarity 2QND (+ 2QN + 2(Q+N)D for cosine); add/mul 1 per element; quantize_int8 3 per element; linear_int8 is
-its int8 GEMM plus bias/activation (the float rescale is not counted); linear_dynamic_int8 counts
-as linear (its per-row activation quantisation is not counted); linear_weight_int8 as linear
+its int8 GEMM plus bias/activation (the float rescale is not counted); linear_dynamic_int8 and
+linear_bf16 count as linear (rounding or quantising the activations is not counted); linear_weight_int8 as linear
 plus 1 per weight widened. gather/scatter move bytes and count 0 ops.
 
 Reduced precision for resident models: `linear_weight_int8` (weight-only: int8 per output channel
 and group of input rows, widened to fp32 per call, then BLAS) and `linear_dynamic_int8` (weights
-int8 per output channel, packed once by `pack_int8_weight`; activations quantised per row on
-each call to 7 bits plus an offset of 64, so AVX2's u8 x s8 vpmaddubsw never saturates;
-AVX-512 VNNI's vpdpbusd at the "avx512" level when the CPU has it, with the same integers; a
-portable loop otherwise, chosen by `set_isa` like the rest).
+int8 per output channel and group of 128 inputs, a few outlier input channels kept fp32, packed
+once by `pack_int8_weight`; activations quantised per row on each call to 8 bits between the
+row's min and max; the s8 x s8 GEMM is AVX-512 VNNI's vpdpbusd at the "avx512" level when the
+CPU has it, AVX2's vpmaddubsw on |w| and vpsignb'd activations (never saturating) otherwise, a
+portable loop at "generic": the same bits on every path, chosen by `set_isa` like the rest). `linear_bf16` (weights bf16,
+packed once by `pack_bf16_weight` in vdpbf16ps pair layout; activations rounded to bf16 per
+call; fp32 accumulation) runs AVX-512 BF16's vdpbf16ps at the "avx512" level when the CPU has
+it, else a scalar twin that rounds the same products in the same order (slow: for tests).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ __all__ = [
     "add_layer_norm",
     "attention",
     "attention_packed",
+    "bf16_native",
     "bias_activation",
     "blas_library",
     "cpu_features",
@@ -61,12 +67,16 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_int8",
+    "linear_bf16",
     "linear_dynamic_int8",
     "linear_weight_int8",
     "pack_int8_weight",
     "quantize_int8_groups",
     "Int8GroupWeight",
     "Int8Weight",
+    "int8_weight_bytes",
+    "Bf16Weight",
+    "pack_bf16_weight",
     "l2_normalize",
     "masked_mean_pool",
     "mul",
@@ -91,6 +101,8 @@ _INT_MAX = 2**31 - 1
 _INT8_MAX_K = _INT_MAX // (128 * 128)
 # Bytes of the score block top-k similarity materialises per BLAS call.
 _TOPK_BLOCK_BYTES = 8 << 20
+# The smallest float32 that rounds to inf in bf16 (to nearest, ties to even).
+_BF16_MAX = float(np.frombuffer(np.uint32(0x7F7F8000).tobytes(), np.float32)[0])
 
 
 def _threads_from_env() -> int:
@@ -147,8 +159,9 @@ def _best_isa() -> str:
 def isa() -> str:
     """The instruction set the kernels are using now: "avx512", "avx2" or "generic".
 
-    At "avx512" only the packed Linear kernels (vtpu.kernels.packed) have AVX-512 bodies; the
-    rest run their AVX2 bodies (dispatch_info() names each kernel's real path)."""
+    At "avx512" only the packed Linear kernels (vtpu.kernels.packed), linear_dynamic_int8 (VNNI)
+    and linear_bf16 (BF16) have AVX-512 bodies; the rest run their AVX2 bodies (dispatch_info()
+    names each kernel's real path)."""
     level = _dense.get_level()
     return next(name for name, value in _LEVELS.items() if value == level)
 
@@ -676,22 +689,57 @@ def linear_int8(
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """A Linear weight quantised once for linear_dynamic_int8: W (N, K) ~= q * scale[:, None],
-    symmetric per output channel, q in [-127, 127], packed for the u8 x s8 kernel."""
+    """A Linear weight W (N, K) quantised once for linear_dynamic_int8.
+
+    The input channels in `outliers` stay fp32 (outlier_w = W[:, outliers].T); the rest are int8,
+    symmetric per output channel and group of `group` input channels:
+    W[j, k] ~= q[j, k] * scale[k // group, j], q in [-127, 127], packed for the s8 x s8 kernel."""
 
     n: int
     k: int
-    packed: np.ndarray  # int8, (ceil(N/8) panels, K/4 groups, 8 columns, 4) flattened
-    scale: np.ndarray  # float32 (N,)
-    offset: np.ndarray  # int32 (N,): 64 * sum_k q[j, k], the activation offset's share
+    group: int
+    packed: np.ndarray  # int8, (ceil(N/8) panels, ceil(K/4) quads, 8 columns, 4) flattened
+    scale: np.ndarray  # float32 (groups, N padded to 8)
+    gsum: np.ndarray  # int32 (groups, N padded to 8): 128 * each group's sum of q (VNNI's offset)
+    wsum: np.ndarray  # float32 (N,): sum_k q[j, k] * scale, the activation zero point's share
+    keep: np.ndarray  # uint8 (K,): 1 for the int8 channels, 0 for the fp32 outliers
+    outliers: np.ndarray  # int64 (T,)
+    outlier_w: np.ndarray  # float32 (T, N)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scale.nbytes + self.offset.nbytes
+        return sum(
+            a.nbytes
+            for a in (
+                self.packed,
+                self.scale,
+                self.gsum,
+                self.wsum,
+                self.keep,
+                self.outliers,
+                self.outlier_w,
+            )  # fmt: skip
+        )
 
 
-def pack_int8_weight(w: np.ndarray, *, trans_w: bool = False) -> Int8Weight:
-    """Quantise a float32 Linear weight per output channel to int8 and pack it, once.
+def int8_weight_bytes(n: int, k: int, *, group: int = 128, outliers: int = 0) -> int:
+    """Bytes of pack_int8_weight's result for an (N, K) weight, without packing it."""
+    kq, np_ = -(-k // 4), -(-n // 8) * 8
+    groups = -(-kq // (group // 4))
+    return np_ * kq * 4 + groups * np_ * 8 + 4 * n + k + outliers * (8 + 4 * n)
+
+
+def pack_int8_weight(
+    w: np.ndarray,
+    *,
+    trans_w: bool = False,
+    group: int = 128,
+    outliers: np.ndarray | list[int] | None = None,
+) -> Int8Weight:
+    """Quantise a float32 Linear weight to int8 per output channel and group of `group` input
+    channels (a multiple of 4) and pack it, once; the input channels listed in `outliers`
+    stay fp32 (the few channels where a transformer's activations are far larger than the
+    rest: kept out of the int8 part, they no longer set every row's quantisation step).
 
     w is (N, K) as PyTorch stores it, or (K, N) (the layout `linear` reads) with trans_w=True.
     """
@@ -700,18 +748,45 @@ def pack_int8_weight(w: np.ndarray, *, trans_w: bool = False) -> Int8Weight:
         w = np.ascontiguousarray(w.T)
     if not np.isfinite(w).all():
         raise KernelInputError("pack_int8_weight: w must be finite (no NaN or inf)")
-    n, k = w.shape
-    if k > _INT8_MAX_K:
+    if isinstance(group, bool) or not isinstance(group, int | np.integer) or group < 4 or group % 4:
         raise KernelInputError(
-            f"pack_int8_weight: K={k} could overflow int32 accumulators; at most {_INT8_MAX_K}"
+            f"pack_int8_weight: group must be a positive multiple of 4, got {group!r}"
         )
-    q, scale = quantize_int8(w)
-    kp, np_ = -(-k // 4) * 4, -(-n // 8) * 8
-    padded = np.zeros((np_, kp), dtype=np.int8)
-    padded[:n, :k] = q
-    packed = padded.reshape(np_ // 8, 8, kp // 4, 4).transpose(0, 2, 1, 3)
-    offset = 64 * q.astype(np.int32).sum(axis=1, dtype=np.int32)
-    return Int8Weight(n, k, np.ascontiguousarray(packed).reshape(-1), scale, offset)
+    n, k = w.shape
+    if group > _INT8_MAX_K:
+        raise KernelInputError(
+            f"pack_int8_weight: group={group} could overflow int32 accumulators; at most "
+            f"{_INT8_MAX_K}"
+        )
+    idx = np.zeros(0, np.int64) if outliers is None else np.asarray(outliers)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise KernelInputError("pack_int8_weight: outliers must be a 1-D list of channel indices")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= k or np.unique(idx).size != idx.size):
+        raise KernelInputError(
+            f"pack_int8_weight: outliers must be distinct input channels in [0, {k})"
+        )
+    keep = np.ones(k, np.uint8)
+    keep[idx] = 0
+    outlier_w = np.ascontiguousarray(w[:, idx].T)
+    kq, np_ = -(-k // 4), -(-n // 8) * 8
+    gq = group // 4
+    groups = -(-kq // gq)
+    padded = np.zeros((np_, groups * group), np.float32)
+    padded[:n, :k] = w * keep
+    blocks = padded.reshape(np_, groups, group)
+    amax = np.abs(blocks).max(axis=2)  # (np_, groups)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    with kernel_scope(_ops.PER_ELEMENT["quantize_int8"] * w.size):
+        q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int8)
+    gsum = (128 * q.astype(np.int32).sum(axis=2)).T.astype(np.int32)
+    wsum = (q.astype(np.float64) * scale[:, :, None]).sum(axis=(1, 2))[:n].astype(np.float32)
+    q = q.reshape(np_, groups * group)[:, : kq * 4]
+    packed = q.reshape(np_ // 8, 8, kq, 4).transpose(0, 2, 1, 3)
+    return Int8Weight(
+        n, k, int(group), np.ascontiguousarray(packed).reshape(-1),
+        np.ascontiguousarray(scale.T), np.ascontiguousarray(gsum), wsum, keep, idx, outlier_w,
+    )  # fmt: skip
 
 
 def linear_dynamic_int8(
@@ -724,9 +799,11 @@ def linear_dynamic_int8(
 ) -> np.ndarray:
     """activation(x @ W.T + bias) with W an Int8Weight: dynamic int8 quantisation.
 
-    Each row of x is quantised per call to 7 bits ([-63, 63], its own symmetric scale) and
-    offset into u8, so the AVX2 u8 x s8 kernel (vpmaddubsw, then vpmaddwd) never saturates;
-    the integer GEMM is exact and only the scales round. x may have leading batch axes.
+    Each row of x is quantised per call to 8 bits over its int8 channels, asymmetrically: the
+    255 levels span [min, max] of the row (centre and step per row), so a GELU output, mostly
+    positive, loses no bit to a sign it rarely has. The s8 x s8 GEMM is exact per weight group
+    and the same bits on every path (generic, AVX2 vpmaddubsw with vpsignb, AVX-512 VNNI
+    vpdpbusd); the outlier channels are added in fp32. x may have leading batch axes.
     """
     act = _activation(activation)
     if not isinstance(w, Int8Weight):
@@ -749,11 +826,105 @@ def linear_dynamic_int8(
     if not np.isfinite(x2).all():
         raise KernelInputError("linear_dynamic_int8: x must be finite (no NaN or inf)")
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
-    kp = w.packed.size // (-(-w.n // 8) * 8)
+    kp = 4 * -(-w.k // 4)
     with kernel_scope(ops):
         _dense.linear_dynamic_int8(
-            x2, w.packed, kp, w.scale, w.offset, b, act, y.reshape(m, w.n), _threads(y.size)
+            x2, w.packed, kp, w.group // 4, w.scale, w.gsum, w.wsum, w.keep, w.outliers,
+            w.outlier_w, b, act, y.reshape(m, w.n), _threads(y.size),
+        )  # fmt: skip
+    return y
+
+
+@dataclass(frozen=True)
+class Bf16Weight:
+    """A Linear weight W (N, K) as bf16 bits for linear_bf16, packed for vdpbf16ps: panels of 16
+    output columns, each pair of inputs (w[j, 2p], w[j, 2p + 1]) side by side per column."""
+
+    n: int
+    k: int
+    packed: np.ndarray  # uint16, (ceil(N/16) panels, ceil(K/2) pairs, 16 columns, 2) flattened
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+def bf16_native() -> bool:
+    """Whether linear_bf16 runs vdpbf16ps now (the CPU has AVX-512 BF16 and the level is
+    "avx512"); otherwise it runs its scalar twin."""
+    return _dense.bf16_active()
+
+
+def pack_bf16_weight(w: np.ndarray, *, trans_w: bool = False) -> Bf16Weight:
+    """Round a float32 Linear weight to bf16 (to nearest, ties to even; the rounding of
+    vtpu.kernels.packed) and pack it for linear_bf16, once.
+
+    w is (N, K) as PyTorch stores it, or (K, N) (the layout `linear` reads) with trans_w=True.
+    """
+    from vtpu.kernels import packed as _packed_weights  # imports this module: import it late
+
+    w = _array("w", w, np.float32, 2)
+    if trans_w:
+        w = np.ascontiguousarray(w.T)
+    n, k = w.shape
+    bits = _packed_weights.pack(w, "bf16").data  # refuses NaN, inf and bf16 overflow
+    kh, np_ = -(-k // 2), -(-n // 16) * 16
+    padded = np.zeros((np_, 2 * kh), dtype=np.uint16)
+    padded[:n, :k] = bits
+    packed = padded.reshape(np_ // 16, 16, kh, 2).transpose(0, 2, 1, 3)
+    return Bf16Weight(n, k, np.ascontiguousarray(packed).reshape(-1))
+
+
+def linear_bf16(
+    x: np.ndarray,
+    w: Bf16Weight,
+    bias: np.ndarray | None = None,
+    activation: str = "none",
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """activation(bf16(x) @ W.T + bias) with W a Bf16Weight; products of bf16 values summed in
+    fp32. x is rounded to bf16 (to nearest, ties to even) on every call; denormal bf16 inputs
+    count as zero, as vdpbf16ps treats them. x may have leading batch axes.
+
+    Where it pays: vdpbf16ps does 32 multiply-adds per instruction against 16 for an fp32 FMA,
+    so on AMD Zen 4 (whose 512-bit units run both at one per cycle) it beats fp32; on the Intel
+    Xeon of docs PERFORMANCE.md (two 512-bit FMA ports) vdpbf16ps ran slower than fp32 FMA and
+    bf16 saves memory, not time. Without AVX-512 BF16 (or below the "avx512" level) the scalar
+    twin runs: correct, slow, meant for tests.
+    """
+    act = _activation(activation)
+    if not isinstance(w, Bf16Weight):
+        raise KernelInputError(
+            f"w must be a Bf16Weight from pack_bf16_weight, got {type(w).__name__}"
         )
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    if x.shape[-1] != w.k:
+        raise KernelInputError(
+            f"linear_bf16: x has {x.shape[-1]} features but the weight takes {w.k}"
+        )
+    b = None if bias is None else _vector("bias", bias, w.n)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    _check_dims(m=m, n=w.n, k=w.k)
+    inputs = (x,) if b is None else (x, b)
+    y = _out("linear_bf16", out, x.shape[:-1] + (w.n,), np.float32, *inputs)
+    if y.size == 0:
+        return y
+    if w.k == 0:
+        y.fill(0.0)
+        if b is not None or act:
+            _dense.bias_act(y.reshape(m, w.n), b, act, _threads(y.size))
+        return y
+    if not np.isfinite(x2).all():
+        raise KernelInputError("linear_bf16: x must be finite (no NaN or inf)")
+    if np.abs(x2).max() >= _BF16_MAX:
+        raise KernelInputError(
+            "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"
+        )
+    ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
+    with kernel_scope(ops):
+        _dense.linear_bf16(x2, w.packed, -(-w.k // 2), b, act, y.reshape(m, w.n), _threads(y.size))
     return y
 
 
@@ -986,7 +1157,8 @@ def dispatch_info() -> dict[str, str]:
     vector path is the one the kernels run now (`isa()`), not the CPU's widest ISA."""
     from vtpu.kernels import packed  # imports this module: import it late
 
-    vector = "avx2" if isa() == "avx512" else isa()  # no AVX-512 bodies in _dense yet
+    # the rest of _dense has no AVX-512 bodies (linear_dynamic_int8 and linear_bf16 are below)
+    vector = "avx2" if isa() == "avx512" else isa()
     blas = f"BLAS sgemm (scipy.linalg.cython_blas, {blas_library()})"
     return {
         "gemm": blas,
@@ -1003,11 +1175,16 @@ def dispatch_info() -> dict[str, str]:
         "gemm_int8": vector,
         "linear_weight_int8": f"int8 -> fp32 widening pass (OpenMP) + {blas}",
         "linear_dynamic_int8": (
-            "avx512 VNNI u8 x s8 (vpdpbusd), OpenMP over rows"
+            "avx512 VNNI s8 x s8 as u8 + 128 (vpdpbusd), OpenMP over rows"
             if isa() == "avx512" and _FEATURES["avx512_vnni"]
-            else "avx2 u8 x s8 (vpmaddubsw + vpmaddwd), OpenMP over rows"
+            else "avx2 s8 x s8 (vpsignb + vpmaddubsw + vpmaddwd), OpenMP over rows"
             if vector == "avx2"
-            else "generic u8 x s8 loop, OpenMP over rows"
+            else "generic s8 x s8 loop, OpenMP over rows"
+        ),
+        "linear_bf16": (
+            "avx512 BF16 (vdpbf16ps, 6x64 register tiles), OpenMP over rows"
+            if bf16_native()
+            else "generic scalar bf16 loop (no AVX-512 BF16 at this level), OpenMP over rows"
         ),
         "topk_similarity": f"{blas} + {vector} selection",
         "gather_rows": "memcpy rows (OpenMP)",

@@ -3,21 +3,26 @@
 # Entry points here trust their arguments: vtpu.kernels (Python) has already checked dtype, shape,
 # contiguity, aliasing and limits. Each one releases the GIL for the whole computation.
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, fabsf, rintf, sqrtf
-from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t
+from libc.math cimport INFINITY, sqrtf
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._simd cimport (
+    vtpu_bf16_active,
     vtpu_bias_act,
     vtpu_cpu_features,
+    vtpu_f32_to_bf16,
+    vtpu_gemm_bf16_rows,
     vtpu_detect,
     vtpu_dot,
     vtpu_exp_shift_sum,
     vtpu_gemm_s8_packed_rows,
     vtpu_gemm_s8_rows_generic,
-    vtpu_gemm_u8s8_rows,
+    vtpu_gemm_q8_rows,
+    vtpu_q8_finish,
+    vtpu_q8_quantize,
     vtpu_get_level,
     VTPU_LEVEL_AVX2,
     vtpu_pack_a_s8,
@@ -34,6 +39,9 @@ from ._simd cimport (
 # Rows of A per parallel work item of the int8 GEMM (a multiple of its 4-row register block).
 cdef enum:
     INT8_ROW_BLOCK = 16
+# Rows of x per work item of the bf16 GEMM (a multiple of its 6-row register block).
+cdef enum:
+    BF16_ROW_BLOCK = 48
 
 
 def cpu_features() -> dict:
@@ -351,52 +359,57 @@ def attention_packed(const float[:, ::1] qkv, const int[::1] key_lengths, Py_ssi
 
 
 def linear_dynamic_int8(const float[:, ::1] x, const int8_t[::1] wp, Py_ssize_t kp,
-                        const float[::1] w_scale, const int32_t[::1] w_offset,
+                        Py_ssize_t gq, const float[:, ::1] w_scale, const int32_t[:, ::1] w_gsum,
+                        const float[::1] w_sum, const uint8_t[::1] keep,
+                        const long long[::1] out_idx, const float[:, ::1] out_w,
                         const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
-    """out = act(x @ W.T + bias) with W packed by vtpu.kernels.pack_int8_weight. Each row of x is
-    quantised symmetrically to [-63, 63] (its own scale) and offset by 64 into u8; the u8 x s8
-    GEMM is exact in int32, then out = x_scale * w_scale * (acc - w_offset) with w_offset =
-    64 * sum_k W[j, k]. Every work item quantises and multiplies its own rows, in its own
-    buffers, so nothing of size M x N but out is materialised."""
+    """out = act(x @ W.T + bias) with W packed by vtpu.kernels.pack_int8_weight.
+
+    Each row of x is quantised on its own over the input channels W keeps in int8 (keep[j],
+    vtpu_q8_quantize): centre c = (min + max) / 2 and step s = (max - min) / 254,
+    q = rint((x - c) / s) in [-127, 127], so the 255 levels span the row's range whatever its sign balance (a GELU
+    output is mostly >= 0). The s8 x s8 GEMM folds W's group scales into F; then
+    out = s * F + c * w_sum (w_sum[j] = the dequantised row sum of W's int8 part), plus the
+    outlier channels in fp32: x[:, out_idx] @ out_w. Every work item quantises and multiplies
+    its own rows in its own buffer; nothing of size M x N but out is materialised."""
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1], kq = kp // 4
+    cdef Py_ssize_t ldw = w_scale.shape[1], nout = out_idx.shape[0]
     cdef Py_ssize_t blocks = (m + INT8_ROW_BLOCK - 1) // INT8_ROW_BLOCK
-    cdef Py_ssize_t blk, i0, i1, r, i, j
-    cdef uint8_t *au = NULL
-    cdef int32_t *acc = NULL
+    cdef Py_ssize_t blk, i0, rows, r, i, j, t
+    cdef int8_t *aq = NULL
     cdef float *xs = NULL
-    cdef float amax, inv
+    cdef float *xc = NULL
+    cdef float *xv = NULL
     cdef const float *bptr = &bias[0] if bias is not None else NULL
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
-        au = <uint8_t *>malloc(INT8_ROW_BLOCK * kp)
-        acc = <int32_t *>malloc(INT8_ROW_BLOCK * n * sizeof(int32_t))
+        aq = <int8_t *>malloc(INT8_ROW_BLOCK * kp)
         xs = <float *>malloc(INT8_ROW_BLOCK * sizeof(float))
+        xc = <float *>malloc(INT8_ROW_BLOCK * sizeof(float))
+        xv = <float *>malloc((nout if nout > 0 else 1) * sizeof(float))
         for blk in prange(blocks, schedule='static'):
-            if au == NULL or acc == NULL or xs == NULL:
+            if aq == NULL or xs == NULL or xc == NULL or xv == NULL:
                 failed += 1
                 continue
             i0 = blk * INT8_ROW_BLOCK
-            i1 = i0 + INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK < m else m
-            memset(au, 64, INT8_ROW_BLOCK * kp)
-            for r in range(i1 - i0):
-                amax = 0.0
-                for j in range(k):
-                    if fabsf(x[i0 + r, j]) > amax:
-                        amax = fabsf(x[i0 + r, j])
-                xs[r] = amax / 63.0 if amax > 0 else 1.0
-                inv = 63.0 / amax if amax > 0 else 0.0
-                for j in range(k):
-                    au[r * kp + j] = <uint8_t>(<int>rintf(x[i0 + r, j] * inv) + 64)
-            vtpu_gemm_u8s8_rows(au, kp, &wp[0], kq, acc, 0, (i1 - i0 + 3) // 4 * 4, i1 - i0, n)
-            for r in range(i1 - i0):
+            rows = INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK <= m else m - i0
+            memset(aq, 0, INT8_ROW_BLOCK * kp)
+            for r in range(rows):
+                vtpu_q8_quantize(&x[i0 + r, 0], k, &keep[0], &aq[r * kp], &xs[r], &xc[r])
+            vtpu_gemm_q8_rows(aq, kp, &wp[0], kq, gq, &w_scale[0, 0], &w_gsum[0, 0], ldw,
+                              &out[i0, 0], n, rows, n)
+            for r in range(rows):
                 i = i0 + r
-                for j in range(n):
-                    out[i, j] = xs[r] * w_scale[j] * <float>(acc[r * n + j] - w_offset[j])
+                for t in range(nout):
+                    xv[t] = x[i, out_idx[t]]
+                vtpu_q8_finish(&out[i, 0], n, xs[r], xc[r], &w_sum[0], xv,
+                               &out_w[0, 0] if nout > 0 else NULL, nout)
                 if bptr != NULL or act != 0:
                     vtpu_bias_act(&out[i, 0], bptr, n, act)
-        free(au)
-        free(acc)
+        free(aq)
         free(xs)
+        free(xc)
+        free(xv)
     if failed:
         raise MemoryError(f"linear_dynamic_int8: no memory for {INT8_ROW_BLOCK} rows of buffers")
 
@@ -411,3 +424,44 @@ def dequantize_int8_groups(const int8_t[:, ::1] q, const float[:, ::1] scale, Py
             srow = &scale[kk // group, 0]
             for j in range(n):
                 out[kk, j] = q[kk, j] * srow[j]
+
+
+def bf16_active() -> bool:
+    """Whether linear_bf16 runs its AVX-512 BF16 body now (else its scalar twin)."""
+    return bool(vtpu_bf16_active())
+
+
+def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
+                const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
+    """out = act(bf16(x) @ W.T + bias) with W packed by vtpu.kernels.pack_bf16_weight (kh pairs
+    of K per column). Each work item rounds its rows of x to bf16 (to nearest, ties to even)
+    into its own buffer, zero-padded to whole pairs and 6-row tiles, then multiplies them with
+    fp32 accumulation straight into out."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
+    cdef Py_ssize_t blocks = (m + BF16_ROW_BLOCK - 1) // BF16_ROW_BLOCK
+    cdef Py_ssize_t blk, i0, rows, r, j
+    cdef uint16_t *a = NULL
+    cdef const float *bptr = &bias[0] if bias is not None else NULL
+    cdef int failed = 0
+    with nogil, parallel(num_threads=nthreads):
+        a = <uint16_t *>malloc(BF16_ROW_BLOCK * kh * 2 * sizeof(uint16_t))
+        for blk in prange(blocks, schedule='static'):
+            if a == NULL:
+                failed += 1
+                continue
+            i0 = blk * BF16_ROW_BLOCK
+            rows = BF16_ROW_BLOCK if i0 + BF16_ROW_BLOCK <= m else m - i0
+            for r in range(rows):
+                for j in range(k):
+                    a[r * kh * 2 + j] = vtpu_f32_to_bf16(x[i0 + r, j])
+                if k & 1:
+                    a[r * kh * 2 + k] = 0
+            if rows % 6:
+                memset(&a[rows * kh * 2], 0, (6 - rows % 6) * kh * 2 * sizeof(uint16_t))
+            vtpu_gemm_bf16_rows(a, kh, &wp[0], kh, &out[i0, 0], n, rows, n)
+            if bptr != NULL or act != 0:
+                for r in range(rows):
+                    vtpu_bias_act(&out[i0 + r, 0], bptr, n, act)
+        free(a)
+    if failed:
+        raise MemoryError(f"linear_bf16: no memory for {BF16_ROW_BLOCK} rows of bf16 buffers")

@@ -2,8 +2,9 @@
  *
  * The build passes no -march (the wheel must run on any x86-64), so every AVX2 / AVX-512 routine
  * carries a function-level target attribute and is chosen at run time through `vtpu_level`. The
- * primitives here have AVX2 bodies, and the u8 x s8 GEMM an AVX-512 VNNI one; the packed Linear
- * kernels (_packed.h) have AVX-512 bodies. BF16 and AMX are detected and reported, not used.
+ * primitives here have AVX2 bodies, the s8 x s8 GEMM an AVX-512 VNNI one and the bf16 GEMM an
+ * AVX-512 BF16 one (vdpbf16ps); the packed Linear kernels (_packed.h) have AVX-512 bodies. AMX is
+ * detected and reported, not used.
  * Each primitive has a portable scalar twin so a forced "generic" level exercises the same
  * kernels on any machine, which is how the tests cover every path.
  */
@@ -401,134 +402,408 @@ VTPU_AVX2 static void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t 
     }
 }
 
-/* ---- u8 x s8 GEMM for dynamically quantised activations against packed int8 weights ---------
- * C[i, j] = sum_k A[i, k] * W[j, k], A unsigned (an activation quantised to [-63, 63] plus an
- * offset of 64, so in [1, 127]), W signed in [-127, 127]. vpmaddubsw multiplies u8 by s8 and adds
- * pairs into int16 with saturation; with A <= 127 a pair is at most 2 * 127 * 127 = 32258, so it
- * never saturates and vpmaddwd by ones widens the pairs into exact int32 sums of 4. The caller
- * subtracts 64 * sum_k W[j, k] (the offset) and applies the scales.
- * W is packed once: panels of 8 output columns; panel q, group p is 8 columns x 4 consecutive k
- * = 32 bytes = one ymm (Kq = Kp / 4 groups, Kp = K rounded up to 4, padding zero). A rows have
- * Kp bytes (lda). Rows [i0, i1) of A go to rows 0.. of C (ldc = N). */
+/* ---- s8 x s8 GEMM with per-group weight scales, for dynamically quantised activations -------
+ * F[i, j] = sum_g ws[g, j] * sum_{k in group g} A[i, k] * W[j, k], A and W signed in [-127, 127].
+ * Each group's integer sum is exact in int32 (|sum| <= 128 * 127 * 127 < 2^24, so its float
+ * conversion is exact too), and the groups are folded into fp32 with one fused multiply-add each,
+ * in order, on every path: the generic, AVX2 and VNNI paths give the same bits.
+ * W is packed once (vtpu.kernels.pack_int8_weight): panels of 8 output columns; panel q, quad p
+ * is 8 columns x 4 consecutive k = 32 bytes = one ymm (Kq quads, K padded to 4 with zeros). A
+ * group is gq quads; ws and gsum are (G, ldw) with ldw = 8 * panels; gsum = 128 * the group's
+ * sum of W (what VNNI's unsigned operand adds). A rows have lda bytes, zero-padded; rows [0,
+ * rows) go to rows 0.. of C (float, ldc). The caller applies the activation scale and zero
+ * point. */
 
-static void vtpu_gemm_u8s8_rows_generic(const uint8_t *A, long lda, const int8_t *Wp, long Kq,
-                                        int32_t *C, long i0, long i1, long N) {
-    for (long i = i0; i < i1; i++)
+static void vtpu_gemm_q8_rows_generic(const int8_t *A, long lda, const int8_t *Wp, long Kq,
+                                      long gq, const float *ws, long ldw, float *C, long ldc,
+                                      long rows, long N) {
+    for (long i = 0; i < rows; i++)
         for (long j = 0; j < N; j++) {
             const int8_t *w = Wp + ((j / 8) * Kq * 8 + j % 8) * 4;
-            const uint8_t *a = A + i * lda;
-            int32_t s = 0;
-            for (long p = 0; p < Kq; p++)
-                for (int t = 0; t < 4; t++) s += (int32_t)a[4 * p + t] * (int32_t)w[p * 32 + t];
-            C[(i - i0) * N + j] = s;
+            const int8_t *a = A + i * lda;
+            float f = 0.0f;
+            for (long g0 = 0; g0 < Kq; g0 += gq) {
+                long g1 = g0 + gq < Kq ? g0 + gq : Kq;
+                int32_t s = 0;
+                for (long p = g0; p < g1; p++)
+                    for (int t = 0; t < 4; t++) s += (int32_t)a[4 * p + t] * (int32_t)w[p * 32 + t];
+                f = fmaf((float)s, ws[(g0 / gq) * ldw + j], f);
+            }
+            C[i * ldc + j] = f;
         }
 }
 
-#define VTPU_U8_TILE(NP)                                                                         \
-    VTPU_AVX2 static void vtpu_u8_tile_4x##NP(const uint8_t *A, long lda, const int8_t *Wp,      \
-                                             long Kq, int32_t *tile) {                           \
+static inline void vtpu_q8_store(const float *tile, long width, float *C, long ldc, long rows,
+                                 long cols) {
+    for (long r = 0; r < 4 && r < rows; r++)
+        for (long c = 0; c < width && c < cols; c++) C[r * ldc + c] = tile[r * width + c];
+}
+
+/* AVX2: vpmaddubsw multiplies u8 by s8, so the products go as |w| x (a with w's sign)
+ * (vpsignb); a pair is then at most 2 * 127 * 127 = 32258 and never saturates its int16. */
+#define VTPU_Q8_TILE_AVX2(NP)                                                                    \
+    VTPU_AVX2 static void vtpu_q8_tile_avx2_4x##NP(const int8_t *A, long lda, const int8_t *Wp, \
+                                                  long Kq, long gq, const float *ws, long ldw,  \
+                                                  float *tile) {                                 \
         const __m256i ones = _mm256_set1_epi16(1);                                               \
-        __m256i acc[4][NP];                                                                      \
-        for (int r = 0; r < 4; r++)                                                              \
-            for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                     \
-        for (long p = 0; p < Kq; p++) {                                                          \
-            __m256i b[NP];                                                                       \
-            for (int c = 0; c < NP; c++)                                                         \
-                b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));            \
-            for (int r = 0; r < 4; r++) {                                                        \
-                int32_t quad;                                                                    \
-                memcpy(&quad, A + r * lda + 4 * p, 4);                                           \
-                __m256i a = _mm256_set1_epi32(quad);                                             \
-                for (int c = 0; c < NP; c++)                                                     \
-                    acc[r][c] = _mm256_add_epi32(                                                \
-                        acc[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b[c]), ones));      \
+        for (int t = 0; t < 4 * 8 * NP; t++) tile[t] = 0.0f;                                     \
+        for (long g0 = 0; g0 < Kq; g0 += gq) {                                                   \
+            long g1 = g0 + gq < Kq ? g0 + gq : Kq;                                               \
+            __m256i acc[4][NP];                                                                  \
+            for (int r = 0; r < 4; r++)                                                          \
+                for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                 \
+            for (long p = g0; p < g1; p++) {                                                     \
+                __m256i b[NP], babs[NP];                                                         \
+                for (int c = 0; c < NP; c++) {                                                   \
+                    b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));        \
+                    babs[c] = _mm256_abs_epi8(b[c]);                                             \
+                }                                                                                \
+                for (int r = 0; r < 4; r++) {                                                    \
+                    int32_t quad;                                                                \
+                    memcpy(&quad, A + r * lda + 4 * p, 4);                                       \
+                    __m256i a = _mm256_set1_epi32(quad);                                         \
+                    for (int c = 0; c < NP; c++)                                                 \
+                        acc[r][c] = _mm256_add_epi32(                                            \
+                            acc[r][c],                                                           \
+                            _mm256_madd_epi16(                                                   \
+                                _mm256_maddubs_epi16(babs[c], _mm256_sign_epi8(a, b[c])), ones)); \
+                }                                                                                \
+            }                                                                                    \
+            const float *sg = ws + (g0 / gq) * ldw;                                              \
+            for (int c = 0; c < NP; c++) {                                                       \
+                __m256 sc = _mm256_loadu_ps(sg + c * 8);                                         \
+                for (int r = 0; r < 4; r++) {                                                    \
+                    float *o = tile + r * 8 * NP + c * 8;                                        \
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), sc,        \
+                                                        _mm256_loadu_ps(o)));                    \
+                }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        for (int r = 0; r < 4; r++)                                                              \
-            for (int c = 0; c < NP; c++)                                                         \
-                _mm256_storeu_si256((__m256i *)(tile + r * 8 * NP + c * 8), acc[r][c]);          \
     }
-VTPU_U8_TILE(3)
-VTPU_U8_TILE(1)
+VTPU_Q8_TILE_AVX2(2)
+VTPU_Q8_TILE_AVX2(1)
 
-/* i0, i1 multiples of 4; A holds rows up to i1 (rows past the real M may hold anything); only
- * rows below M are stored. */
-VTPU_AVX2 static void vtpu_gemm_u8s8_rows_avx2(const uint8_t *A, long lda, const int8_t *Wp,
-                                               long Kq, int32_t *C, long i0, long i1, long M,
-                                               long N) {
-    int32_t tile[4 * 24];
+VTPU_AVX2 static void vtpu_gemm_q8_rows_avx2(const int8_t *A, long lda, const int8_t *Wp,
+                                             long Kq, long gq, const float *ws, long ldw,
+                                             float *C, long ldc, long rows, long N) {
+    float tile[4 * 16];
     long panels = (N + 7) / 8;
-    for (long i = i0; i < i1; i += 4) {
+    for (long i = 0; i < rows; i += 4) {
         long q = 0;
-        for (; q + 3 <= panels; q += 3) {
-            vtpu_u8_tile_4x3(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
-            vtpu_s8_store(tile, 24, C, i - i0, q * 8, M - i0, N);
+        for (; q + 2 <= panels; q += 2) {
+            vtpu_q8_tile_avx2_4x2(A + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8, ldw,
+                                  tile);
+            vtpu_q8_store(tile, 16, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
         }
         for (; q < panels; q++) {
-            vtpu_u8_tile_4x1(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
-            vtpu_s8_store(tile, 8, C, i - i0, q * 8, M - i0, N);
+            vtpu_q8_tile_avx2_4x1(A + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8, ldw,
+                                  tile);
+            vtpu_q8_store(tile, 8, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
         }
     }
 }
 
-/* AVX-512 VNNI: vpdpbusd does the u8 x s8 products of a group of 4 and their sum into int32 in
- * one instruction, without intermediate saturation, so it gives the AVX2 path's integers exactly.
- * Same packed layout and tiles, on 256-bit registers (AVX-512 VL). */
+/* AVX-512 VNNI: vpdpbusd takes u8 x s8 with no intermediate saturation; a + 128 (a xor 0x80,
+ * done once on the scratch block A) makes the activations unsigned, and subtracting the
+ * group's 128 * sum(W) gives the AVX2 path's integers exactly. 256-bit registers (AVX-512 VL),
+ * 32 of them: 8 x 3 tiles, each step 3 weight loads and 8 broadcasts from memory for 24
+ * vpdpbusd; the fp32 group sums wait in the tile buffer (L1). */
 #define VTPU_AVX512_VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2,fma")))
 
 /* Set with the level: the AVX-512 level needs F+BW+VL, and VNNI is a separate feature. */
 static int vtpu_vnni = 0;
 
-#define VTPU_U8_TILE_VNNI(NP)                                                                    \
-    VTPU_AVX512_VNNI static void vtpu_u8_tile_vnni_4x##NP(const uint8_t *A, long lda,            \
-                                                        const int8_t *Wp, long Kq,              \
-                                                        int32_t *tile) {                        \
-        __m256i acc[4][NP];                                                                      \
-        for (int r = 0; r < 4; r++)                                                              \
-            for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                     \
-        for (long p = 0; p < Kq; p++) {                                                          \
-            __m256i b[NP];                                                                       \
-            for (int c = 0; c < NP; c++)                                                         \
-                b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));            \
-            for (int r = 0; r < 4; r++) {                                                        \
-                int32_t quad;                                                                    \
-                memcpy(&quad, A + r * lda + 4 * p, 4);                                           \
-                __m256i a = _mm256_set1_epi32(quad);                                             \
-                for (int c = 0; c < NP; c++) acc[r][c] = _mm256_dpbusd_epi32(acc[r][c], a, b[c]); \
+#define VTPU_Q8_TILE_VNNI(R, NP)                                                                 \
+    VTPU_AVX512_VNNI static void vtpu_q8_tile_vnni_##R##x##NP(                                   \
+        const uint8_t *A, long lda, const int8_t *Wp, long Kq, long gq, const float *ws,         \
+        const int32_t *gsum, long ldw, float *tile) {                                            \
+        for (int t = 0; t < R * 8 * NP; t++) tile[t] = 0.0f;                                     \
+        for (long g0 = 0; g0 < Kq; g0 += gq) {                                                   \
+            long g1 = g0 + gq < Kq ? g0 + gq : Kq;                                               \
+            __m256i acc[R][NP];                                                                  \
+            for (int r = 0; r < R; r++)                                                          \
+                for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                 \
+            for (long p = g0; p < g1; p++) {                                                     \
+                __m256i b[NP];                                                                   \
+                for (int c = 0; c < NP; c++)                                                     \
+                    b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));        \
+                for (int r = 0; r < R; r++) {                                                    \
+                    int32_t quad;                                                                \
+                    memcpy(&quad, A + r * lda + 4 * p, 4);                                       \
+                    __m256i a = _mm256_set1_epi32(quad);                                         \
+                    for (int c = 0; c < NP; c++)                                                 \
+                        acc[r][c] = _mm256_dpbusd_epi32(acc[r][c], a, b[c]);                     \
+                }                                                                                \
+            }                                                                                    \
+            long g = g0 / gq;                                                                    \
+            for (int c = 0; c < NP; c++) {                                                       \
+                __m256 sc = _mm256_loadu_ps(ws + g * ldw + c * 8);                               \
+                __m256i off = _mm256_loadu_si256((const __m256i *)(gsum + g * ldw + c * 8));     \
+                for (int r = 0; r < R; r++) {                                                    \
+                    float *o = tile + r * 8 * NP + c * 8;                                        \
+                    _mm256_storeu_ps(                                                            \
+                        o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][c], off)), \
+                                           sc, _mm256_loadu_ps(o)));                             \
+                }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        for (int r = 0; r < 4; r++)                                                              \
-            for (int c = 0; c < NP; c++)                                                         \
-                _mm256_storeu_si256((__m256i *)(tile + r * 8 * NP + c * 8), acc[r][c]);          \
     }
-VTPU_U8_TILE_VNNI(3)
-VTPU_U8_TILE_VNNI(1)
+VTPU_Q8_TILE_VNNI(8, 3)
+VTPU_Q8_TILE_VNNI(8, 1)
 
-VTPU_AVX512_VNNI static void vtpu_gemm_u8s8_rows_vnni(const uint8_t *A, long lda,
-                                                      const int8_t *Wp, long Kq, int32_t *C,
-                                                      long i0, long i1, long M, long N) {
-    int32_t tile[4 * 24];
-    long panels = (N + 7) / 8;
-    for (long i = i0; i < i1; i += 4) {
+static inline void vtpu_q8_store_rows(const float *tile, long height, long width, float *C,
+                                      long ldc, long rows, long cols) {
+    for (long r = 0; r < height && r < rows; r++)
+        for (long c = 0; c < width && c < cols; c++) C[r * ldc + c] = tile[r * width + c];
+}
+
+/* A is scratch: its bytes are flipped to u8 in place. It holds zeroed rows up to a multiple of
+ * 8 past `rows`. */
+VTPU_AVX512_VNNI static void vtpu_gemm_q8_rows_vnni(int8_t *A, long lda, const int8_t *Wp,
+                                                    long Kq, long gq, const float *ws,
+                                                    const int32_t *gsum, long ldw, float *C,
+                                                    long ldc, long rows, long N) {
+    float tile[8 * 24];
+    long padded = (rows + 7) / 8 * 8, panels = (N + 7) / 8;
+    for (long i = 0; i < padded * lda; i++) A[i] ^= (int8_t)0x80;
+    const uint8_t *U = (const uint8_t *)A;
+    for (long i = 0; i < rows; i += 8) {
         long q = 0;
         for (; q + 3 <= panels; q += 3) {
-            vtpu_u8_tile_vnni_4x3(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
-            vtpu_s8_store(tile, 24, C, i - i0, q * 8, M - i0, N);
+            vtpu_q8_tile_vnni_8x3(U + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8,
+                                  gsum + q * 8, ldw, tile);
+            vtpu_q8_store_rows(tile, 8, 24, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
         }
         for (; q < panels; q++) {
-            vtpu_u8_tile_vnni_4x1(A + i * lda, lda, Wp + q * Kq * 32, Kq, tile);
-            vtpu_s8_store(tile, 8, C, i - i0, q * 8, M - i0, N);
+            vtpu_q8_tile_vnni_8x1(U + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8,
+                                  gsum + q * 8, ldw, tile);
+            vtpu_q8_store_rows(tile, 8, 8, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
         }
     }
 }
 
-static inline void vtpu_gemm_u8s8_rows(const uint8_t *A, long lda, const int8_t *Wp, long Kq,
-                                       int32_t *C, long i0, long i1, long M, long N) {
+/* A is scratch (the VNNI path flips its sign bits) and holds zeroed rows up to a multiple of 8
+ * past `rows`. */
+static inline void vtpu_gemm_q8_rows(int8_t *A, long lda, const int8_t *Wp, long Kq, long gq,
+                                     const float *ws, const int32_t *gsum, long ldw, float *C,
+                                     long ldc, long rows, long N) {
     if (vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni)
-        vtpu_gemm_u8s8_rows_vnni(A, lda, Wp, Kq, C, i0, i1, M, N);
+        vtpu_gemm_q8_rows_vnni(A, lda, Wp, Kq, gq, ws, gsum, ldw, C, ldc, rows, N);
     else if (vtpu_level >= VTPU_LEVEL_AVX2)
-        vtpu_gemm_u8s8_rows_avx2(A, lda, Wp, Kq, C, i0, i1, M, N);
-    else vtpu_gemm_u8s8_rows_generic(A, lda, Wp, Kq, C, i0, i1 < M ? i1 : M, N);
+        vtpu_gemm_q8_rows_avx2(A, lda, Wp, Kq, gq, ws, ldw, C, ldc, rows, N);
+    else vtpu_gemm_q8_rows_generic(A, lda, Wp, Kq, gq, ws, ldw, C, ldc, rows, N);
+}
+
+/* One activation row of linear_dynamic_int8 to int8 (q[j] = 0 where keep[j] is 0, the fp32
+ * outlier channels): centre c = (min + max) / 2 and step s = (max - min) / 254 over the kept
+ * channels, q = rint((x - c) / s) in [-127, 127]. The vector body does the same operations
+ * in the same order (subtract, multiply by 1 / s, round to nearest even), so every level gives
+ * the same bytes. */
+static inline void vtpu_q8_row_params(float lo, float hi, float *step, float *centre,
+                                      float *inv) {
+    if (lo > hi) lo = hi = 0.0f; /* no int8 channel: every input is an fp32 outlier */
+    *centre = 0.5f * (lo + hi);
+    *step = (hi - lo) / 254.0f;
+    *inv = *step > 0.0f ? 1.0f / *step : 0.0f;
+}
+
+static inline int8_t vtpu_q8_one(float v, float c, float inv) {
+    float q = rintf((v - c) * inv);
+    q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+    return (int8_t)(int)q;
+}
+
+static void vtpu_q8_quantize_generic(const float *x, long k, const uint8_t *keep, int8_t *q,
+                                     float *step, float *centre) {
+    float lo = INFINITY, hi = -INFINITY, inv;
+    for (long j = 0; j < k; j++)
+        if (keep[j]) { lo = x[j] < lo ? x[j] : lo; hi = x[j] > hi ? x[j] : hi; }
+    vtpu_q8_row_params(lo, hi, step, centre, &inv);
+    for (long j = 0; j < k; j++) q[j] = keep[j] ? vtpu_q8_one(x[j], *centre, inv) : 0;
+}
+
+VTPU_AVX2 static void vtpu_q8_quantize_avx2(const float *x, long k, const uint8_t *keep,
+                                            int8_t *q, float *step, float *centre) {
+    __m256 vlo = _mm256_set1_ps(INFINITY), vhi = _mm256_set1_ps(-INFINITY);
+    const __m256i zero = _mm256_setzero_si256();
+    long j = 0;
+    for (; j + 8 <= k; j += 8) {
+        int64_t bytes;
+        memcpy(&bytes, keep + j, 8);
+        __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), zero));
+        __m256 v = _mm256_loadu_ps(x + j);
+        vlo = _mm256_min_ps(vlo, _mm256_blendv_ps(_mm256_set1_ps(INFINITY), v, m));
+        vhi = _mm256_max_ps(vhi, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, m));
+    }
+    float lo_lanes[8], hi_lanes[8], lo = INFINITY, hi = -INFINITY, inv;
+    _mm256_storeu_ps(lo_lanes, vlo);
+    _mm256_storeu_ps(hi_lanes, vhi);
+    for (int t = 0; t < 8; t++) {
+        lo = lo_lanes[t] < lo ? lo_lanes[t] : lo;
+        hi = hi_lanes[t] > hi ? hi_lanes[t] : hi;
+    }
+    for (long t = j; t < k; t++)
+        if (keep[t]) { lo = x[t] < lo ? x[t] : lo; hi = x[t] > hi ? x[t] : hi; }
+    vtpu_q8_row_params(lo, hi, step, centre, &inv);
+    const __m256 vc = _mm256_set1_ps(*centre), vi = _mm256_set1_ps(inv);
+    const __m256 top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    for (j = 0; j + 8 <= k; j += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vc), vi);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(v, bottom), top);
+        __m256i i32 = _mm256_cvtps_epi32(v);
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        __m128i i8 = _mm_packs_epi16(i16, i16);
+        uint64_t bytes = (uint64_t)_mm_cvtsi128_si64(i8), kb;
+        memcpy(&kb, keep + j, 8);
+        bytes &= kb * 0xFF; /* keep is 0 or 1 per byte: times 0xFF, a byte mask with no carry */
+        memcpy(q + j, &bytes, 8);
+    }
+    for (; j < k; j++) q[j] = keep[j] ? vtpu_q8_one(x[j], *centre, inv) : 0;
+}
+
+static inline void vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q,
+                                    float *step, float *centre) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_q8_quantize_avx2(x, k, keep, q, step, centre);
+    else vtpu_q8_quantize_generic(x, k, keep, q, step, centre);
+}
+
+/* One output row of linear_dynamic_int8 from its F row, in place: y = s * F + c * wsum (the
+ * row's step and centre) + sum_t xv[t] * ow[t, :] (the fp32 outlier channels, ow's rows ldo
+ * apart), in one pass. Explicit fused multiply-adds on every level (the compiler would fuse a
+ * vector multiply and add by itself, a scalar one not), so every level gives the same bits. */
+static void vtpu_q8_finish_generic(float *y, long n, float s, float c, const float *wsum,
+                                   const float *xv, const float *ow, long ldo, long nout) {
+    for (long j = 0; j < n; j++) {
+        float v = fmaf(s, y[j], c * wsum[j]);
+        for (long t = 0; t < nout; t++) v = fmaf(xv[t], ow[t * ldo + j], v);
+        y[j] = v;
+    }
+}
+
+VTPU_AVX2 static void vtpu_q8_finish_avx2(float *y, long n, float s, float c, const float *wsum,
+                                          const float *xv, const float *ow, long nout) {
+    const __m256 vs = _mm256_set1_ps(s), vc = _mm256_set1_ps(c);
+    long j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_fmadd_ps(vs, _mm256_loadu_ps(y + j),
+                                   _mm256_mul_ps(vc, _mm256_loadu_ps(wsum + j)));
+        for (long t = 0; t < nout; t++)
+            v = _mm256_fmadd_ps(_mm256_set1_ps(xv[t]), _mm256_loadu_ps(ow + t * n + j), v);
+        _mm256_storeu_ps(y + j, v);
+    }
+    vtpu_q8_finish_generic(y + j, n - j, s, c, wsum + j, xv, ow + j, n, nout);
+}
+
+static inline void vtpu_q8_finish(float *y, long n, float s, float c, const float *wsum,
+                                  const float *xv, const float *ow, long nout) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_q8_finish_avx2(y, n, s, c, wsum, xv, ow, nout);
+    else vtpu_q8_finish_generic(y, n, s, c, wsum, xv, ow, n, nout);
+}
+
+/* ---- bf16 GEMM: C[i, j] = sum_k A[i, k] * W[j, k], bf16 inputs, fp32 accumulation ----------
+ * AVX-512 BF16's vdpbf16ps multiplies bf16 pairs exactly and adds both products into an fp32
+ * lane. W is packed once (vtpu.kernels.pack_bf16_weight): panels of 16 output columns; panel q,
+ * pair p holds 16 columns x (w[j, 2p], w[j, 2p + 1]) = 32 bf16 = one zmm (Kh = ceil(K / 2) pairs,
+ * padding zero). A rows are bf16 too, Kh pairs each (lda in pairs), so a pair is one 32-bit word
+ * broadcast to every lane. The instruction treats denormal inputs as zero (DAZ) and adds a pair's
+ * odd product, then its even one (Intel's pseudocode; products of bf16 are exact in fp32); the
+ * scalar twin does the same in the same order, so both paths give the same sums for normal
+ * inputs (denormal results: the instruction flushes them, the twin keeps them). */
+
+static inline float vtpu_bf16_daz(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* no-tree-vectorize: GCC 12's -O3 vectoriser miscompiled this loop (a product counted twice at
+ * Kh = 4); the twin is a reference, not a fast path. */
+__attribute__((optimize("no-tree-vectorize")))
+static void vtpu_gemm_bf16_rows_generic(const uint16_t *A, long lda, const uint16_t *Wp,
+                                        long Kh, float *C, long ldc, long rows, long N) {
+    for (long i = 0; i < rows; i++)
+        for (long j = 0; j < N; j++) {
+            const uint16_t *w = Wp + ((j / 16) * Kh * 16 + j % 16) * 2;
+            const uint16_t *a = A + i * lda * 2;
+            float s = 0.0f;
+            for (long p = 0; p < Kh; p++) {
+                s += vtpu_bf16_daz(a[2 * p + 1]) * vtpu_bf16_daz(w[p * 32 + 1]);
+                s += vtpu_bf16_daz(a[2 * p]) * vtpu_bf16_daz(w[p * 32]);
+            }
+            C[i * ldc + j] = s;
+        }
+}
+
+#define VTPU_AVX512_BF16 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
+
+/* Set with the level, like vtpu_vnni. */
+static int vtpu_bf16 = 0;
+
+/* R rows x NP panels (16 columns each) of C, straight to C with a column mask at the edge. */
+#define VTPU_BF16_TILE(R, NP)                                                                    \
+    VTPU_AVX512_BF16 static void vtpu_bf16_tile_##R##x##NP(const uint16_t *A, long lda,          \
+                                                          const uint16_t *Wp, long Kh,          \
+                                                          float *C, long ldc, long rows,        \
+                                                          long cols) {                          \
+        __m512 acc[R][NP];                                                                       \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int c = 0; c < NP; c++) acc[r][c] = _mm512_setzero_ps();                        \
+        const uint32_t *a32 = (const uint32_t *)A;                                               \
+        for (long p = 0; p < Kh; p++) {                                                          \
+            __m512bh b[NP];                                                                      \
+            for (int c = 0; c < NP; c++)                                                         \
+                b[c] = (__m512bh)_mm512_loadu_si512((const void *)(Wp + (c * Kh + p) * 32));     \
+            for (int r = 0; r < R; r++) {                                                        \
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)a32[r * lda + p]);                 \
+                for (int c = 0; c < NP; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);   \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R && r < rows; r++)                                                  \
+            for (int c = 0; c < NP; c++) {                                                       \
+                long left = cols - 16 * c;                                                       \
+                if (left <= 0) break;                                                            \
+                __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);    \
+                _mm512_mask_storeu_ps(C + r * ldc + 16 * c, m, acc[r][c]);                       \
+            }                                                                                    \
+    }
+VTPU_BF16_TILE(6, 4)
+VTPU_BF16_TILE(6, 1)
+
+/* rows [0, rows) of A (A holds zeroed rows up to a multiple of 6) times every panel; columns go
+ * in groups of 4 panels (4 x 16 x K bf16: 48 KB at K = 384) that stay in L2 while the rows pass. */
+VTPU_AVX512_BF16 static void vtpu_gemm_bf16_rows_avx512(const uint16_t *A, long lda,
+                                                        const uint16_t *Wp, long Kh, float *C,
+                                                        long ldc, long rows, long N) {
+    long panels = (N + 15) / 16;
+    long q = 0;
+    for (; q + 4 <= panels; q += 4)
+        for (long i = 0; i < rows; i += 6)
+            vtpu_bf16_tile_6x4(A + i * lda * 2, lda, Wp + q * Kh * 32, Kh, C + i * ldc + q * 16,
+                               ldc, rows - i, N - q * 16);
+    for (; q < panels; q++)
+        for (long i = 0; i < rows; i += 6)
+            vtpu_bf16_tile_6x1(A + i * lda * 2, lda, Wp + q * Kh * 32, Kh, C + i * ldc + q * 16,
+                               ldc, rows - i, N - q * 16);
+}
+
+/* 1 when the AVX-512 BF16 body runs at the current level, else 0 (the scalar twin). */
+static inline int vtpu_bf16_active(void) { return vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_bf16; }
+
+static inline void vtpu_gemm_bf16_rows(const uint16_t *A, long lda, const uint16_t *Wp, long Kh,
+                                       float *C, long ldc, long rows, long N) {
+    if (vtpu_bf16_active()) vtpu_gemm_bf16_rows_avx512(A, lda, Wp, Kh, C, ldc, rows, N);
+    else vtpu_gemm_bf16_rows_generic(A, lda, Wp, Kh, C, ldc, rows, N);
+}
+
+/* fp32 -> bf16 bits, to nearest with ties to even (finite inputs: the Python layer checks). */
+static inline uint16_t vtpu_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* ---- dispatchers: one branch per call, predictable, costs nothing next to the work ---------- */
@@ -654,6 +929,7 @@ static inline void vtpu_pv(const float *p, const float *V, long n, long d, float
 static inline void vtpu_set_level(int level) {
     vtpu_level = level;
     vtpu_vnni = level >= VTPU_LEVEL_AVX512 && vtpu_detect().avx512_vnni;
+    vtpu_bf16 = level >= VTPU_LEVEL_AVX512 && vtpu_detect().avx512_bf16;
 }
 static inline int vtpu_get_level(void) { return vtpu_level; }
 

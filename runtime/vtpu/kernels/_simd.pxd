@@ -1,5 +1,5 @@
 # Declarations of the vector primitives in _simd.h, shared by the kernel modules.
-from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t, uint16_t
 
 
 cdef extern from "_simd.h" nogil:
@@ -30,5 +30,14 @@ cdef extern from "_simd.h" nogil:
                          int16_t *Bp)
     void vtpu_gemm_s8_packed_rows(const int32_t *Ap, const int16_t *Bp, int32_t *C, long i0,
                                   long i1, long M, long N, long panels, long Kp)
-    void vtpu_gemm_u8s8_rows(const uint8_t *A, long lda, const int8_t *Wp, long Kq, int32_t *C,
-                             long i0, long i1, long M, long N)
+    void vtpu_gemm_q8_rows(int8_t *A, long lda, const int8_t *Wp, long Kq, long gq,
+                           const float *ws, const int32_t *gsum, long ldw, float *C, long ldc,
+                           long rows, long N)
+    void vtpu_gemm_bf16_rows(const uint16_t *A, long lda, const uint16_t *Wp, long Kh, float *C,
+                             long ldc, long rows, long N)
+    uint16_t vtpu_f32_to_bf16(float f)
+    int vtpu_bf16_active()
+    void vtpu_q8_finish(float *y, long n, float s, float c, const float *wsum, const float *xv,
+                        const float *ow, long nout)
+    void vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q, float *step,
+                          float *centre)

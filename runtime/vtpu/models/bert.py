@@ -16,13 +16,27 @@ sentence-transformers' Transformer -> Pooling(mean) -> Normalize does.
 
 Reduced precision is chosen per load, for the four Linear weights of every layer (their fp32
 copies are dropped; embeddings, norms, attention and pooling stay fp32):
+- "bf16": weights rounded to bf16 and packed for AVX-512 BF16's vdpbf16ps
+  (`kernels.linear_bf16`); activations rounded to bf16 on every call, products summed in fp32.
+  Only where the CPU has AVX512_BF16: elsewhere the load is refused (ModelLoadError) rather than
+  run the kernel's scalar twin. It pays on AMD Zen 4 (vdpbf16ps does twice an FMA's multiply-adds
+  at the same rate there: ~1.7x fp32 per Linear); PERFORMANCE.md measured it slower than fp32 FMA
+  on the Intel Xeon, where it saves memory only.
 - "int8": weight-only. Symmetric int8 per output channel and per group of 32 input features
   (`kernels.quantize_int8_groups`), widened to fp32 per call; activations stay fp32. Cosine
   >= 0.999 to sentence-transformers on the varied test set; it saves memory (1.125 bytes per
   weight), not time.
-- "int8-dynamic": weights int8 per output channel, activations quantised per row on every call
-  to 7 bits (`kernels.linear_dynamic_int8`, the AVX2 u8 x s8 kernel). Faster, but per-row
-  activation scales lose BERT's outlier channels: cosine about 0.96-0.995 on the varied set.
+- "int8-dynamic": int8 weights and activations (`kernels.linear_dynamic_int8`: AVX-512 VNNI,
+  AVX2 or portable, the same bits on each). Per-row activation scales alone reached only
+  cosine 0.96: a handful of BERT's hidden channels carry activations 10-30x the rest (after
+  the layer norms and GELU), set every row's step and leave the other channels a few levels.
+  So each Linear keeps its INT8_OUTLIERS input channels with the largest activations on
+  CALIBRATION_TEXTS (one fp32 pass at load) in fp32; the rest of each row is quantised to 8
+  bits between its own min and max (a GELU output is mostly positive: no level is spent on a
+  sign it rarely has), and the weights get a scale per output channel and group of 128
+  inputs. Cosine >= 0.9994 on the varied set (was 0.960); measured per Linear, 8-bit
+  activations, the outliers and the weight groups each bought part of it, and no single
+  Linear dominated what was left, so none is kept in fp32.
 A reduced-precision encoder runs the hand-written forward: phextcc's SIW has no int8 op yet.
 """
 
@@ -30,7 +44,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +59,24 @@ PAD_SHARE = 0.1
 MIN_ROWS = 256
 
 # Weight precisions a load may ask for.
-PRECISIONS = ("fp32", "int8", "int8-dynamic")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic")
 INT8_GROUP = 32  # input features per weight scale in the weight-only int8 mode
+# int8-dynamic: input features per weight scale, and input channels per Linear kept in fp32
+# (those with the largest activations on CALIBRATION_TEXTS).
+INT8_DYNAMIC_GROUP = 128
+INT8_OUTLIERS = 8
+# Run through the fp32 encoder once when an int8-dynamic encoder loads, to find each Linear's
+# outlier input channels. Chosen apart from the tests' varied set: prose, code, numbers, other
+# scripts, a one-word input.
+CALIBRATION_TEXTS = (
+    "The weather in Paris was mild this spring, and the markets were busy every morning.",
+    "def add(a, b):\n    return a + b  # a tiny function",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "北京是中国的首都。",
+    "OK",
+    "Order 1234-5678 shipped on 2024-03-05 at 14:30 !!!",
+    "Ceci est une phrase en français, avec des accents : é, è, à.",
+)
 
 
 class ModelLoadError(ValueError):
@@ -192,14 +222,27 @@ def check_precision(precision: object) -> str:
         raise ModelLoadError(
             f"precision {precision!r} is not implemented; choose one of {', '.join(PRECISIONS)}"
         )
+    if precision == "bf16" and not _has_bf16():
+        raise ModelLoadError(
+            "this CPU has no AVX512_BF16 (vdpbf16ps), so bf16 would run a slow scalar loop; "
+            "load the model as fp32, int8 or int8-dynamic"
+        )
     return precision  # type: ignore[return-value]
+
+
+def _has_bf16() -> bool:
+    f = K.cpu_features()
+    return all(f[name] for name in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 
 
 def weight_bytes(directory: Path, precision: str = "fp32") -> int:
     """Bytes the packed weights will take, from the config and the safetensors headers alone,
     so a load that would not fit is refused before anything is read. With int8, each Linear
     weight takes 1 byte per element plus a 4-byte scale per output channel and group of 32
-    inputs; with int8-dynamic, its packed bytes plus 8 per output channel."""
+    inputs; with int8-dynamic, what `kernels.int8_weight_bytes` counts for it (int8 per
+    element, scales per group of 128 inputs, INT8_OUTLIERS fp32 input channels); with bf16,
+    2 bytes per element of its packed form (N padded to 16, K to 2). Query, key and value
+    count as the one fused (3H, H) weight they are packed into."""
     check_precision(precision)
     config = read_config(directory)
     names: set[str] = set()
@@ -209,15 +252,19 @@ def weight_bytes(directory: Path, precision: str = "fp32") -> int:
     # The position and token-type tables become one table of max_positions rows.
     type_table = shapes[next(n for n in shapes if n.endswith("token_type_embeddings.weight"))]
     total = 4 * (sum(int(np.prod(s)) for s in shapes.values()) - int(np.prod(type_table)))
-    for name, shape in shapes.items():
-        if precision == "fp32" or not name.endswith(".weight") or ".encoder." not in f".{name}":
-            continue
-        if len(shape) == 2:
-            n, k = shape
-            if precision == "int8":
-                total -= 4 * n * k - n * k - 4 * n * -(-k // INT8_GROUP)
-            else:
-                total -= 4 * n * k - (-(-n // 8) * 8) * (-(-k // 4) * 4) - 8 * n
+    if precision == "fp32":
+        return total
+    h, i = config.hidden, config.intermediate
+    for n, k in [(3 * h, h), (h, h), (i, h), (h, i)] * config.layers:  # (N, K) as packed
+        total -= 4 * n * k
+        if precision == "int8":
+            total += n * k + 4 * n * -(-k // INT8_GROUP)
+        elif precision == "bf16":
+            total += 2 * (-(-n // 16) * 16) * (-(-k // 2) * 2)
+        else:
+            total += K.int8_weight_bytes(
+                n, k, group=INT8_DYNAMIC_GROUP, outliers=min(INT8_OUTLIERS, k)
+            )
     return total
 
 
@@ -256,18 +303,24 @@ def read_weights(directory: Path, config: BertConfig) -> dict[str, np.ndarray]:
     return out
 
 
+# A Linear weight in the encoder's precision: fp32 (K, N), else its packed reduced form.
+_Weight = np.ndarray | K.Int8GroupWeight | K.Int8Weight | K.Bf16Weight
+_LINEARS = ("wqkv", "wo", "w1", "w2")
+# How _run applies a layer's Linear: (x, layer index, weight attribute, bias, activation) -> y.
+_Linear = Callable[[np.ndarray, int, str, np.ndarray, str], np.ndarray]
+
+
 @dataclass
 class _Layer:
-    # Linear weights: fp32 (K, N) arrays, else the int8 form of the encoder's precision
-    wqkv: np.ndarray | K.Int8GroupWeight | K.Int8Weight  # (H, 3H): query, key, value side by side
+    wqkv: _Weight  # (H, 3H): query, key, value side by side
     bqkv: np.ndarray
-    wo: np.ndarray | K.Int8GroupWeight | K.Int8Weight  # (H, H)
+    wo: _Weight  # (H, H)
     bo: np.ndarray
     ln1_g: np.ndarray
     ln1_b: np.ndarray
-    w1: np.ndarray | K.Int8GroupWeight | K.Int8Weight  # (H, I)
+    w1: _Weight  # (H, I)
     b1: np.ndarray
-    w2: np.ndarray | K.Int8GroupWeight | K.Int8Weight  # (I, H)
+    w2: _Weight  # (I, H)
     b2: np.ndarray
     ln2_g: np.ndarray
     ln2_b: np.ndarray
@@ -317,17 +370,39 @@ class BertEncoder:
                     ln2_b=take(pre + "output.LayerNorm.bias"),
                 )
             )
-        if precision != "fp32":
-            for layer in self.layers:
-                for attr in ("wqkv", "wo", "w1", "w2"):
-                    w = getattr(layer, attr)
-                    if precision == "int8":
-                        setattr(layer, attr, K.quantize_int8_groups(w, INT8_GROUP))
-                    else:
-                        setattr(layer, attr, K.pack_int8_weight(w, trans_w=True))
         self.compiled: Any = None  # a phextcc SiwModule once compile() ran
         self.tokenizer = _load_tokenizer(directory, c.max_seq_length)
         self._untruncated = _load_tokenizer(directory, None)  # to count, for truncate: false
+        if precision == "int8-dynamic":
+            ranges = self.input_ranges(CALIBRATION_TEXTS)
+        for n, layer in enumerate(self.layers):
+            for attr in _LINEARS if precision != "fp32" else ():
+                w = getattr(layer, attr)
+                if precision == "int8":
+                    setattr(layer, attr, K.quantize_int8_groups(w, INT8_GROUP))
+                elif precision == "bf16":
+                    setattr(layer, attr, K.pack_bf16_weight(w, trans_w=True))
+                else:
+                    top = np.argsort(-ranges[n][attr], kind="stable")[:INT8_OUTLIERS]
+                    packed = K.pack_int8_weight(
+                        w, trans_w=True, group=INT8_DYNAMIC_GROUP, outliers=np.sort(top)
+                    )
+                    setattr(layer, attr, packed)
+
+    def input_ranges(self, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """Per layer and Linear ("wqkv", "wo", "w1", "w2"): the largest |input| each input
+        channel reached while the fp32 weights encoded `texts` (before they are quantised)."""
+        ranges: list[dict[str, np.ndarray]] = [{} for _ in self.layers]
+
+        def record(x: np.ndarray, n: int, attr: str, bias: np.ndarray, act: str) -> np.ndarray:
+            seen = np.abs(x).max(axis=0)
+            ranges[n][attr] = np.maximum(ranges[n].get(attr, seen), seen)
+            return K.linear(x, getattr(self.layers[n], attr), bias, act)
+
+        self.encode_ids(
+            self.tokenize(list(texts)), forward=lambda ids, lengths: self._run(ids, lengths, record)
+        )
+        return ranges
 
     def compile(self) -> None:
         """Compile the model with phextcc to an SIW program, which encode_ids then runs on a
@@ -397,6 +472,15 @@ class BertEncoder:
 
     def forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The hand-written forward of one padded chunk: ids (B, S), lengths (B,) int32."""
+        kernel = {"fp32": K.linear, "bf16": K.linear_bf16, "int8": K.linear_weight_int8,
+                  "int8-dynamic": K.linear_dynamic_int8}[self.precision]  # fmt: skip
+
+        def linear(x: np.ndarray, n: int, attr: str, bias: np.ndarray, act: str) -> np.ndarray:
+            return kernel(x, getattr(self.layers[n], attr), bias, act)
+
+        return self._run(ids, lengths, linear)
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray, linear: _Linear) -> np.ndarray:
         c = self.config
         bsz, seq = ids.shape
         h, nh = c.hidden, c.heads
@@ -404,15 +488,13 @@ class BertEncoder:
         K.add(x, self.pos_type[:seq].reshape(-1), out=x)
         x = x.reshape(bsz * seq, h)
         K.layer_norm(x, *self.emb_ln, c.eps, out=x)
-        linear = {"fp32": K.linear, "int8": K.linear_weight_int8,
-                  "int8-dynamic": K.linear_dynamic_int8}[self.precision]  # fmt: skip
-        for layer in self.layers:
-            qkv = linear(x, layer.wqkv, layer.bqkv).reshape(bsz, seq, 3 * h)
+        for n, layer in enumerate(self.layers):
+            qkv = linear(x, n, "wqkv", layer.bqkv, "none").reshape(bsz, seq, 3 * h)
             ctx = K.attention_packed(qkv, nh, key_lengths=lengths).reshape(bsz * seq, h)
-            a = linear(ctx, layer.wo, layer.bo)
+            a = linear(ctx, n, "wo", layer.bo, "none")
             x = K.add_layer_norm(a, x, layer.ln1_g, layer.ln1_b, c.eps, out=a)
-            f = linear(x, layer.w1, layer.b1, "gelu")
-            o = linear(f, layer.w2, layer.b2)
+            f = linear(x, n, "w1", layer.b1, "gelu")
+            o = linear(f, n, "w2", layer.b2, "none")
             x = K.add_layer_norm(o, x, layer.ln2_g, layer.ln2_b, c.eps, out=o)
         pooled = K.masked_mean_pool(x.reshape(bsz, seq, h), lengths)
         return K.l2_normalize(pooled, out=pooled)
