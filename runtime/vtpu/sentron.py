@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import vtpu.kernels as K
-from vtpu import ops, phextcc, siw
+from vtpu import ops, siw
 from vtpu.arena import Arena, ArenaFull, bytes_needed
-from vtpu.counters import COUNTERS, PIPES
-from vtpu.kernels import packed
+from vtpu.counters import COUNTERS, PIPES, kernel_scope
+from vtpu.kernels import decoder, packed
 from vtpu.siw import COp, DOp, Limits, Program, ProgramError, SOp
 
 __all__ = [
@@ -187,6 +187,13 @@ def _word_ops(program: Program, w: dict) -> int:
         return ops.gemm(m, n, k)
     if op == DOp.ADD_RMSNORM:
         return (ops.PER_ELEMENT["add"] + ops.PER_ELEMENT["rms_norm"]) * size
+    if op == DOp.KV_STORE_PAGED:  # the RMSNorm and rotation of every q and k head
+        bsz, seq, width = t[w["d_a"]].shape
+        d = t[w["d_b"]].shape[1]
+        heads_and_kv = width // d - t[w["d_dst"]].shape[3]
+        return (
+            (ops.PER_ELEMENT["rms_norm"] + ops.PER_ELEMENT["rope"]) * bsz * seq * heads_and_kv * d
+        )
     if op == DOp.ATTN_GQA:
         bsz, seq, width = t[w["d_dst"]].shape
         heads = w["d_flags"]
@@ -212,6 +219,19 @@ def _data_ops(program: Program, w: dict, v: list) -> Callable[[], int] | None:
     if op == DOp.MEAN_POOL:
         bsz, _, d = t[w["d_a"]].shape
         return lambda: ops.masked_mean_pool(int(v[lengths].sum()), bsz, d)
+    if op == DOp.PAGED_ATTN:  # the keys each query sees, from the page table's lengths
+        bsz, seq, width = t[w["d_dst"]].shape
+        table = w["d_c"]
+        kv_heads = t[w["d_b"]].shape[3]
+        d = (t[w["d_a"]].shape[2] - width) // (2 * kv_heads)
+        heads = width // d
+
+        def paged_ops() -> int:
+            # causal: token j of sequence b (length L) sees L - seq + j + 1 keys
+            keys = int(v[table][:, 0].sum()) * seq - bsz * (seq * (seq - 1) // 2)
+            return ops.attention(keys * heads, bsz * heads * seq, d)
+
+        return paged_ops
     if op == DOp.CACHED_ATTN:
         positions, heads = w["d_c"], w["d_flags"]
         bsz, _, width = t[w["d_dst"]].shape
@@ -226,7 +246,11 @@ def _imm(w: dict) -> float | None:
     return value if w["d_imm"] else None
 
 
-def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
+def _d_slot(
+    program: Program, w: dict, v: list, shared: dict | None = None
+) -> Callable[[], object] | None:
+    """Word w's D slot as a closure over the tensor slots `v`; `shared` is per prepared program
+    (what several words derive once per run, such as a step's page table)."""
     op, dst, a, b, c = w["d_op"], w["d_dst"], w["d_a"], w["d_b"], w["d_c"]
     if op == DOp.NOP:
         return None
@@ -273,24 +297,29 @@ def _d_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
         if dst == a:
             return lambda: K.bias_activation(v[dst], None, "gelu")
         return lambda: K.bias_activation(_copy_into(v[dst], v[a]), None, "gelu")
-    decoder = _decoder_slot(program, w, v)
-    if decoder is not None:
-        return decoder
+    slot = _decoder_slot(program, w, v, {} if shared is None else shared)
+    if slot is not None:
+        return slot
     raise AssertionError(f"validated program has D opcode {op}")
 
 
-def _decoder_slot(program: Program, w: dict, v: list) -> Callable[[], object] | None:
+def _decoder_slot(program: Program, w: dict, v: list, shared: dict) -> Callable[[], object] | None:
     """The decoder's D ops. Each calls what phextcc.run calls for the graph op it lowers
-    (packed.matmul / packed.rows, vtpu.kernels, phextcc's decoder routines), in the same order,
-    so a lowered program's logits equal the interpreted graph's bit for bit."""
+    (packed.matmul / packed.rows, vtpu.kernels, vtpu.kernels.decoder), in the same order, so a
+    lowered program's logits equal the interpreted graph's bit for bit; the paged ops call the
+    kernels of vtpu.models.qwen3's hand-written forward, so they equal it bit for bit."""
     op, dst, a, b, c = w["d_op"], w["d_dst"], w["d_a"], w["d_b"], w["d_c"]
     t = program.tensors
     eps = _imm(w) or 1e-6
     heads = w["d_flags"]
     if op == DOp.ADD_RMSNORM:
+        add_ops = ops.PER_ELEMENT["add"] * t[a].size
 
         def add_rmsnorm() -> None:
-            K.add(v[a], v[b], out=v[a])  # the residual stream, left in x
+            # the residual stream, left in x: K.add's ufunc and count, its checks done by
+            # siw.validate (they cost a decode step ~3 us a layer)
+            with kernel_scope(add_ops):
+                np.add(v[a], v[b], out=v[a])
             K.rms_norm(v[a], v[c], eps, out=v[dst])
 
         return add_rmsnorm
@@ -305,7 +334,7 @@ def _decoder_slot(program: Program, w: dict, v: list) -> Callable[[], object] | 
 
         def swiglu() -> None:
             x = v[a]
-            np.multiply(phextcc.silu(x[..., :n], out=v[dst]), x[..., n:], out=v[dst])
+            np.multiply(decoder.silu(x[..., :n], out=v[dst]), x[..., n:], out=v[dst])
 
         return swiglu
     if op == DOp.QK_NORM_ROPE:
@@ -315,21 +344,114 @@ def _decoder_slot(program: Program, w: dict, v: list) -> Callable[[], object] | 
 
         def qk_norm_rope() -> None:
             gammas = v[a]
-            phextcc.qk_norm_rope(K, [v[dst], gammas[0], gammas[1], v[c]], attrs, v[dst], v[b])
+            decoder.qk_norm_rope([v[dst], gammas[0], gammas[1], v[c]], attrs, v[dst], v[b])
 
         return qk_norm_rope
     if op == DOp.ATTN_GQA:
         d = t[dst].shape[2] // heads
         kv = (t[a].shape[2] // d - heads) // 2
         attrs = {"heads": heads, "kv_heads": kv, "head_dim": d, "causal": True, "packed": True}
-        return lambda: np.copyto(v[dst], phextcc.gqa_attention(K, [v[a]], attrs, None))
+        return lambda: np.copyto(v[dst], decoder.gqa_attention([v[a]], attrs, None))
     if op in (DOp.KV_APPEND, DOp.CACHED_ATTN):
         cache = t[dst if op == DOp.KV_APPEND else b].shape
         attrs = {"heads": heads, "kv_heads": cache[2], "head_dim": cache[4], "packed": True}
         if op == DOp.KV_APPEND:
-            return lambda: phextcc.kv_append([v[dst], v[a], v[b]], attrs)
-        return lambda: np.copyto(v[dst], phextcc.cached_attention(K, [v[a], v[b], v[c]], attrs))
+            return lambda: decoder.kv_append([v[dst], v[a], v[b]], attrs)
+        return lambda: np.copyto(v[dst], decoder.cached_attention([v[a], v[b], v[c]], attrs))
+    if op in (DOp.KV_STORE_PAGED, DOp.PAGED_ATTN):
+        return _paged_slot(program, w, v, shared)
     return None
+
+
+class _StepPages:
+    """The page table of the run in progress, validated and derived once per run and shared by
+    every paged word of a prepared program (the table tensor is a new array each run), and the
+    views the words read (every layer's words read the same buffers: derived once a run)."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+        self.table: decoder.PageTable | None = None
+        self._scratch = np.empty(0, np.float32)
+        self._views: dict[tuple, tuple[np.ndarray, tuple]] = {}
+
+    def views(self, key: tuple, array: np.ndarray, make: Callable[[np.ndarray], tuple]) -> tuple:
+        """make(array), reused while `array` is the same object (this run's binding)."""
+        hit = self._views.get(key)
+        if hit is None or hit[0] is not array:
+            hit = self._views[key] = (array, make(array))
+        return hit[1]
+
+    def get(self, array: np.ndarray, seq: int, page_tokens: int, frames: int) -> decoder.PageTable:
+        if array is not self.array or self.table is None or self.table.seq != seq:
+            self.table = decoder.PageTable(array, seq, page_tokens, frames)
+            self.array = array
+        return self.table
+
+    def scratch(self, rows: int, width: int) -> np.ndarray:
+        """Decode attention's score rows, dense (rows, width), reused from run to run."""
+        if self._scratch.size < rows * width:
+            self._scratch = np.empty(rows * width, np.float32)
+        return self._scratch[: rows * width].reshape(rows, width)
+
+
+def _paged_slot(program: Program, w: dict, v: list, shared: dict) -> Callable[[], object]:
+    """KV_STORE_PAGED and PAGED_ATTN over the node's KV arena (siw's docstring)."""
+    op, dst, a, b, c, e = w["d_op"], w["d_dst"], w["d_a"], w["d_b"], w["d_c"], w["d_e"]
+    t = program.tensors
+    layer = w["d_flags"]
+    arena_id = dst if op == DOp.KV_STORE_PAGED else b
+    frames, _, _, kv_heads, page_width = t[arena_id].shape
+    bsz, seq, width = t[a].shape
+    if op == DOp.KV_STORE_PAGED:
+        d = t[b].shape[1]
+    else:
+        d = (width - t[dst].shape[2]) // (2 * kv_heads)
+    P, heads = page_width // d, width // d - 2 * kv_heads
+    steps = shared.setdefault("pages", _StepPages())
+    rows = bsz * seq
+
+    def split_queries(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        qkv = array.reshape(rows, width)
+        q = qkv[:, : heads * d]
+        q.shape = (rows, heads, d)  # a view of qkv's q columns (setting shape never copies)
+        return qkv, q
+
+    def queries() -> tuple[np.ndarray, np.ndarray]:
+        return steps.views(("q", a, rows, width, heads), v[a], split_queries)
+
+    if op == DOp.KV_STORE_PAGED:
+        eps = _imm(w) or 1e-6
+        # resident gammas are bound by now (prepare binds them first): split once
+        fixed = (v[b][0], v[b][1]) if t[b].init == "resident" else None
+
+        def kv_store_paged() -> None:
+            table = steps.get(v[e], seq, P, frames)
+            qkv, q = queries()
+            q_gamma, k_gamma = fixed or (v[b][0], v[b][1])
+            cos, sin = steps.views(("rope", c), v[c], lambda r: (r[0], r[1]))
+            decoder.store(qkv, q_gamma, k_gamma, eps, cos, sin, v[dst], layer,
+                          table.row_frames, table.slots, q)  # fmt: skip
+
+        return kv_store_paged
+
+    def paged_attn() -> None:
+        table = steps.get(v[c], seq, P, frames)
+        _, q = queries()
+        if seq == 1:
+            out = v[dst].reshape(bsz, heads, d)
+            scratch = steps.scratch(bsz * heads, table.longest)
+            decoder.decode_attention(q, v[b], layer, table.frames, table.page_start,
+                                     table.lengths, out, scratch)  # fmt: skip
+            return
+        out = v[dst].reshape(rows, heads * d)
+        starts = table.page_start
+        for i in range(bsz):
+            pages = table.frames[starts[i] : starts[i + 1]]
+            out[i * seq : (i + 1) * seq] = decoder.prefill_attention(
+                q[i * seq : (i + 1) * seq], v[b], layer, pages, int(table.lengths[i])
+            )
+
+    return paged_attn
 
 
 def _packed_weight(
@@ -517,12 +639,14 @@ class Sentron:
             if spec.init == "view":
                 children.setdefault(owners[i], []).append(i)
         plan = []
+        shared: dict = {}
         for i, row in enumerate(program.words.tolist()):
             w = dict(zip(siw.SIW_DTYPE.names, row, strict=True))
             d_reads, d_writes, s_reads, s_writes = siw._rw_sets(w)
             d = _guard_scratch(
-                _d_slot(program, w, views), d_reads | d_writes, program, views, i, "D", owners
-            )
+                _d_slot(program, w, views, shared), d_reads | d_writes, program, views, i, "D",
+                owners,
+            )  # fmt: skip
             s = _s_slot(program, w, views, self.arena, i, children)
             if w["s_op"] not in (SOp.ALLOC, SOp.FREE):
                 s = _guard_scratch(s, s_reads | s_writes, program, views, i, "S", owners)
@@ -547,7 +671,16 @@ class Sentron:
             [(program.tensors[i].shape, siw.NUMPY_DTYPES[program.tensors[i].dtype])
              for i in allocated]
         )  # fmt: skip
-        return Prepared(program, views, plan, allocated, bound_views, owners, need, inout)
+        tensors = program.tensors
+        return Prepared(
+            program, views, plan, allocated, bound_views, owners, need, inout,
+            declared=[t for t in tensors if t.init in ("input", "inout")],
+            outputs=[i for i, t in enumerate(tensors) if t.output],
+            arena_owned=[i for i, t in enumerate(tensors) if t.init not in ("resident", "view",
+                                                                            "inout")],
+            unbound=inout + [i for i, t in enumerate(tensors)
+                             if t.init == "view" and tensors[owners[i]].init != "resident"],
+        )  # fmt: skip
 
     def run(
         self,
@@ -588,7 +721,7 @@ class Sentron:
 
     def _run(self, prepared: Prepared, inputs, trace, cancel, t_setup) -> RunResult:
         program, views = prepared.program, prepared.views
-        _check_inputs(program, inputs)
+        _check_inputs(program, inputs, prepared.declared)
         if prepared.arena_bytes > self.arena.free_bytes:
             raise ArenaFull(
                 f"the program's tensors need {prepared.arena_bytes} bytes; the arena has"
@@ -612,19 +745,13 @@ class Sentron:
             result = self._issue(program, prepared.plan, trace, cancel)
             result.setup_ns = setup_ns
             result.outputs = {
-                spec.name: views[i].copy()
-                for i, spec in enumerate(tensors)
-                if spec.output and views[i] is not None
+                tensors[i].name: views[i].copy() for i in prepared.outputs if views[i] is not None
             }
         finally:
-            for i, spec in enumerate(tensors):
-                init = tensors[owners[i]].init
-                if spec.init == "view" and init != "resident":
-                    views[i] = None
-            for i, spec in enumerate(tensors):
-                if spec.init == "inout":
-                    views[i] = None  # the caller's array: bound for this run only
-                elif spec.init not in ("resident", "view") and views[i] is not None:
+            for i in prepared.unbound:
+                views[i] = None  # views of run memory; inout: the caller's, for this run only
+            for i in prepared.arena_owned:
+                if views[i] is not None:
                     self.arena.release(views[i])
                     views[i] = None
         self.counters.add_run(result)
@@ -746,6 +873,13 @@ class Prepared:
     arena_bytes: int
     inout: list[int]  # tensors bound in place to the caller's arrays per run (KV caches)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Index lists a run walks instead of every tensor (a decoder's program declares hundreds of
+    # residents): the inputs it checks, the outputs it copies, the arena memory it gives back
+    # (allocated and scratch) and the slots it unbinds (views of those, inout tensors).
+    declared: list[siw.TensorSpec] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    arena_owned: list[int] = field(default_factory=list)
+    unbound: list[int] = field(default_factory=list)
 
 
 def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: list) -> None:
@@ -773,8 +907,15 @@ def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: 
         views[i] = value
 
 
-def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
-    declared = {t.name: t for t in program.tensors if t.init in ("input", "inout")}
+def _check_inputs(
+    program: Program,
+    inputs: Mapping[str, np.ndarray],
+    specs: list[siw.TensorSpec] | None = None,
+) -> None:
+    """`specs`: the program's input and inout tensors, when the caller has them listed."""
+    if specs is None:
+        specs = [t for t in program.tensors if t.init in ("input", "inout")]
+    declared = {t.name: t for t in specs}
     missing = sorted(set(declared) - set(inputs))
     if missing:
         raise RunError(f"missing input(s) {', '.join(missing)}: pass them by name in `inputs`")
@@ -795,14 +936,14 @@ def _check_inputs(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
                 f" {spec.dtype}{list(spec.shape)}: pass an array of that shape, e.g."
                 f" x.astype(np.{want.name})"
             )
-    _check_inout(program, inputs)
+    _check_inout(specs, inputs)
 
 
-def _check_inout(program: Program, inputs: Mapping[str, np.ndarray]) -> None:
+def _check_inout(specs: list[siw.TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
     """`inout` arrays are written in place: each must be dense, writeable and apart from the
     others (two caches on one buffer would race)."""
     spans = []
-    for spec in program.tensors:
+    for spec in specs:
         if spec.init != "inout":
             continue
         value = inputs[spec.name]

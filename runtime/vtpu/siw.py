@@ -13,7 +13,7 @@ Word layout (64 bytes, little-endian; every reserved byte must be zero)::
      1     1    deps       bit3 D<S (D needs this word's S), bit4 S<D (S needs D);
                            bits 0-2 and 5-7 reserved
      2     2    reserved
-     4     16   D slot     op u8 | flags u8 | dst u16 | a u16 | b u16 | c u16 | imm f32 | rsv u16
+     4     16   D slot     op u8 | flags u8 | dst u16 | a u16 | b u16 | c u16 | imm f32 | e u16
     20     16   S slot     op u8 | flags u8 | dst u16 | src u16 | idx u16 | tile u16 | rows u16
                            | rsv u32
     36     8    C slot     op u8 | flags u8 | target u16 | count u32
@@ -25,11 +25,14 @@ C ops BARRIER (1) and SYNC (2) and the dependency bits D>D, S>S, C>C and C<D —
 word's C slot runs after its D and S slots are done, and each word after the previous one, so
 there was never anything to wait for. Their codes and bits are rejected with that reason.
 
+The D slot's `e` (bytes 18-19) is a fifth operand, used by KV_STORE_PAGED only (0 otherwise).
+
 D flags: bits 0-1 activation of LINEAR (0 none, 1 relu, 2 gelu, 3 silu); bit 2 causal of
 ATTENTION; bit 3 acc of GEMM (dst += a @ b, accumulating as a systolic array does); all 8 bits
 the (query) head count of ATTN_QKV, QK_NORM_ROPE, ATTN_GQA, KV_APPEND and CACHED_ATTN (text
-heads=N, 1..255). D imm: eps of LAYERNORM/RMSNORM/ADD_LAYERNORM/L2NORM/ADD_RMSNORM/
-QK_NORM_ROPE, scale of ATTENTION/ATTN_QKV (0 = the default), else 0.
+heads=N, 1..255); all 8 bits the layer of KV_STORE_PAGED and PAGED_ATTN (text layer=N, 0..255).
+D imm: eps of LAYERNORM/RMSNORM/ADD_LAYERNORM/L2NORM/ADD_RMSNORM/QK_NORM_ROPE/KV_STORE_PAGED,
+scale of ATTENTION/ATTN_QKV (0 = the default), else 0.
 Operand fields a slot does not use are 0; LINEAR without bias and MATMUL/ROWS without scale
 have c = 0xFFFF. D operands are
 dense row-major tensors (views included); dst may share memory with a source only where the
@@ -80,6 +83,25 @@ first, heads a multiple of kv_heads (grouped-query); head_dim and kv_heads follo
                                       in place (a position >= T fails the run)
     cached_attn dst, qkv, cache, positions heads=H  one query per sequence, qkv (b,1,width),
                                       against its cached keys 0..position -> dst (b,1,H*d)
+
+The node's paged KV cache (vtpu.models.kvcache; the hand-written forward of vtpu.models.qwen3
+runs the same kernels, vtpu.kernels.decoder, in the same order). `kv` is the arena, f32
+(frames, layers, 2, kv_heads, P * d), P tokens a page, K transposed per page, bound `inout`;
+`pages` is the step's page table, i64 (b, 1 + max_pages): row i = sequence i's length after
+the step (its s new tokens included), then its frames in token order, as the Phext Page Table
+translated them. Token j of sequence i is at position length - s + j, frame
+pages[i, 1 + position // P], slot position % P. A length below s or beyond the row's pages, or
+a frame outside the arena, fails the run. d <= 1024, P <= 256 (the kernels' scratch).
+
+    kv_store_paged kv, qkv, gammas, rope, pages layer=L eps=E
+                                      qkv (b,s,width): q heads RMS-normalised (gammas (2,d):
+                                      q's, k's) and rotated (rope (2,b*s,d): cos, sin per
+                                      row) in place; k heads likewise and v heads written
+                                      into layer L of their frame and slot; writes kv and qkv
+    paged_attn dst, qkv, kv, pages layer=L  attention of qkv's q heads over each sequence's
+                                      pages of layer L -> dst (b,s,H*d); s = 1: one query per
+                                      sequence (the decode kernel), s > 1: causal over the
+                                      sequence's cached tokens (the prefill kernel)
 
     S ops  operands                   rule
     load       dst, src  tile rows    dst[:rows] = src[tile*rows:(tile+1)*rows]
@@ -178,6 +200,8 @@ class DOp(IntEnum):
     ROWS = 20
     KV_APPEND = 21
     CACHED_ATTN = 22
+    KV_STORE_PAGED = 23
+    PAGED_ATTN = 24
 
 
 class SOp(IntEnum):
@@ -209,6 +233,9 @@ ACTIVATIONS = (None, "relu", "gelu", "silu")
 FLAG_CAUSAL = 4
 FLAG_ACC = 8
 INT8_MAX_K = (2**31 - 1) // (128 * 128)
+# The paged kernels' fixed scratch (vtpu.kernels.decoder.MAX_PAGE_TOKENS / MAX_HEAD_DIM).
+MAX_PAGE_TOKENS = 256
+MAX_HEAD_DIM = 1024
 
 DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64", 5: "bf16"}  # bf16: raw bits, as uint16
 NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64,
@@ -225,7 +252,7 @@ SIW_DTYPE = np.dtype(
     {
         "names": [
             "fmt", "deps", "rsv0",
-            "d_op", "d_flags", "d_dst", "d_a", "d_b", "d_c", "d_imm", "d_rsv",
+            "d_op", "d_flags", "d_dst", "d_a", "d_b", "d_c", "d_imm", "d_e",
             "s_op", "s_flags", "s_dst", "s_src", "s_idx", "s_tile", "s_rows", "s_rsv",
             "c_op", "c_flags", "c_target", "c_count",
             "rsv2", "rsv1",
@@ -271,6 +298,8 @@ _D_OPERANDS = {
     DOp.ROWS: ("d_dst", "d_a", "d_b", "d_c"),
     DOp.KV_APPEND: ("d_dst", "d_a", "d_b"),
     DOp.CACHED_ATTN: ("d_dst", "d_a", "d_b", "d_c"),
+    DOp.KV_STORE_PAGED: ("d_dst", "d_a", "d_b", "d_c", "d_e"),
+    DOp.PAGED_ATTN: ("d_dst", "d_a", "d_b", "d_c"),
 }
 _S_OPERANDS = {
     SOp.NOP: (),
@@ -292,14 +321,16 @@ _D_IMM = {
     DOp.L2NORM: "eps",
     DOp.ADD_RMSNORM: "eps",
     DOp.QK_NORM_ROPE: "eps",
+    DOp.KV_STORE_PAGED: "eps",
 }
 # D ops with the head count in their flags (heads=N in text), and ops whose last operand is
 # optional (c = NONE: LINEAR's bias, MATMUL's and ROWS' int8 scale).
 _HEADS_OPS = (DOp.ATTN_QKV, DOp.QK_NORM_ROPE, DOp.ATTN_GQA, DOp.KV_APPEND, DOp.CACHED_ATTN)
+_LAYER_OPS = (DOp.KV_STORE_PAGED, DOp.PAGED_ATTN)  # the layer in the flags (layer=N)
 _OPTIONAL_C = (DOp.LINEAR, DOp.MATMUL, DOp.ROWS)
 # D ops that also read dst (they write part of it) or also write their first source.
-_D_READS_DST = (DOp.QK_NORM_ROPE, DOp.KV_APPEND)
-_D_WRITES_A = (DOp.ADD_RMSNORM,)
+_D_READS_DST = (DOp.QK_NORM_ROPE, DOp.KV_APPEND, DOp.KV_STORE_PAGED)
+_D_WRITES_A = (DOp.ADD_RMSNORM, DOp.KV_STORE_PAGED)
 # D ops whose dst may be their first source (row-wise kernels read a row before writing it).
 _D_IN_PLACE = (DOp.LAYERNORM, DOp.RMSNORM, DOp.ADD_LAYERNORM, DOp.L2NORM, DOp.GELU, DOp.ADD,
                DOp.MUL, DOp.SOFTMAX)  # fmt: skip
@@ -641,7 +672,11 @@ def _reserved_check(words: np.ndarray) -> None:
             " phext coordinates address memory through the Phext Page Table)",
         ),
         ("reserved bytes", words["rsv0"] != 0, "bytes 2-3 are reserved"),
-        ("reserved bytes", words["d_rsv"] != 0, "bytes 18-19 (D slot) are reserved"),
+        (
+            "reserved bytes",
+            (words["d_e"] != 0) & (words["d_op"] != DOp.KV_STORE_PAGED),
+            "bytes 18-19 (the D slot's operand e) are used by D.kv_store_paged only; else 0",
+        ),
         ("reserved bytes", words["s_rsv"] != 0, "bytes 32-35 (S slot) are reserved"),
         ("reserved bytes", words["rsv1"] != 0, "bytes 62-63 are reserved"),
         ("bad opcode", words["d_op"] > max(DOp), f"D opcodes are 0..{max(DOp)}"),
@@ -714,9 +749,9 @@ def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
     used = _D_OPERANDS[d_op]
     if d_op in _OPTIONAL_C and w["d_c"] == NONE:
         used = used[:3]
-    reserved_fields(("d_dst", "d_a", "d_b", "d_c"), _D_OPERANDS[d_op], "D")
+    reserved_fields(("d_dst", "d_a", "d_b", "d_c", "d_e"), _D_OPERANDS[d_op], "D")
     flags_allowed = {DOp.LINEAR: 3, DOp.ATTENTION: FLAG_CAUSAL, DOp.GEMM: FLAG_ACC,
-                     **dict.fromkeys(_HEADS_OPS, 0xFF)}.get(d_op, 0)  # fmt: skip
+                     **dict.fromkeys(_HEADS_OPS + _LAYER_OPS, 0xFF)}.get(d_op, 0)  # fmt: skip
     if w["d_flags"] & ~flags_allowed:
         raise ProgramError("reserved bytes", i, f"D.{name} flags {w['d_flags']:#x} not defined")
     imm = float(np.uint32(w["d_imm"]).view(np.float32))
@@ -787,7 +822,8 @@ def _check_d_aliasing(
     if op in _D_WRITES_A:  # add_rmsnorm leaves the residual sum in x: x is written too
         x = w["d_a"]
         _check_writable(program, i, label, x, owners)
-        if owners[x] in (owners[w["d_b"]], owners[w["d_c"]]):
+        others = {owners[w[f]] for f in _D_OPERANDS[op][2:] if w[f] != NONE}
+        if owners[x] in others:
             raise ProgramError(
                 "bad operand", i, f"{label}: x {program.tensors[x].name!r} (written with the"
                 " residual sum) shares memory with another source",
@@ -1038,6 +1074,82 @@ def _check_cached_attn(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
         )  # fmt: skip
 
 
+def _paged_dims(i: int, name: str, kv: TensorSpec, d: int, layer: int) -> tuple[int, int]:
+    """(kv_heads, page_tokens) of a KV arena (frames, layers, 2, kv_heads, P * d), or the
+    reason it is not one for head_dim d and this layer."""
+    s = kv.shape
+    if kv.dtype != "f32" or len(s) != 5 or s[2] != 2:
+        raise _shape_error(
+            i, name, f"kv {kv.name!r} must be f32 (frames, layers, 2, kv_heads, P x head_dim);"
+            f" got {kv.dtype}{list(s)}",
+        )  # fmt: skip
+    if not 0 < d <= MAX_HEAD_DIM or d % 2 or s[4] % d or not s[4] // d <= MAX_PAGE_TOKENS:
+        raise _shape_error(
+            i, name, f"head_dim {d} (even, <= {MAX_HEAD_DIM}) must divide kv's {s[4]} into at"
+            f" most {MAX_PAGE_TOKENS} tokens a page",
+        )  # fmt: skip
+    if layer >= s[1]:
+        raise ProgramError("out of range", i, f"{name}: layer={layer}; kv holds {s[1]} layers")
+    return s[3], s[4] // d
+
+
+def _paged_qkv(i: int, name: str, qkv: TensorSpec, d: int, kv_heads: int) -> int:
+    """Query heads of a packed (b, s, (heads + 2 kv_heads) x d) projection."""
+    q = qkv.shape
+    heads = q[2] // d - 2 * kv_heads if len(q) == 3 and q[2] % d == 0 else 0
+    if qkv.dtype != "f32" or heads < 1 or heads % kv_heads:
+        raise _shape_error(
+            i, name, f"qkv must be f32 (batch, seq, (heads + 2 x {kv_heads}) x {d}) with heads a"
+            f" multiple of {kv_heads}; got {qkv.dtype}{list(q)}",
+        )  # fmt: skip
+    return heads
+
+
+def _check_page_table(i: int, name: str, pages: TensorSpec, bsz: int) -> None:
+    if pages.dtype != "i64" or len(pages.shape) != 2 or pages.shape[0] != bsz:
+        raise _shape_error(
+            i, name, f"pages {pages.name!r} must be i64 ({bsz}, 1 + max_pages); got"
+            f" {pages.dtype}{list(pages.shape)}",
+        )  # fmt: skip
+    if pages.shape[1] < 2:
+        raise _shape_error(i, name, f"pages {pages.name!r} holds no page column")
+
+
+def _check_kv_store_paged(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    kv, qkv, gammas, rope, pages = t
+    if gammas.dtype != "f32" or len(gammas.shape) != 2 or gammas.shape[0] != 2:
+        raise _shape_error(i, name, f"gammas must be f32 (2, head_dim), got {list(gammas.shape)}")
+    d = gammas.shape[1]
+    kv_heads, _ = _paged_dims(i, name, kv, d, w["d_flags"])
+    _paged_qkv(i, name, qkv, d, kv_heads)
+    bsz, seq, _ = qkv.shape
+    if rope.dtype != "f32" or rope.shape != (2, bsz * seq, d):
+        raise _shape_error(
+            i, name, f"rope must be f32 (2, {bsz * seq}, {d}): cos then sin per row; got"
+            f" {rope.dtype}{list(rope.shape)}",
+        )  # fmt: skip
+    _check_page_table(i, name, pages, bsz)
+
+
+def _check_paged_attn(i: int, name: str, t: list[TensorSpec], w: dict) -> None:
+    dst, qkv, kv, pages = t
+    q, o = qkv.shape, dst.shape
+    kv_heads = kv.shape[3] if len(kv.shape) == 5 else 0
+    width = q[2] - o[2] if len(q) == 3 and len(o) == 3 else 0
+    if not kv_heads or width <= 0 or width % (2 * kv_heads) or o[:2] != q[:2]:
+        raise _shape_error(
+            i, name, f"qkv (batch, seq, (heads + 2 kv_heads) x d) -> dst (batch, seq, heads x"
+            f" d) over kv (frames, layers, 2, kv_heads, P x d); got qkv {q}, dst {o}, kv"
+            f" {kv.shape}",
+        )  # fmt: skip
+    d = width // (2 * kv_heads)
+    _paged_dims(i, name, kv, d, w["d_flags"])
+    heads = _paged_qkv(i, name, qkv, d, kv_heads)
+    if dst.dtype != "f32" or o[2] != heads * d:
+        raise _shape_error(i, name, f"dst must be f32 (batch, seq, {heads * d}), got {o}")
+    _check_page_table(i, name, pages, q[0])
+
+
 _DECODER_CHECKS = {
     DOp.ADD_RMSNORM: _check_add_rmsnorm,
     DOp.QK_NORM_ROPE: _check_qk_norm_rope,
@@ -1047,6 +1159,8 @@ _DECODER_CHECKS = {
     DOp.ROWS: _check_rows,
     DOp.KV_APPEND: _check_kv_append,
     DOp.CACHED_ATTN: _check_cached_attn,
+    DOp.KV_STORE_PAGED: _check_kv_store_paged,
+    DOp.PAGED_ATTN: _check_paged_attn,
 }
 
 
@@ -1223,6 +1337,8 @@ def word_text(program: Program, i: int) -> str:
             text += f" act={ACTIVATIONS[w['d_flags'] & 3]}"
         if d_op in _HEADS_OPS:
             text += f" heads={w['d_flags']}"
+        if d_op in _LAYER_OPS:
+            text += f" layer={w['d_flags']}"
         if w["d_flags"] & FLAG_CAUSAL and d_op == DOp.ATTENTION:
             text += " causal"
         if w["d_flags"] & FLAG_ACC and d_op == DOp.GEMM:
@@ -1404,6 +1520,11 @@ def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
             if act not in ("none", "relu", "gelu", "silu"):
                 raise fail(f"{label}: act={act!r}; use none, relu, gelu or silu")
             w["d_flags"] |= ACTIVATIONS.index(None if act == "none" else act)
+        if op in _LAYER_OPS:
+            allowed.add("layer")
+            if "layer" not in keywords:
+                raise fail(f"{label} needs layer=N (0..255)")
+            w["d_flags"] = integer("layer", keywords["layer"], 0xFF)
         if op in _HEADS_OPS:
             allowed.add("heads")
             if "heads" not in keywords:

@@ -327,10 +327,10 @@ def test_inout_tensors_are_updated_in_place_and_never_copied() -> None:
         assert arena_bytes_for(program) < 3 * state.nbytes + 4096  # the state takes no arena
         result = sentron.run(program, {"state": state, "x": x, "gate": gate})
         np.testing.assert_array_equal(state, before + x)
-        from vtpu import phextcc
+        from vtpu.kernels import decoder
 
         up = gate[:, 8:]
-        np.testing.assert_array_equal(result.outputs["s"], phextcc.silu(gate[:, :8]) * up)
+        np.testing.assert_array_equal(result.outputs["s"], decoder.silu(gate[:, :8]) * up)
         with pytest.raises(RunError, match="missing input"):
             sentron.run(program, {"x": x, "gate": gate})
 

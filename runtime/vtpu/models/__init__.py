@@ -380,6 +380,7 @@ class ModelRegistry:
             return loaded
         try:
             llm = qwen3.Qwen3Model(directory, precision, cache_bytes=cache)
+            llm.compile()  # prefill and decode run phextcc's SIW programs over the paged cache
             engine = generate.Engine(llm, name=name, max_sequences=self.max_sequences)
         except qwen3.ModelLoadError as exc:
             raise ModelError(422, f"{name} cannot be served: {exc}") from None

@@ -5,7 +5,7 @@ and never grows; the OS backs its memory as pages are first written, so RSS stay
 `cache_bytes` until the cache has been filled once. A page holds `page_tokens` consecutive tokens of one sequence, for every layer:
 arena[page, layer, 0 = K | 1 = V, kv_head] is a block of page_tokens * head_dim floats, K stored
 transposed ([head_dim][page_tokens]) and V as [page_tokens][head_dim], the layout decode
-attention reads in place (vtpu.models._decode).
+attention reads in place (vtpu.kernels._decode, through vtpu.kernels.decoder).
 
 Pages are found through the Phext Page Table (vtpu.ppt, built with map_on_touch=False). Page i of
 sequence s has the phext coordinate `page_coordinates(s, i)`:

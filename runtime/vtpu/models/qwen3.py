@@ -19,14 +19,21 @@ Weights are packed once by vtpu.kernels.packed in the precision chosen at load (
 up into one, so a layer makes four matmuls; the embedding table is packed too and serves as the
 lm_head when tied (`packed.rows` for the lookup). Norm weights stay fp32.
 
-The forward, per layer: RMSNorm, the fused QKV matmul, then one `_decode` kernel that RMS-normalises
-each q and k head (q_norm, k_norm), applies rotary embeddings (rotate-half with the config's
-theta, positions = cache positions) and writes k and v into the sequence's cache page; attention
-(prefill: causal over the sequence's cached keys through vtpu.kernels.attention; decode: one
-query per sequence read in place from its pages by `_decode.decode_attention`), grouped-query with
-any ratio, the output projection and residual, RMSNorm, SwiGLU and the down projection. head_dim
-is the config's, independent of hidden_size / heads. Prefill returns the last position's logits,
-decode one row per sequence, batched: M = len(seqs) rows through every matmul.
+The forward, per layer: RMSNorm, the fused QKV matmul, then one kernel (vtpu.kernels.decoder.store)
+that RMS-normalises each q and k head (q_norm, k_norm), applies rotary embeddings (rotate-half
+with the config's theta, positions = cache positions) and writes k and v into the sequence's
+cache page; attention (a prefill chunk: causal over the sequence's cached keys through
+vtpu.kernels.attention; decode, and a one-token chunk: one query per sequence read in place
+from its pages by decoder.decode_attention), grouped-query with any ratio, the output projection
+and residual, RMSNorm, SwiGLU and the down projection. head_dim is the config's, independent of
+hidden_size / heads. Prefill returns the last position's logits, decode one row per sequence,
+batched: M = len(seqs) rows through every matmul.
+
+`compile()` (the registry calls it for every precision) lowers prefill and decode with phextcc to
+SIW programs over the same paged cache (phextcc.lower.DecoderModule, paged: the arena bound
+in place, each step's PPT-translated frames as the program's page table); prefill() and decode()
+then run those on a sentron. The hand-written forward stays as the reference (`reference=True`):
+the same kernels in the same order, so the two agree bit for bit in every precision.
 
 The KV cache (vtpu.models.kvcache) is allocated at load; every step translates the sequences'
 page coordinates through the Phext Page Table. Thread-safety: prefill and decode run on one
@@ -46,10 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from vtpu import kernels as K
-from vtpu import ops as _ops
-from vtpu.counters import kernel_scope
-from vtpu.kernels import packed
-from vtpu.models import _decode
+from vtpu.kernels import decoder, packed
 from vtpu.models.bert import ModelLoadError
 from vtpu.models.kvcache import CacheFull, PagedKVCache, Sequence
 
@@ -69,10 +73,6 @@ PRECISIONS = packed.PRECISIONS
 # Positions per prefill pass: bounds the activations of a long prompt (the pages for the whole
 # prompt are taken before the first pass, so a prompt that does not fit changes nothing).
 PREFILL_CHUNK = 512
-_CPU_AVX2 = _decode.cpu_has_avx2()
-# Below this many query-key multiply-adds (per layer) a decode attention runs on the calling
-# thread: waking the OpenMP team for every layer costs more than a short context saves.
-_PARALLEL_ATTENTION = 1 << 20
 
 # config.json fields that do not change what inference computes.
 _IRRELEVANT = frozenset({
@@ -266,10 +266,10 @@ def read_config(directory: Path) -> Qwen3Config:
         )
     else:
         head_dim = hidden // heads
-    if head_dim % 2 or head_dim > _decode.MAX_HEAD_DIM:
+    if head_dim % 2 or head_dim > decoder.MAX_HEAD_DIM:
         raise ModelLoadError(
             f"{path}: head_dim={head_dim} is not supported (rotary embeddings need an even "
-            f"head_dim, at most {_decode.MAX_HEAD_DIM})"
+            f"head_dim, at most {decoder.MAX_HEAD_DIM})"
         )
     layer_types = raw.get("layer_types")
     if layer_types is not None:
@@ -588,10 +588,10 @@ class Qwen3Model:
         if (
             isinstance(page_tokens, bool)
             or not isinstance(page_tokens, int)
-            or not 1 <= page_tokens <= _decode.MAX_PAGE_TOKENS
+            or not 1 <= page_tokens <= decoder.MAX_PAGE_TOKENS
         ):
             raise ModelLoadError(
-                f"page_tokens must be an integer from 1 to {_decode.MAX_PAGE_TOKENS}, got "
+                f"page_tokens must be an integer from 1 to {decoder.MAX_PAGE_TOKENS}, got "
                 f"{page_tokens!r}"
             )
         self.config = c = read_config(self.directory)
@@ -639,6 +639,7 @@ class Qwen3Model:
         self.tokenizer = _tokenizer(self.directory)
         self.chat_template = _chat_template(self.directory)
         self.eos_token_ids = _eos_ids(self.directory, c, self.tokenizer)
+        self.compiled: tuple | None = None  # phextcc's (prefill, decode) modules: compile()
         self._cos = np.zeros((0, c.head_dim), np.float32)
         self._sin = np.zeros((0, c.head_dim), np.float32)
         half = np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim)
@@ -649,10 +650,35 @@ class Qwen3Model:
 
     # ---- accounting -----------------------------------------------------------------------
 
+    def compile(self) -> None:
+        """Compile the decoder with phextcc to SIW programs over the paged KV cache, which
+        prefill() and decode() then run on a sentron against the resident weights and the
+        cache's arena; the hand-written forward stays as the reference (`reference=True`).
+        Programs are lowered per chunk length (prefill) and per batch size (decode) as they
+        are first met, then reused (phextcc.lower.DecoderModule)."""
+        from vtpu.phextcc import compile_graph
+        from vtpu.phextcc import qwen3 as frontend
+        from vtpu.phextcc.lower import DecoderModule, Paged
+
+        paged = Paged(self.cache.arena.shape, self._max_pages)
+        self.compiled = tuple(
+            DecoderModule(compile_graph(frontend.graph_from_model(self, decode=d)), paged=paged)
+            for d in (False, True)
+        )
+
+    @property
+    def _max_pages(self) -> int:
+        """Page-table columns of a sequence: the most pages one sequence can hold."""
+        P = self.cache.page_tokens
+        return min(self.cache.pages_total, -(-self.config.max_position // P))
+
     @property
     def nbytes(self) -> int:
-        """Bytes of resident weights (the tokenizer and the rotary tables are not counted)."""
+        """Bytes of resident weights (the tokenizer and the rotary tables are not counted; the
+        compiled programs' stacked head gammas are)."""
         total = self.embed.nbytes + self.norm.nbytes
+        if self.compiled is not None:
+            total += sum(module.resident_bytes for module in self.compiled)
         if self.lm_head is not self.embed:
             total += self.lm_head.nbytes
         for layer in self.layers:
@@ -692,11 +718,6 @@ class Qwen3Model:
             self._cos, self._sin = np.cos(emb), np.sin(emb)
         return self._cos[positions], self._sin[positions]
 
-    @staticmethod
-    def _simd() -> bool:
-        """The _decode kernels' AVX2+FMA build, unless vtpu.kernels.set_isa("generic")."""
-        return _CPU_AVX2 and K.isa() != "generic"
-
     def _check_ids(self, ids: object, what: str) -> np.ndarray:
         arr = np.asarray(ids)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -730,20 +751,24 @@ class Qwen3Model:
         """q/k norm, rotary embeddings and the cache write of `rows` positions; the queries."""
         c = self.config
         q = np.empty((rows, c.heads, c.head_dim), np.float32)
-        # The RMSNorm and the rotation of every q and k head (the v copy is no arithmetic).
-        per_element = _ops.PER_ELEMENT["rms_norm"] + _ops.PER_ELEMENT["rope"]
-        ops = per_element * rows * (c.heads + c.kv_heads) * c.head_dim
-        with kernel_scope(ops):
-            _decode.qk_norm_rope_store(
-                qkv, layer.q_norm, layer.k_norm, c.rms_eps, cos, sin, self.cache.arena,
-                layer_index, frames, slots, q, self._simd(),
-                K.num_threads() if rows >= 64 else 1,
-            )  # fmt: skip
+        decoder.store(qkv, layer.q_norm, layer.k_norm, c.rms_eps, cos, sin, self.cache.arena,
+                      layer_index, frames, slots, q)  # fmt: skip
         return q
 
-    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
+    def _page_table(self, frames, page_start, lengths) -> np.ndarray:
+        """The SIW programs' page table (siw: "The node's paged KV cache"): per sequence its
+        length after the step, then its frames as the PPT translated them."""
+        table = np.zeros((len(lengths), 1 + self._max_pages), np.int64)
+        table[:, 0] = lengths
+        for b in range(len(lengths)):
+            pages = frames[page_start[b] : page_start[b + 1]]
+            table[b, 1 : 1 + pages.size] = pages
+        return table
+
+    def prefill(self, seq: Sequence, ids: Seq[int], *, reference: bool = False) -> np.ndarray:
         """Run the prompt `ids` after the sequence's cached tokens and cache them; float32
-        (vocab,) logits of the last position."""
+        (vocab,) logits of the last position. Once compile() ran, the SIW programs run it
+        unless `reference` asks for the hand-written forward (the two agree bit for bit)."""
         c = self.config
         ids_arr = self._check_ids(ids, "prefill")
         total = ids_arr.size
@@ -755,15 +780,26 @@ class Qwen3Model:
                 f"prefill: {start} cached + {total} new tokens exceed the model's context of "
                 f"{c.max_position} positions"
             )
-        frames, _ = self.cache.prepare([seq], [total])
+        frames, page_start = self.cache.prepare([seq], [total])
         P = self.cache.page_tokens
         logits = None
+        compiled = None if reference else self.compiled
         with np.errstate(over="ignore"):
             for c0 in range(0, total, PREFILL_CHUNK):
                 chunk = ids_arr[c0 : c0 + PREFILL_CHUNK]
                 positions = start + c0 + np.arange(chunk.size, dtype=np.int64)
+                last_chunk = c0 + PREFILL_CHUNK >= total
+                if compiled is not None:
+                    seen = np.array([positions[-1] + 1])
+                    out = compiled[0].run_paged(
+                        chunk[None], np.stack(self._rope(positions)),
+                        self._page_table(frames, page_start, seen), self.cache.arena,
+                        logits=last_chunk,
+                    )  # fmt: skip
+                    logits = out[0] if last_chunk else None
+                    continue
                 x = self._prefill_chunk(chunk, positions, frames, P)
-                if c0 + PREFILL_CHUNK >= total:
+                if last_chunk:
                     last = K.rms_norm(x[-1:], self.norm, c.rms_eps)
                     logits = packed.matmul(last, self.lm_head)[0]
         if not seq.freed:
@@ -780,22 +816,29 @@ class Qwen3Model:
         slots = positions % P
         x = packed.rows(self.embed, ids)
         arena = self.cache.arena
-        d, kv = c.head_dim, c.kv_heads
+        h, d = c.heads, c.head_dim
+        if m == 1:  # one query: the decode kernel, as D.paged_attn picks it for one token
+            page_start = np.array([0, n_pages], np.int64)
+            lengths = np.array([seen], np.int64)
+            scratch = np.empty((h, n_pages * P), np.float32)
+            attn = np.empty((1, h, d), np.float32)
         for li, layer in enumerate(self.layers):
             qkv = self._layer_start(x, layer)
             q = self._store(qkv, li, layer, cos, sin, rows_frames, slots, m)
-            pages = frames[:n_pages]
-            k = arena[pages, li, 0].reshape(n_pages, kv, d, P).transpose(1, 0, 3, 2)
-            v = arena[pages, li, 1].reshape(n_pages, kv, P, d).transpose(1, 0, 2, 3)
-            k = np.ascontiguousarray(k.reshape(kv, n_pages * P, d)[None, :, :seen])
-            v = np.ascontiguousarray(v.reshape(kv, n_pages * P, d)[None, :, :seen])
-            out = K.attention(np.ascontiguousarray(q.transpose(1, 0, 2))[None], k, v, causal=True)
-            attn = np.ascontiguousarray(out[0].transpose(1, 0, 2)).reshape(m, c.heads * d)
-            self._layer_end(x, attn, layer)
+            if m == 1:
+                decoder.decode_attention(q, arena, li, frames[:n_pages], page_start, lengths,
+                                         attn, scratch)  # fmt: skip
+                self._layer_end(x, attn.reshape(1, h * d), layer)
+                continue
+            self._layer_end(x, decoder.prefill_attention(q, arena, li, frames, seen), layer)
         return x
 
-    def decode(self, seqs: list[Sequence], ids: list[int]) -> np.ndarray:
-        """One token for each sequence, batched; float32 (len(seqs), vocab) logits."""
+    def decode(
+        self, seqs: list[Sequence], ids: list[int], *, reference: bool = False
+    ) -> np.ndarray:
+        """One token for each sequence, batched; float32 (len(seqs), vocab) logits. Once
+        compile() ran, the SIW program runs it unless `reference` asks for the hand-written
+        forward (the two agree bit for bit)."""
         c = self.config
         bsz = len(seqs)
         ids_arr = self._check_ids(ids, "decode")
@@ -817,26 +860,28 @@ class Qwen3Model:
         slots = positions % P
         lengths = positions + 1
         cos, sin = self._rope(positions)
+        if self.compiled is not None and not reference:
+            with np.errstate(over="ignore"):
+                logits = self.compiled[1].run_paged(
+                    ids_arr[:, None], np.stack((cos, sin)),
+                    self._page_table(frames, page_start, lengths), self.cache.arena,
+                )  # fmt: skip
+            for s in seqs:
+                if not s.freed:
+                    s.length += 1
+            return logits
         x = packed.rows(self.embed, ids_arr)
         h, d = c.heads, c.head_dim
         longest = int(np.diff(page_start).max()) * P
         scratch = np.empty((bsz * h, longest), np.float32)
         attn = np.empty((bsz, h, d), np.float32)
-        scale = np.float32(1.0 / math.sqrt(d))
-        avx2 = self._simd()
-        work = int(lengths.sum()) * h * d
-        threads = K.num_threads() if work >= _PARALLEL_ATTENTION else 1
         arena = self.cache.arena
-        ops = _ops.attention(work // d, bsz * h, d)
         with np.errstate(over="ignore"):
             for li, layer in enumerate(self.layers):
                 qkv = self._layer_start(x, layer)
                 q = self._store(qkv, li, layer, cos, sin, rows_frames, slots, bsz)
-                with kernel_scope(ops):
-                    _decode.decode_attention(
-                        q, arena, li, frames, page_start, lengths, scale, attn, scratch, avx2,
-                        threads,
-                    )  # fmt: skip
+                decoder.decode_attention(q, arena, li, frames, page_start, lengths, attn,
+                                         scratch)  # fmt: skip
                 self._layer_end(x, attn.reshape(bsz, h * d), layer)
             x = K.rms_norm(x, self.norm, c.rms_eps)
             logits = packed.matmul(x, self.lm_head)

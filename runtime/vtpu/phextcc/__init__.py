@@ -15,7 +15,9 @@ precision with vtpu.kernels.packed. `run` interprets a compiled graph
 against its resident weights, one kernel call per op (the reference); `phextcc.lower` lowers it
 to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 
-The decoder's prefill and decode graphs lower to SIW too (`phextcc.lower.DecoderModule`).
+The decoder's prefill and decode graphs lower to SIW too (`phextcc.lower.DecoderModule`), over
+dense caches or the node's paged KV cache (Qwen3Model.compile). The decoder's numpy routines
+(silu, qk_norm_rope, kv_append, cached_attention, gqa_attention) live in vtpu.kernels.decoder.
 Not yet: tiling and prefetch passes.
 Ops are kernel-level, weights are named constants, shapes are symbolic; an op has one result
 (`output`) and, for `add_rms_norm`, a second one in `extra`.
@@ -29,6 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+# The decoder's routines live with the kernels: phextcc.run and the sentron share them.
+from vtpu.kernels.decoder import (
+    cached_attention,
+    gqa_attention,
+    kv_append,
+    qk_norm_rope,
+    silu,
+)
+from vtpu.kernels.decoder import head_widths as _head_widths
+from vtpu.kernels.decoder import rope as _rope
 
 Dim = int | str  # a size, or "B" / "S" bound at run time
 
@@ -180,13 +193,6 @@ def _gqa_attention_shape(s: list, attrs: dict) -> tuple:
         _same(s[1], (*s[0][:-1], kv_w), "k")
         _same(s[2], (*s[0][:-1], kv_w), "v")
     return (*s[0][:-1], q_w)
-
-
-def _head_widths(attrs: dict) -> tuple[int, int]:
-    heads, kv, d = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
-    if heads % kv:
-        raise ValueError(f"{heads} heads are not a multiple of {kv} kv heads")
-    return heads * d, kv * d
 
 
 def _rms_norm_shape(s: list, attrs: dict) -> tuple:
@@ -736,7 +742,7 @@ def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif kind == "rope":
             y = _rope(a[0], a[1], attrs["heads"], attrs["head_dim"], attrs["theta"])
         elif kind == "qk_norm_rope":
-            y = qk_norm_rope(K, a, attrs, out)
+            y = qk_norm_rope(a, attrs, out)
         elif kind == "silu":
             y = silu(a[0])
         elif kind == "mul":
@@ -748,7 +754,7 @@ def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif kind == "kv_append":
             y = kv_append(a, attrs)
         elif kind == "cached_attention":
-            y = cached_attention(K, a, attrs)
+            y = cached_attention(a, attrs)
         else:
             raise CompileError(f"{op.text()}: no kernel for {kind!r}")
         env[op.output] = y
@@ -767,99 +773,6 @@ def _linear(K: Any, packed: Any, a: list, attrs: dict) -> np.ndarray:
     if bias is not None or act != "none":
         K.bias_activation(y, bias, act)
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x * sigmoid(x) = x / (1 + exp(-x)); exp's overflow for very negative x gives -0.
-    (Public, like qk_norm_rope, kv_append, cached_attention and gqa_attention: the sentron
-    runs the SIW ops these graph ops lower to with this very code, so both agree bit for bit.)"""
-    with np.errstate(over="ignore"):
-        y = np.exp(np.negative(x, out=out), out=out)
-        y += 1.0
-        return np.divide(x, y, out=y)
-
-
-def rope_inv_freq(theta: float, d: int) -> np.ndarray:
-    """Rotary inverse frequencies 1 / theta ** (2i / d), float32 (d / 2,), as transformers'."""
-    half = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-    return np.float32(1.0) / np.power(np.float32(theta), half, dtype=np.float32)
-
-
-def _rope(x: np.ndarray, positions: np.ndarray, heads: int, d: int, theta: float,
-          inv_freq: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Rotary embeddings, rotate-half layout, as transformers computes them in float32:
-    angle = position / theta ** (2i / d); x * cos + rotate_half(x) * sin per head."""
-    if inv_freq is None:
-        inv_freq = rope_inv_freq(theta, d)
-    angles = positions.astype(np.float32)[..., None] * inv_freq  # (..., d / 2)
-    cos = np.cos(angles)[..., None, :]
-    sin = np.sin(angles)[..., None, :]
-    xh = x.reshape(*x.shape[:-1], heads, d)
-    x1, x2 = xh[..., : d // 2], xh[..., d // 2 :]
-    y = np.empty(xh.shape, np.float32)
-    y[..., : d // 2] = x1 * cos - x2 * sin
-    y[..., d // 2 :] = x2 * cos + x1 * sin
-    return y.reshape(x.shape)
-
-
-def qk_norm_rope(K: Any, a: list, attrs: dict, out: np.ndarray | None,
-                 inv_freq: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """The q and k heads of a packed projection RMS-normalised and rotated; v passes as is.
-    inv_freq: rope_inv_freq(theta, head_dim) when the caller holds it (SIW's resident table)."""
-    qkv, q_gamma, k_gamma, positions = a
-    y = qkv if out is not None else qkv.copy()
-    q_w, kv_w = _head_widths(attrs)
-    d = attrs["head_dim"]
-    for lo, width, gamma in ((0, q_w, q_gamma), (q_w, kv_w, k_gamma)):
-        part = np.ascontiguousarray(y[..., lo : lo + width])
-        heads = part.reshape(*part.shape[:-1], width // d, d)
-        K.rms_norm(heads, gamma, attrs["eps"], out=heads)
-        y[..., lo : lo + width] = _rope(part, positions, width // d, d, attrs.get("theta"),
-                                        inv_freq)  # fmt: skip
-    return y
-
-
-def _kv_split(qkv: np.ndarray, attrs: dict) -> tuple[np.ndarray, ...]:
-    q_w, kv_w = _head_widths(attrs)
-    return qkv[..., :q_w], qkv[..., q_w : q_w + kv_w], qkv[..., q_w + kv_w :]
-
-
-def _check_positions(positions: np.ndarray, limit: int, what: str) -> np.ndarray:
-    if positions.dtype.kind not in "iu" or positions.ndim != 2:
-        raise ValueError(f"{what}: positions must be integers (B, S), got {positions.dtype} "
-                         f"{positions.shape}")  # fmt: skip
-    if positions.size and (positions.min() < 0 or positions.max() >= limit):
-        raise ValueError(f"{what}: positions must lie in [0, {limit}), the cache's length")
-    return positions
-
-
-def kv_append(a: list, attrs: dict) -> np.ndarray:
-    """Write each token's k and v heads into its sequence's cache rows, in place."""
-    cache, positions = a[0], a[-1]
-    k, v = _kv_split(a[1], attrs)[1:] if attrs.get("packed") else (a[1], a[2])
-    _check_positions(positions, cache.shape[3], "kv_append")
-    bsz, seq = positions.shape
-    kv, d = attrs["kv_heads"], attrs["head_dim"]
-    rows = np.repeat(np.arange(bsz), seq)
-    at = positions.reshape(-1)
-    cache[0, rows, :, at, :] = k.reshape(bsz * seq, kv, d)
-    cache[1, rows, :, at, :] = v.reshape(bsz * seq, kv, d)
-    return cache
-
-
-def cached_attention(K: Any, a: list, attrs: dict) -> np.ndarray:
-    """One query per sequence against its cached keys 0..position (grouped-query)."""
-    x, cache, positions = a
-    q = _kv_split(x, attrs)[0] if attrs.get("packed") else x
-    _check_positions(positions, cache.shape[3], "cached_attention")
-    bsz, seq = positions.shape
-    if seq != 1:
-        raise ValueError("cached_attention: the decode graph takes one token per sequence")
-    heads, d = attrs["heads"], attrs["head_dim"]
-    q4 = np.ascontiguousarray(q.reshape(bsz, heads, 1, d))
-    seen = (positions[:, 0] + 1).astype(np.int32)
-    ctx = K.attention(q4, cache[0], cache[1], key_lengths=seen)
-    return ctx.reshape(bsz, 1, heads * d)
 
 
 def _last_uses(graph: Graph) -> dict[int, list[str]]:
@@ -882,7 +795,7 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     heads, S, D) — a reshape and a transpose — and the result merged back to (B, S, H)."""
     heads = attrs["heads"]
     if "kv_heads" in attrs:
-        return gqa_attention(K, a, attrs, lengths)
+        return gqa_attention(a, attrs, lengths)
     if attrs.get("packed"):  # the fused projection read in place: no split, no merge
         return K.attention_packed(a[0], heads, key_lengths=lengths)
     bsz, seq, width = a[0].shape
@@ -890,18 +803,3 @@ def _attention(K: Any, a: list, attrs: dict, lengths: np.ndarray) -> np.ndarray:
     q, k, v = (x.reshape(bsz, seq, heads, d).transpose(0, 2, 1, 3) for x in a[:3])
     ctx = K.attention(q, k, v, key_lengths=lengths)
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(bsz, seq, heads * d)
-
-
-def gqa_attention(K: Any, a: list, attrs: dict, lengths: np.ndarray | None) -> np.ndarray:
-    """Grouped-query attention over q (B, S, heads * D) and k, v (B, S, kv_heads * D), or one
-    packed projection; heads go first for the kernel and are merged back after it."""
-    q, k, v = _kv_split(a[0], attrs) if attrs.get("packed") else a[:3]
-    bsz, seq = q.shape[:2]
-    d = attrs["head_dim"]
-
-    def heads_first(t: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(t.reshape(bsz, seq, -1, d).transpose(0, 2, 1, 3))
-
-    ctx = K.attention(heads_first(q), heads_first(k), heads_first(v),
-                      causal=bool(attrs.get("causal")), key_lengths=lengths)  # fmt: skip
-    return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(bsz, seq, q.shape[-1])

@@ -27,6 +27,12 @@ writing the residual sum over its first operand, swiglu; for decode kv_append an
 over the caller's dense caches bound as `inout` tensors), one word per op: 3 + 9 per layer for
 prefill, 3 + 10 per layer for decode (283 words for Qwen3-0.6B's 28 layers). Its prefill and step
 equal phextcc.qwen3.prefill / decode bit for bit in fp32, bf16 and int8.
+
+Paged (`DecoderModule(graph, paged=Paged(...))`, what Qwen3Model.compile builds): the same
+lowering over the node's paged KV cache -- qk_norm_rope + kv_append become D.kv_store_paged and
+the attention D.paged_attn, the arena an `inout` tensor `kv`, the step's rotary rows and page
+table (frames from the PPT) inputs -- per (batch, tokens this step, logits); 3 + 9 per layer
+(255 words for Qwen3-0.6B's decode step). Equal to the hand-written forward bit for bit.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from vtpu import siw
 from vtpu.arena import Arena
+from vtpu.kernels.decoder import rope_inv_freq
 from vtpu.phextcc import CompileError, Graph
 from vtpu.sentron import Prepared, Sentron, arena_bytes_for
 from vtpu.siw import COp, DOp, Program, SOp, TensorSpec
@@ -97,7 +105,7 @@ class _Builder:
     def d(self, op: DOp, dst: str, *srcs: str | None, flags: int = 0, imm: float = 0.0) -> None:
         fields = {"d_op": int(op), "d_flags": flags, "d_imm": _f32_bits(imm) if imm else 0,
                   "d_dst": self.ids[dst]}  # fmt: skip
-        for f, name in zip(("d_a", "d_b", "d_c"), srcs, strict=False):
+        for f, name in zip(("d_a", "d_b", "d_c", "d_e"), srcs, strict=False):
             fields[f] = siw.NONE if name is None else self.ids[name]
         self.slots.append(("D", fields))
 
@@ -362,15 +370,23 @@ class DecoderModule(_Programs):
     k's head gammas stacked (2, head_dim) and the rotary inverse frequencies, the operands of
     D.qk_norm_rope. A decode program binds the caches as `inout` tensors (the caller's arrays,
     written in place by D.kv_append, never copied). `prefill` and `decode` equal
-    phextcc.qwen3.prefill / decode bit for bit (same kernels, same order)."""
+    phextcc.qwen3.prefill / decode bit for bit (same kernels, same order).
 
-    def __init__(self, graph: Graph, *, cache_size: int = 32) -> None:
+    Paged (`paged=Paged(...)`): the programs read and write the node's KV arena instead
+    (vtpu.models.kvcache, bound `inout` as `kv`), through D.kv_store_paged and D.paged_attn,
+    with the step's rotary rows (`rope`) and page table (`pages`, the PPT's frames) as inputs;
+    one program per (batch, tokens this step, logits) -- the cache's length is no shape, the
+    pages are indirect. `run_paged` runs a step; vtpu.models.qwen3.Qwen3Model.compile uses it,
+    and its logits equal the hand-written forward's bit for bit."""
+
+    def __init__(self, graph: Graph, *, cache_size: int = 32, paged: Paged | None = None) -> None:
         from vtpu.kernels import packed
 
         super().__init__(cache_size)
         if graph.precision is None:
             raise CompileError(f"{graph.name}: not a decoder graph (no packed precision)")
         self.graph = graph
+        self.paged = paged
         self.decode = any(op.kind == "kv_append" for op in graph.ops)
         taken: set[str] = {"ids", "positions"}
         # graph cache inputs -> SIW names, as lower_decoder's builder names them
@@ -401,7 +417,7 @@ class DecoderModule(_Programs):
                 key = f"rope_{d}_{theta:g}"
                 if key not in self.names:
                     self.names[key] = (siw_name(f"rope.inv_freq.{d}.{theta:g}", taken),)
-                    self.resident[self.names[key][0]] = _inv_freq(theta, d)
+                    self.resident[self.names[key][0]] = rope_inv_freq(theta, d)
 
     @property
     def resident_bytes(self) -> int:
@@ -409,10 +425,28 @@ class DecoderModule(_Programs):
         extra = [parts[0] for key, parts in self.names.items() if key not in self.graph.weights]
         return sum(self.resident[name].nbytes for name in extra)
 
-    def program(self, bsz: int, tokens: int) -> tuple[Program, str]:
+    def program(self, bsz: int, tokens: int, logits: int = 1) -> tuple[Program, str | None]:
         if bsz < 1 or tokens < 1:
             raise CompileError(f"batch {bsz} x {tokens} tokens: both must be at least 1")
-        return lower_decoder(self.graph, bsz, tokens, self.names, self.resident)
+        return lower_decoder(self.graph, bsz, tokens, self.names, self.resident,
+                             paged=self.paged, with_logits=bool(logits))  # fmt: skip
+
+    def run_paged(
+        self, ids: np.ndarray, rope: np.ndarray, pages: np.ndarray, kv: np.ndarray, *,
+        logits: bool = True,
+    ) -> np.ndarray | None:  # fmt: skip
+        """One paged step: ids (B, S) int64, rope (2, B * S, head_dim) cos then sin, pages
+        (B, 1 + max_pages) int64 (siw: "The node's paged KV cache"), kv the arena (written in
+        place) -> logits (B, vocab) (prefill: (1, vocab), the last position's), or None when
+        logits=False (a prefill chunk before the last)."""
+        if self.paged is None:
+            raise ValueError("run_paged: this module lowers dense caches (pass paged=)")
+        bsz, seq = ids.shape
+        feeds = {"ids": ids, "rope": rope, "pages": pages, "kv": kv}
+        with self._lock:
+            prepared, out = self._get(bsz, seq, int(logits))
+            result = self._sentron.run(prepared, feeds)
+        return result.outputs[out] if out is not None else None
 
     def run(self, inputs: dict[str, np.ndarray], bsz: int, tokens: int):
         """One run: the sentron's RunResult (logits in outputs)."""
@@ -447,44 +481,75 @@ class DecoderModule(_Programs):
         return logits
 
 
-def _inv_freq(theta: float, d: int) -> np.ndarray:
-    from vtpu.phextcc import rope_inv_freq
+@dataclass(frozen=True)
+class Paged:
+    """The node's KV arena a paged decoder program binds: its shape (frames, layers, 2,
+    kv_heads, page_tokens * head_dim) and the page-table columns per sequence."""
 
-    return rope_inv_freq(theta, d)
+    kv_shape: tuple[int, ...]
+    max_pages: int
 
 
 def lower_decoder(
-    graph: Graph, bsz: int, tokens: int, names: dict, resident: dict[str, np.ndarray]
-) -> tuple[Program, str]:
+    graph: Graph,
+    bsz: int,
+    tokens: int,
+    names: dict,
+    resident: dict[str, np.ndarray],
+    *,
+    paged: Paged | None = None,
+    with_logits: bool = True,
+) -> tuple[Program, str | None]:
     """A decoder graph as one SIW program for `bsz` sequences of `tokens` (the prompt length of
-    a prefill, the cache length of a decode); returns it and its logits tensor's name. Values
-    get dense (rows, last axis) buffers reused by liveness, written in place where the IR
-    planned it; 3-D ops read (B, S, width) views of them."""
+    a prefill, the cache length of a decode; paged: the tokens of this step); returns it and
+    its logits tensor's name. Values get dense (rows, last axis) buffers reused by liveness,
+    written in place where the IR planned it; 3-D ops read (B, S, width) views of them.
+
+    Paged (DecoderModule's docstring): qk_norm_rope + kv_append become D.kv_store_paged,
+    attention and cached_attention D.paged_attn; a prefill (bsz 1) normalises and projects
+    its last position only, as the hand-written forward does, and none with_logits=False."""
     b = _Builder()
-    seq = 1 if any(op.kind == "kv_append" for op in graph.ops) else tokens
+    decode = any(op.kind == "kv_append" for op in graph.ops)
+    seq = tokens if paged else 1 if decode else tokens
+    if paged and not decode and bsz != 1:
+        raise CompileError(f"a paged prefill runs one sequence at a time, not {bsz}")
 
     def dims(shape) -> tuple[int, ...]:
-        sizes = {"B": bsz, "S": seq, "T": tokens}
+        sizes = {"B": bsz, "S": seq, "T": 1 if paged else tokens}
         return tuple(sizes.get(d, d) if isinstance(d, str) else int(d) for d in shape)
 
     for sname, array in resident.items():
         b.tensor(sname, _SIW_DTYPE[array.dtype], array.shape, "resident")
-    feeds: dict[str, str] = {}
+    feeds: dict[str, str | None] = {}
     for name in graph.inputs:
         v = graph.values[name]
+        if paged and name != "ids":
+            feeds[name] = None  # positions and dense caches: the page table says it all
+            continue
         init = "inout" if name.startswith("cache.") else "input"
         feeds[name] = b.tensor(name, v.dtype, dims(v.shape), init)
+    kv = rope = pages = ""
+    tail: tuple = ()
+    if paged:
+        d = next(op.attrs["head_dim"] for op in graph.ops if op.kind == "qk_norm_rope")
+        kv = b.tensor("kv", "f32", paged.kv_shape, "inout")
+        rope = b.tensor("rope", "f32", (2, bsz * seq, d), "input")
+        pages = b.tensor("pages", "i64", (bsz, 1 + paged.max_pages), "input")
+    layer = -1
     last_use: dict[str, int] = {}
     for i, op in enumerate(graph.ops):
         for name in op.inputs:
             last_use[name] = i
     (logits,) = (o for o in graph.outputs if not o.endswith(".cache"))
+    head = graph.producer(logits)
+    if paged and not decode:  # the final norm and the lm_head: the last position only
+        tail = (graph.producer(head.inputs[0]), head)
     buffer_of: dict[str, str] = {}
     holders: dict[str, set[str]] = {}  # buffer -> live values it holds
     free: dict[tuple[int, ...], list[str]] = {}
     count = [0]
 
-    def operand(name: str) -> str:
+    def operand(name: str) -> str | None:
         if name in buffer_of:
             return buffer_of[name]
         if name in feeds:
@@ -516,12 +581,41 @@ def lower_decoder(
     rows = bsz * seq
     for i, op in enumerate(graph.ops):
         kind, attrs = op.kind, op.attrs
+        if op in tail and not with_logits:
+            continue  # a prefill chunk before the last: its KV is what counts
         width = dims(graph.shape(op.output))[-1]
         src = [operand(n) if n not in graph.weights else None for n in op.inputs]
         first = op.inputs[0] if op.inputs else None
         in_place = attrs.get("in_place") and first in buffer_of
         heads = attrs.get("heads", 0)
-        if kind == "gather":
+        if op in tail:
+            if kind == "linear":  # the lm_head over the last position only
+                w, scale = weight(op.inputs[1])
+                dst = new_buffer(op.output, (1, width))
+                b.d(DOp.MATMUL, dst, src[0], w, scale)
+            else:  # x += the last layer's output; the final norm of the last position
+                total = buffer_of[first] if in_place else new_buffer("", (rows, width))
+                b.d(DOp.ADD, total, src[0], src[1])
+                dst = new_buffer(op.output, (1, width))
+                last = b.view(total, (1, width), (rows - 1) * width)
+                b.d(DOp.RMSNORM, dst, last, names[op.inputs[2]][0], imm=attrs["eps"])
+                for extra in op.extra:
+                    hold(extra, total)
+        elif paged and kind == "qk_norm_rope":
+            if not in_place:
+                raise CompileError(f"{op.text()}: lowers in place only (run plan_in_place)")
+            layer += 1
+            dst = buffer_of[first]
+            b.d(DOp.KV_STORE_PAGED, kv, grid(dst, width), names[op.output][0], rope, pages,
+                flags=layer, imm=attrs["eps"])  # fmt: skip
+        elif paged and kind == "kv_append":
+            dst = kv  # written by kv_store_paged
+        elif paged and kind in ("attention", "cached_attention"):
+            dst = new_buffer(op.output, (rows, width))
+            qkv_width = b.tensors[b.ids[src[0]]].shape[-1]
+            b.d(DOp.PAGED_ATTN, grid(dst, width), grid(src[0], qkv_width), kv, pages,
+                flags=layer)  # fmt: skip
+        elif kind == "gather":
             table, scale = weight(op.inputs[0])
             dst = new_buffer(op.output, (rows, width))
             b.d(DOp.ROWS, dst, table, b.view(src[1], (rows,)), scale)
@@ -580,8 +674,8 @@ def lower_decoder(
                 continue
             live = holders[buf]
             live.discard(name)
-            if not live and buf not in feeds.values():
+            if not live and buf not in feeds.values() and buf != kv:
                 free.setdefault(b.tensors[b.ids[buf]].shape, []).append(buf)
     program = Program(b.tensors)
     program.words = pack_words(program, b.slots)
-    return program, buffer_of[logits]
+    return program, buffer_of.get(logits)

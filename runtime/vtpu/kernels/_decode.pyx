@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Kernels of the Qwen3 decoder that read or write the paged KV cache (vtpu.models.qwen3).
+"""Kernels of the Qwen3 decoder that read or write the paged KV cache (vtpu.kernels.decoder
+wraps them; vtpu.models.qwen3 and the sentron's paged D ops call them).
 
 The KV arena is float32 (pages, layers, 2, kv_heads, page_tokens * head_dim): per page, per layer,
 per kv head, one block of K and one of V. K is stored transposed, [head_dim][page_tokens], and V
@@ -15,7 +16,7 @@ p.V) and vectorise without reassociating a float sum.
   place (page frames given, as the PPT translated them), grouped-query (head h reads kv head
   h // (heads / kv_heads)), exact two-pass softmax.
 
-Python validates (vtpu.models.qwen3 builds every argument), kernels trust. Each kernel has a
+Python validates (vtpu.kernels.decoder builds every argument), kernels trust. Each kernel has a
 portable build and an AVX2+FMA build of the same C (the compiler vectorises both); `avx2` picks
 one per call, so vtpu.kernels.set_isa("generic") reaches these kernels too.
 """
@@ -272,12 +273,14 @@ def qk_norm_rope_store(
     int layer,
     const int64_t[::1] frames,
     const int64_t[::1] slots,
-    float[:, :, ::1] q_out,
+    float[:, :, :] q_out,
     bint avx2,
     int nthreads,
 ):
     """Rows m of qkv (M, (H + 2 * KV) * d): q heads normalised and rotated into q_out (M, H, d);
-    k heads normalised, rotated and v heads copied into page frames[m], slot slots[m]."""
+    k heads normalised, rotated and v heads copied into page frames[m], slot slots[m]. Each
+    q_out[m] is a dense (H, d) block (the caller checks), which may be qkv's own q columns: a
+    head is read whole before it is written."""
     cdef Py_ssize_t rows = qkv.shape[0], heads = q_out.shape[1], d = q_out.shape[2]
     cdef Py_ssize_t kv = arena.shape[3], P = arena.shape[4] // d
     cdef Py_ssize_t width = qkv.shape[1]
@@ -326,7 +329,7 @@ cdef void _store_row(
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def decode_attention(
-    const float[:, :, ::1] q,
+    const float[:, :, :] q,
     const float[:, :, :, :, ::1] arena,
     int layer,
     const int64_t[::1] frames,
@@ -340,7 +343,8 @@ def decode_attention(
 ):
     """out[b, h] = softmax(q[b, h] . K_b * scale) . V_b over sequence b's lengths[b] cached
     tokens, whose pages are frames[page_start[b]:page_start[b + 1]]; scratch is (B * H, >= the
-    longest sequence's pages * page_tokens)."""
+    longest sequence's pages * page_tokens). Each q[b, h] is a dense head (the caller
+    checks); the rows of q may be apart (qkv's q columns)."""
     cdef Py_ssize_t bsz = q.shape[0], heads = q.shape[1], d = q.shape[2]
     cdef Py_ssize_t kv = arena.shape[3], P = arena.shape[4] // d
     cdef Py_ssize_t group = heads // kv
