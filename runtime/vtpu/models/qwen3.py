@@ -288,7 +288,7 @@ def read_config(directory: Path) -> Qwen3Config:
         raise ModelLoadError(f"{path}: rms_norm_eps must be a positive number, got {eps!r}")
     tie = raw.get("tie_word_embeddings")
     if tie is None:
-        tie = "lm_head.weight" not in _tensor_table(directory)
+        tie = "lm_head.weight" not in tensor_table(directory)
     elif not isinstance(tie, bool):
         raise ModelLoadError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}")
     bos = _token_ids(path, "bos_token_id", raw.get("bos_token_id"))
@@ -315,7 +315,7 @@ def read_config(directory: Path) -> Qwen3Config:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     path: Path
     dtype: str
     shape: tuple[int, ...]
@@ -323,12 +323,12 @@ class _Tensor:
     end: int
 
 
-def _tensor_table(directory: Path) -> dict[str, _Tensor]:
+def tensor_table(directory: Path) -> dict[str, Tensor]:
     """Every tensor of the *.safetensors files by name, from their headers alone."""
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory} has no *.safetensors weights")
-    table: dict[str, _Tensor] = {}
+    table: dict[str, Tensor] = {}
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -345,7 +345,7 @@ def _tensor_table(directory: Path) -> dict[str, _Tensor]:
                 raise ModelLoadError(f"{path}: {name} is also in {table[name].path.name}")
             try:
                 begin, end = info["data_offsets"]
-                t = _Tensor(path, info["dtype"], tuple(info["shape"]), 8 + size + begin,
+                t = Tensor(path, info["dtype"], tuple(info["shape"]), 8 + size + begin,
                             8 + size + end)  # fmt: skip
             except (KeyError, TypeError, ValueError):
                 raise ModelLoadError(f"{path}: {name} has a malformed header entry") from None
@@ -383,8 +383,8 @@ def _expected(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _checked_table(directory: Path, config: Qwen3Config) -> dict[str, _Tensor]:
-    table = _tensor_table(directory)
+def checked_table(directory: Path, config: Qwen3Config) -> dict[str, Tensor]:
+    table = tensor_table(directory)
     shapes = _expected(config)
     missing = sorted(set(shapes) - set(table))
     if missing:
@@ -443,13 +443,13 @@ def weight_bytes(directory: Path, precision: str = "fp32") -> int:
     return total
 
 
-class _Reader:
+class CheckpointReader:
     """Tensors of a checkpoint as arrays: float32, or raw bf16 bits (uint16) where packing
     takes them as they are. The files are mapped, and `done()` drops a tensor's file pages from
     the process once it is packed, so a load's peak RSS is the packed weights plus about one
     tensor, not the packed weights plus the whole checkpoint."""
 
-    def __init__(self, table: dict[str, _Tensor]) -> None:
+    def __init__(self, table: dict[str, Tensor]) -> None:
         self.table = table
         self._maps: dict[Path, mmap.mmap] = {}
 
@@ -595,8 +595,8 @@ class Qwen3Model:
                 f"{page_tokens!r}"
             )
         self.config = c = read_config(self.directory)
-        table = _checked_table(self.directory, c)
-        reader = _Reader(table)
+        table = checked_table(self.directory, c)
+        reader = CheckpointReader(table)
         try:
             self.embed = reader.pack("model.embed_tokens.weight", precision)
             self.lm_head = (

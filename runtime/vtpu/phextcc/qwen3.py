@@ -23,9 +23,6 @@ vtpu.models.qwen3.read_config (both dialects; unsupported fields refused by name
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +30,14 @@ import numpy as np
 from vtpu.kernels import packed
 from vtpu.kernels.packed import PRECISIONS
 from vtpu.models.bert import ModelLoadError
-from vtpu.models.qwen3 import Qwen3Config, Qwen3Model, read_config
+from vtpu.models.qwen3 import (
+    CheckpointReader,
+    Qwen3Config,
+    Qwen3Model,
+    checked_table,
+    read_config,
+)
 from vtpu.phextcc import Graph, Op, Value, run
-
-# safetensors dtypes kept as stored: raw bf16 bits (uint16) are what packed.pack takes.
-_ST_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
 
 
 def build_graph(
@@ -46,7 +46,7 @@ def build_graph(
     """The prefill graph (or, with decode=True, the decode graph) of a Qwen3 model directory."""
     directory = Path(directory)
     config = read_config(directory)
-    return graph_from_weights(config, read_weights(directory), name or directory.name,
+    return graph_from_weights(config, read_weights(directory, config), name or directory.name,
                               precision=precision, decode=decode)  # fmt: skip
 
 
@@ -87,52 +87,17 @@ def _rows(w: packed.PackedWeight, lo: int, hi: int) -> packed.PackedWeight:
     return packed.PackedWeight((hi - lo, w.shape[1]), w.precision, w.data[lo:hi], scale)
 
 
-def read_weights(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the directory's *.safetensors files, mapped (not copied): float32 or raw
-    bf16 bits as stored, float16 widened; 1-D tensors (the norms) as float32 copies."""
-    # A copy of vtpu.models.qwen3's header reading, kept small: the shapes are checked by the
-    # graph's shape inference. To be replaced by a public reader there (report of helper H7).
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{directory} has no *.safetensors weights")
-    weights: dict[str, np.ndarray] = {}
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                if size > 100 << 20:
-                    raise ModelLoadError(f"{path}: a header of {size} bytes is not safetensors")
-                header = json.loads(f.read(size))
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError, struct.error) as exc:
-            raise ModelLoadError(f"{path}: unreadable safetensors header: {exc}") from None
-        header.pop("__metadata__", None)
-        for tensor, info in header.items():
-            try:
-                dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-                begin, end = (8 + size + o for o in info["data_offsets"])
-                shape = tuple(info["shape"])
-                array = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, begin)
-                array = array.reshape(shape)
-            except KeyError:
-                raise ModelLoadError(
-                    f"{path}: {tensor} is {info.get('dtype')!r}; this loader reads F32, BF16 and "
-                    "F16 tensors"
-                ) from None
-            except (TypeError, ValueError):
-                raise ModelLoadError(f"{path}: {tensor} has a malformed header entry") from None
-            if tensor in weights:
-                raise ModelLoadError(f"{path}: {tensor} is in two files")
-            if dtype == np.float16 or array.ndim == 1:
-                array = _float32(array)
-            weights[tensor] = array
-    return weights
-
-
-def _float32(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32)
+def read_weights(directory: Path, config: Qwen3Config | None = None) -> dict[str, np.ndarray]:
+    """Every tensor of the directory's checkpoint, mapped (not copied) by the model's own reader
+    (`vtpu.models.qwen3.CheckpointReader`, which checks names, dtypes and shapes against the
+    config): 2-D tensors float32 or raw bf16 bits as stored (float16 widened), 1-D tensors (the
+    norms) as float32 copies."""
+    directory = Path(directory)
+    reader = CheckpointReader(checked_table(directory, config or read_config(directory)))
+    return {
+        name: reader.raw(name) if len(t.shape) == 2 else reader.float32(name)
+        for name, t in reader.table.items()
+    }
 
 
 def graph_from_weights(
