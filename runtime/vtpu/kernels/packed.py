@@ -1,5 +1,5 @@
 """Linear weights resident in fp32, bf16 or int8, and the matmul that reads them (LLM decode and
-prefill; docs/architecture.md, "Resident models").
+prefill; docs/architecture.md, "LLM decoding (Qwen3)").
 
 Contract (shared with vtpu.models.qwen3 and the serving engine; keep it stable):
 

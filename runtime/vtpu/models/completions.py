@@ -11,7 +11,7 @@ carries `token_ids` (the generated ids, as vLLM returns them), so a model withou
 usable with token-id prompts. An error after a stream has started is sent as a last
 `data: {"error": {...}}` event, which the `openai` client raises.
 
-Contract: docs/architecture.md, "Resident models" (the LLM engine and its API).
+Contract: docs/architecture.md, "LLM decoding (Qwen3)".
 """
 
 from __future__ import annotations

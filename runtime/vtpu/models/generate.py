@@ -28,7 +28,7 @@ pages; the thread keeps serving. `Handle.cancel()` (client gone, stream closed) 
 request at once and an active one at the next step boundary, returning its pages to the cache.
 `Engine.stop()` (model unloaded, agent stopping) fails every request with 503.
 
-Contract: docs/architecture.md, "Resident models" (the LLM engine and its API).
+Contract: docs/architecture.md, "LLM decoding (Qwen3)".
 """
 
 from __future__ import annotations

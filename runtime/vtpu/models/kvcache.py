@@ -1,4 +1,4 @@
-"""The paged KV cache of a resident decoder (docs/architecture.md, "Resident models").
+"""The paged KV cache of a resident decoder (docs/architecture.md, "LLM decoding (Qwen3)").
 
 One float32 arena is allocated when the model loads (`cache_bytes`, rounded down to whole pages)
 and never grows; the OS backs its memory as pages are first written, so RSS stays below

@@ -1,5 +1,5 @@
 """A Qwen3-architecture decoder resident in memory, with a paged KV cache (issue 11;
-docs/architecture.md, "Resident models").
+docs/architecture.md, "LLM decoding (Qwen3)").
 
 Loading reads a directory as Hugging Face writes it: `config.json`, `*.safetensors` (fp32, bf16
 or fp16 tensors, one file or shards), and when present `tokenizer.json`, `tokenizer_config.json`

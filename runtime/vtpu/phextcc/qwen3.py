@@ -1,5 +1,5 @@
 """phextcc's Qwen3 frontend: a decoder model directory as unfused IR graphs (issue 11;
-docs/architecture.md, "Resident models").
+docs/architecture.md, "LLM decoding (Qwen3)").
 
 The graphs say what the model computes, op by op, with the weights as the checkpoint stores
 them (Linear weights (N, K) in the checkpoint's dtype, separate q/k/v and gate/up projections);
