@@ -849,3 +849,96 @@ class MiniLMEncoder(Workload):
             check=close_to(baseline(), rtol=1e-3, atol_rel=1e-4),
             ops=phextcc.count_ops(graph, lengths, seq),
         )
+
+
+# ---- LLM decoding --------------------------------------------------------------------------------
+
+
+@register
+class Qwen3Decode(Workload):
+    name = "qwen3_decode"
+    description = (
+        "greedy decoding of a random Qwen3 (fp32, GQA, tied embeddings): a short prompt, then "
+        "N tokens one step at a time, vs a plain numpy decoder of the same weights"
+    )
+    _LAYER = {"hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128, "intermediate": 3072}
+    sizes = {
+        # Qwen3-0.6B's layer shape and vocabulary with 4 of its 28 layers (218 M parameters)
+        "full": {**_LAYER, "layers": 4, "vocab": 151936, "prompt": 32, "steps": 32},
+        "quick": {
+            **{"hidden": 512, "heads": 8, "kv_heads": 4, "head_dim": 64, "intermediate": 1536},
+            **{"layers": 4, "vocab": 32000, "prompt": 16, "steps": 32},
+        },
+        "tiny": {
+            **{"hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 128},
+            **{"layers": 2, "vocab": 1024, "prompt": 8, "steps": 8},
+        },
+    }
+
+    def build(self, prompt: int, steps: int, **dims: int) -> Case:
+        import tempfile
+        from pathlib import Path
+
+        from vtpu.bench.llm import ReferenceQwen3, decode_ops, random_qwen3_weights, write_qwen3
+        from vtpu.models.qwen3 import Qwen3Model
+
+        shape = {**dims, "rope_theta": 1e6, "max_position": 4096, "tie": True}
+        weights = random_qwen3_weights(shape, SEED)
+        reference = ReferenceQwen3(weights, shape)
+        ids = _rng(22).integers(0, shape["vocab"], prompt).tolist()
+        per_token = shape["layers"] * 2 * shape["kv_heads"] * shape["head_dim"] * 4
+        with tempfile.TemporaryDirectory(prefix="vtpu-qwen3-") as directory:
+            write_qwen3(Path(directory), shape, weights)
+            # room for two sequences, so a page size that rounds up never runs out
+            cache_bytes = 2 * per_token * (prompt + steps + 64)
+            model = Qwen3Model(Path(directory), "fp32", cache_bytes=cache_bytes)
+            model.compile()  # the served path: the compiled SIW programs
+
+        def ours() -> tuple[list[int], np.ndarray]:
+            seq = model.new_sequence()
+            try:
+                logits = model.prefill(seq, ids)
+                tokens, rows = [], []
+                for i in range(steps):
+                    rows.append(logits)
+                    tokens.append(int(np.argmax(logits)))
+                    if i + 1 < steps:
+                        logits = model.decode([seq], [tokens[-1]])[0]
+                return tokens, np.stack(rows)
+            finally:
+                model.free(seq)
+
+        ref_tokens, ref_logits = reference.greedy(ids, steps)
+        logits_close = close_to(ref_logits, rtol=1e-3, atol_rel=1e-3)
+
+        def check(result: tuple[list[int], np.ndarray]) -> Check:
+            tokens, logits = result
+            if tokens != ref_tokens:
+                pairs = zip(tokens, ref_tokens, strict=False)
+                first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(ref_tokens))
+                detail = f"greedy token {first} differs from the reference's"
+                return Check(False, None, "greedy tokens equal, logits close", detail)
+            outcome = logits_close(logits)
+            outcome.tolerance = "greedy tokens equal; logits " + outcome.tolerance
+            return outcome
+
+        # the prompt's tokens (one lm_head), then steps - 1 decode steps
+        ops = sum(decode_ops(shape, t, lm_head=False) for t in range(prompt))
+        ops += 2 * shape["hidden"] * shape["vocab"]
+        ops += sum(decode_ops(shape, prompt + t) for t in range(steps - 1))
+        return Case(
+            ours=ours,
+            baseline=lambda: reference.greedy(ids, steps),
+            baseline_name="the same decoder in plain numpy (BLAS matmuls, preallocated KV cache)",
+            check=check,
+            ops=ops,
+            extras=lambda timing: {
+                "tokens": steps,
+                # generated tokens / wall time of prompt and decode together
+                "tokens_per_second": steps / float(np.median(timing["ours"])),
+                "baseline_tokens_per_second": (
+                    steps / float(np.median(timing["baseline"])) if timing["baseline"] else None
+                ),
+                "weight_bytes": model.nbytes,
+            },
+        )
