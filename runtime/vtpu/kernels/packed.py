@@ -39,10 +39,13 @@ _PREC_CODE = {"fp32": _packed.PREC_F32, "bf16": _packed.PREC_BF16, "int8": _pack
 # block by block for BLAS sgemm. The own kernel's 4-row tiles ran at ~100 GFLOP/s on one Zen 4
 # core (int8 and bf16, M = 512), about what OpenBLAS sgemm does per core, without a widening
 # pass, and without handing the cores to BLAS's thread pool between our OpenMP kernels (each
-# pool spin-waits after a call, taxing the other); on a busy machine BLAS fell far behind. fp32
-# needs no widening for BLAS, so BLAS takes over sooner. Measured on AMD EPYC Zen 4, 2 vCPUs,
-# shared with other work, 3072x1024 and 1024x3072 weights.
-_OWN_MAX_M = {"fp32": 16, "bf16": 1024, "int8": 1024}
+# pool spin-waits after a call, taxing the other); on a busy machine BLAS fell far behind.
+# fp32 too: with BLAS from M = 17 up, a 32-token fp32 prefill of Qwen3-0.6B alternated
+# OpenBLAS's pool with our OpenMP kernels and took 1.2-1.6 s (0.4-3.4 s in bench-llm); with
+# the own kernel 0.38-0.46 s. One layer's fp32 weights, own vs BLAS, interleaved: 7.7x as fast
+# at M = 32, 2.7x at 128, 1.4x at 512. Measured on AMD EPYC Zen 4, 2 vCPUs, shared with other
+# work.
+_OWN_MAX_M = {"fp32": 1024, "bf16": 1024, "int8": 1024}
 # Bytes of W a thread's slice holds while blocks of 4 activation rows pass over it (fits L2).
 _SLICE_BYTES = 256 << 10
 # fp32 elements of the scratch block widened per BLAS call in the prefill path.
