@@ -343,7 +343,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     every pass; the frontend is chosen by config.json's model_type (bert or qwen3)."""
     from vtpu import phextcc
     from vtpu.models import catalogue_entry, model_directory
-    from vtpu.models.bert import ModelLoadError
+    from vtpu.models.bert import ModelLoadError, config_json
     from vtpu.phextcc import bert
 
     entry = catalogue_entry(args.model)
@@ -356,9 +356,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         raise CLIError(f"no model {args.model!r} in the catalogue, and no such directory")
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CLIError(f"{directory}: no readable config.json ({exc})") from None
+        model_type = config_json(directory)[1].get("model_type")
+    except ModelLoadError as exc:
+        raise CLIError(str(exc)) from None
     if model_type == "qwen3":
         from vtpu.phextcc import qwen3 as frontend
 

@@ -96,13 +96,12 @@ def model_directory(entry: CatalogueEntry) -> Path | None:
 
 def local_kind(name: str, directory: Path) -> str:
     """'llm' or 'embedding' for an operator's model directory, from config.json's model_type."""
-    import json
+    from vtpu.models.bert import ModelLoadError, config_json
 
     try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(422, f"{name}: cannot read {directory / 'config.json'}: {exc}") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+        model_type = config_json(directory)[1].get("model_type")
+    except ModelLoadError as exc:
+        raise ModelError(422, f"{name}: {exc}") from None
     kind = _KINDS.get(model_type)
     if kind is None:
         raise ModelError(

@@ -111,8 +111,10 @@ class BertConfig:
         return self.hidden // self.heads
 
 
-def read_config(directory: Path) -> BertConfig:
-    path = directory / "config.json"
+def config_json(directory: Path) -> tuple[Path, dict]:
+    """A model directory's config.json as a dict, with its path (for messages); ModelLoadError
+    when it is missing, unreadable or not a JSON object. Every model family reads it here."""
+    path = Path(directory) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -121,6 +123,13 @@ def read_config(directory: Path) -> BertConfig:
         ) from None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return path, raw
+
+
+def read_config(directory: Path) -> BertConfig:
+    path, raw = config_json(directory)
     for name, allowed in _FIXED_CONFIG.items():
         if raw.get(name) not in allowed:
             raise ModelLoadError(

@@ -54,7 +54,7 @@ import numpy as np
 
 from vtpu import kernels as K
 from vtpu.kernels import decoder, packed
-from vtpu.models.bert import ModelLoadError
+from vtpu.models.bert import ModelLoadError, config_json
 from vtpu.models.kvcache import CacheFull, PagedKVCache, Sequence
 
 __all__ = [
@@ -132,25 +132,10 @@ class Qwen3Config:
 # ---- config --------------------------------------------------------------------------------
 
 
-def _raw_config(directory: Path) -> tuple[Path, dict]:
-    path = Path(directory) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(
-            f"{path} is missing: a model directory needs its config.json"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return path, raw
-
-
 def is_qwen3(directory: Path) -> bool:
     """Whether config.json names the qwen3 model type (False when it is missing or unreadable)."""
     try:
-        return _raw_config(directory)[1].get("model_type") == "qwen3"
+        return config_json(directory)[1].get("model_type") == "qwen3"
     except ModelLoadError:
         return False
 
@@ -218,7 +203,7 @@ def _rope_theta(path: Path, raw: dict) -> float:
 def read_config(directory: Path) -> Qwen3Config:
     """The model's shape from config.json; anything unsupported raises ModelLoadError naming it."""
     directory = Path(directory)
-    path, raw = _raw_config(directory)
+    path, raw = config_json(directory)
     if raw.get("model_type") != "qwen3":
         raise ModelLoadError(
             f"{path}: model_type={raw.get('model_type')!r} is not supported (this loader "
