@@ -120,6 +120,18 @@ def register(workload: type[Workload]) -> type[Workload]:
 # ---- what the machine is -----------------------------------------------------------------------
 
 
+def thread_counts(parser: Any, text: str) -> list[int]:
+    """`--threads 1,2` of the comparison commands: positive integers, else the parser's usage
+    error (exit 2, what to type)."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        parser.error(f"--threads must be integers separated by commas, not {text!r}")
+    if any(t < 1 for t in counts):
+        parser.error("--threads must be positive")
+    return counts
+
+
 def machine_info() -> dict:
     """CPU model, ISA, threads, TSC and peak, each with the source cpu_info gives it."""
     info: dict[str, Any] = {}

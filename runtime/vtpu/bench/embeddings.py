@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from vtpu import kernels
+from vtpu.bench import thread_counts
 from vtpu.bench.onnx_baseline import OnnxEncoder, OnnxUnavailable
 
 MODEL = "all-MiniLM-L6-v2"
@@ -361,12 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(exc)) from None
         print(json.dumps(rows, indent=2) if args.json else idle_rss.format_rows(rows, MODEL))
         return 0
-    try:
-        counts = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        parser.error(f"--threads must be integers separated by commas, not {args.threads!r}")
-    if any(t < 1 for t in counts):
-        parser.error("--threads must be positive")
+    counts = thread_counts(parser, args.threads)
     runs = [_run_child(t, args.repeats) for t in counts]
     print(json.dumps(runs, indent=2) if args.json else format_table(runs))
     return 0

@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from vtpu.bench import thread_counts
+
 PRECISIONS = ("fp32", "bf16", "int8")
 SEED = 20261129
 PROMPT_TOKENS = 32  # the "short prompt" before decode, and the TTFT prompt
@@ -1067,12 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.child:
             print(json.dumps(_child(args)))
             return 0
-        try:
-            counts = [int(t) for t in args.threads.split(",")]
-        except ValueError:
-            parser.error(f"--threads must be integers separated by commas, not {args.threads!r}")
-        if any(t < 1 for t in counts):
-            parser.error("--threads must be positive")
+        counts = thread_counts(parser, args.threads)
         shape = shape_of(args.shape, args.layers)
         note = ensure_model(Path(args.model_dir).expanduser(), shape,
                             lambda m: print(m, file=sys.stderr))  # fmt: skip
