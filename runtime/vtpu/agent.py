@@ -509,7 +509,7 @@ class Agent:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
-        """An LLM's completion, whole or streamed (docs/architecture.md, "Resident models")."""
+        """An LLM's completion, whole or streamed (docs/architecture.md, "LLM decoding (Qwen3)")."""
         from starlette.responses import StreamingResponse
 
         from vtpu.models import ModelError, completions

@@ -193,3 +193,19 @@ def test_the_decode_workload_check_catches_a_wrong_token() -> None:
     noisy = logits.copy()
     noisy[3, 0] += 1.0
     assert not case.check((tokens, noisy)).correct
+
+
+def test_the_decode_workload_runs_on_a_node_without_the_models_extra() -> None:
+    # A node provisioned without models has neither safetensors nor tokenizers (nor torch): the
+    # suite's decode workload must still run there, or every such node would report an error.
+    code = (
+        "import sys, json\n"
+        "sys.modules['safetensors'] = sys.modules['tokenizers'] = sys.modules['torch'] = None\n"
+        "from vtpu import bench\n"
+        "from vtpu.bench import workloads\n"
+        "r = bench.run_workload('qwen3_decode', size='tiny', repeats=1)\n"
+        "print(json.dumps({'error': r['error'], 'correct': r['correct']}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"error": None, "correct": True}

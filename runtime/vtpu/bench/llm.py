@@ -257,11 +257,24 @@ def random_qwen3_weights(shape: dict[str, Any], seed: int) -> dict[str, np.ndarr
 
 def write_qwen3(directory: Path, shape: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
     """config.json (the older, top-level rope_theta dialect) and model.safetensors, with numpy
-    and the `safetensors` package only: nodes have no torch."""
-    from safetensors.numpy import save_file
-
+    alone: the suite's qwen3_decode runs on every node, which has neither torch nor (without the
+    `models` extra) the safetensors package. The format: an 8-byte little-endian header length,
+    a JSON header of {name: {dtype, shape, data_offsets}}, then the tensors' bytes in order."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, w in weights.items():
+        if w.dtype != np.float32:
+            raise ValueError(f"{name}: write_qwen3 writes float32 tensors, not {w.dtype}")
+        header[name] = {"dtype": "F32", "shape": list(w.shape),
+                        "data_offsets": [offset, offset + w.nbytes]}  # fmt: skip
+        offset += w.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keeps the tensors 8-byte aligned, as safetensors does
+    with open(directory / "model.safetensors", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for w in weights.values():
+            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
     config = hf_config(shape, rope_dialect="theta")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
