@@ -789,6 +789,36 @@ def pack_int8_weight(
     )  # fmt: skip
 
 
+def _prepacked_linear(
+    name: str,
+    x: object,
+    w: object,
+    kind: type,
+    bias: object,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The checks a linear over a pre-packed weight makes before its kernel: w is a `kind`, x is
+    float32 with w.k features (any leading batch axes), bias has w.n entries, out fits and
+    overlaps nothing it reads, and a non-empty x is finite. Returns (x as rows, bias, y)."""
+    if not isinstance(w, kind):
+        what = {
+            Int8Weight: "an Int8Weight from pack_int8_weight",
+            Bf16Weight: "a Bf16Weight from pack_bf16_weight",
+        }[kind]
+        raise KernelInputError(f"w must be {what}, got {type(w).__name__}")
+    x = _array("x", x, np.float32, tuple(range(1, 9)))
+    if x.shape[-1] != w.k:
+        raise KernelInputError(f"{name}: x has {x.shape[-1]} features but the weight takes {w.k}")
+    b = None if bias is None else _vector("bias", bias, w.n)
+    x2 = _rows(x)
+    _check_dims(m=x2.shape[0], n=w.n, k=w.k)
+    inputs = (x,) if b is None else (x, b)
+    y = _out(name, out, x.shape[:-1] + (w.n,), np.float32, *inputs)
+    if y.size and not np.isfinite(x2).all():
+        raise KernelInputError(f"{name}: x must be finite (no NaN or inf)")
+    return x2, b, y
+
+
 def linear_dynamic_int8(
     x: np.ndarray,
     w: Int8Weight,
@@ -806,25 +836,10 @@ def linear_dynamic_int8(
     vpdpbusd); the outlier channels are added in fp32. x may have leading batch axes.
     """
     act = _activation(activation)
-    if not isinstance(w, Int8Weight):
-        raise KernelInputError(
-            f"w must be an Int8Weight from pack_int8_weight, got {type(w).__name__}"
-        )
-    x = _array("x", x, np.float32, tuple(range(1, 9)))
-    if x.shape[-1] != w.k:
-        raise KernelInputError(
-            f"linear_dynamic_int8: x has {x.shape[-1]} features but the weight takes {w.k}"
-        )
-    b = None if bias is None else _vector("bias", bias, w.n)
-    x2 = _rows(x)
-    m = x2.shape[0]
-    _check_dims(m=m, n=w.n, k=w.k)
-    inputs = (x,) if b is None else (x, b)
-    y = _out("linear_dynamic_int8", out, x.shape[:-1] + (w.n,), np.float32, *inputs)
+    x2, b, y = _prepacked_linear("linear_dynamic_int8", x, w, Int8Weight, bias, out)
     if y.size == 0:
         return y
-    if not np.isfinite(x2).all():
-        raise KernelInputError("linear_dynamic_int8: x must be finite (no NaN or inf)")
+    m = x2.shape[0]
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     kp = 4 * -(-w.k // 4)
     with kernel_scope(ops):
@@ -894,30 +909,15 @@ def linear_bf16(
     twin runs: correct, slow, meant for tests.
     """
     act = _activation(activation)
-    if not isinstance(w, Bf16Weight):
-        raise KernelInputError(
-            f"w must be a Bf16Weight from pack_bf16_weight, got {type(w).__name__}"
-        )
-    x = _array("x", x, np.float32, tuple(range(1, 9)))
-    if x.shape[-1] != w.k:
-        raise KernelInputError(
-            f"linear_bf16: x has {x.shape[-1]} features but the weight takes {w.k}"
-        )
-    b = None if bias is None else _vector("bias", bias, w.n)
-    x2 = _rows(x)
-    m = x2.shape[0]
-    _check_dims(m=m, n=w.n, k=w.k)
-    inputs = (x,) if b is None else (x, b)
-    y = _out("linear_bf16", out, x.shape[:-1] + (w.n,), np.float32, *inputs)
+    x2, b, y = _prepacked_linear("linear_bf16", x, w, Bf16Weight, bias, out)
     if y.size == 0:
         return y
+    m = x2.shape[0]
     if w.k == 0:
         y.fill(0.0)
         if b is not None or act:
             _dense.bias_act(y.reshape(m, w.n), b, act, _threads(y.size))
         return y
-    if not np.isfinite(x2).all():
-        raise KernelInputError("linear_bf16: x must be finite (no NaN or inf)")
     if np.abs(x2).max() >= _BF16_MAX:
         raise KernelInputError(
             "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"

@@ -115,6 +115,25 @@ def local_kind(name: str, directory: Path) -> str:
 _KINDS = {"qwen3": "llm", "bert": "embedding"}  # config.json model_type -> kind
 
 
+def _sizes(
+    module: Any, precisions: tuple[str, ...], name: str, directory: Path, precision: str
+) -> tuple[Any, int]:
+    """(config, bytes of packed weights) of the model in `directory` at `precision`, read by its
+    architecture's `module` (vtpu.models.bert or .qwen3) before a load reserves memory; 400 for a
+    precision the architecture does not implement, 422 for a directory it cannot serve."""
+    if precision not in precisions:
+        raise ModelError(
+            400,
+            f"precision {precision!r} is not implemented for {name}; choose one of "
+            f"{', '.join(precisions)}",
+            param="precision",
+        )
+    try:
+        return module.read_config(directory), module.weight_bytes(directory, precision)
+    except module.ModelLoadError as exc:
+        raise ModelError(422, f"{name} cannot be served: {exc}") from None
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is no such file)."""
     try:
@@ -309,18 +328,7 @@ class ModelRegistry:
                 )
         if kind == "llm":
             return self._load_llm(name, directory, precision)
-        if precision not in bert.PRECISIONS:
-            raise ModelError(
-                400,
-                f"precision {precision!r} is not implemented; choose one of "
-                f"{', '.join(bert.PRECISIONS)}",
-                param="precision",
-            )
-        try:
-            config = bert.read_config(directory)
-            weights = bert.weight_bytes(directory, precision)
-        except bert.ModelLoadError as exc:
-            raise ModelError(422, f"{name} cannot be served: {exc}") from None
+        config, weights = _sizes(bert, bert.PRECISIONS, name, directory, precision)
         workspace = self.workspace_bytes(config.hidden)
         need = weights + workspace
         parts = (
@@ -358,18 +366,7 @@ class ModelRegistry:
         from vtpu.kernels.packed import PRECISIONS
         from vtpu.models import generate, qwen3
 
-        if precision not in PRECISIONS:
-            raise ModelError(
-                400,
-                f"precision {precision!r} is not implemented for {name}; choose one of "
-                f"{', '.join(PRECISIONS)}",
-                param="precision",
-            )
-        try:
-            config = qwen3.read_config(directory)
-            weights = qwen3.weight_bytes(directory, precision)
-        except qwen3.ModelLoadError as exc:
-            raise ModelError(422, f"{name} cannot be served: {exc}") from None
+        config, weights = _sizes(qwen3, PRECISIONS, name, directory, precision)
         # A prefill chunk's activations, plus a row of logits per sequence being decoded.
         workspace = generate.PREFILL_CHUNK * config.hidden * 4 * _ACTIVATION_FLOATS_PER_HIDDEN
         workspace += 2 * self.max_sequences * config.vocab * 4
