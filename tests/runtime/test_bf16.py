@@ -1,5 +1,6 @@
 """bf16 for the sentence encoder (issue 10): the vdpbf16ps kernel against a numpy reference of
-bf16-rounded inputs, bit for bit, on both of its paths; the bf16 encoder against
+bf16-rounded inputs, bit for bit, on both of its paths; the AMX-BF16 path against it to fp32
+rounding where the CPU has AMX; the bf16 encoder against
 sentence-transformers on the varied set where the CPU has AVX512_BF16; and the refusal, with the
 reason, where it has not."""
 
@@ -16,16 +17,24 @@ from vtpu.models.bert import BertEncoder, ModelLoadError, weight_bytes
 FEATURES = K.cpu_features()
 HAS_BF16 = all(FEATURES[f] for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 NO_BF16 = "this CPU has no AVX512_BF16 (vdpbf16ps)"
+HAS_AMX = HAS_BF16 and FEATURES["amx_tile"] and FEATURES["amx_bf16"]
+NO_AMX = "this CPU has no AMX-BF16 (Intel Sapphire Rapids and later; AMD has none)"
 
 
-@pytest.fixture(params=["generic", "avx512"])
+@pytest.fixture(params=["generic", "avx512", "amx"])
 def path(request: pytest.FixtureRequest):
-    """The kernel's scalar twin (any CPU), then its vdpbf16ps body where the CPU has one."""
+    """The kernel's scalar twin (any CPU), its vdpbf16ps body where the CPU has one, and its
+    AMX body where the CPU has AMX-BF16."""
     if request.param == "avx512" and not HAS_BF16:
         pytest.skip(NO_BF16)
-    K.set_isa(request.param)
-    assert K.bf16_native() == (request.param == "avx512")
+    if request.param == "amx" and not HAS_AMX:
+        pytest.skip(NO_AMX)
+    K.set_isa("generic" if request.param == "generic" else "avx512")
+    K.use_amx(request.param == "amx")
+    assert K.bf16_native() == (request.param != "generic")
+    assert K.amx_bf16_native() == (request.param == "amx")
     yield request.param
+    K.use_amx(True)
     K.set_isa()
 
 
@@ -57,7 +66,10 @@ def test_linear_bf16_is_its_reference_bit_for_bit(path: str, m: int, k: int, n: 
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     y = K.linear_bf16(x, K.pack_bf16_weight(w), b)
-    assert np.array_equal(y, _reference(x, w, b))
+    if path == "amx" and k % 32 == 0:  # tiles sum in their own order: equal to fp32 rounding
+        np.testing.assert_allclose(y, _reference(x, w, b), rtol=1e-5, atol=1e-3)
+    else:
+        assert np.array_equal(y, _reference(x, w, b))
     # and an approximation of the fp32 product with bf16's 8-bit mantissa
     exact = x.astype(np.float64) @ w.T.astype(np.float64) + b
     assert np.abs(y - exact).max() <= 2**-7 * np.abs(x).max() * np.abs(w).max() * k
@@ -86,6 +98,38 @@ def test_linear_bf16_takes_batch_axes_activations_and_out(path: str) -> None:
     plain = K.bias_activation(K.linear_bf16(x.reshape(14, 64), w), None, "gelu")
     np.testing.assert_array_equal(out.reshape(14, 40), plain)
     assert K.linear_bf16(np.empty((0, 64), np.float32), w).shape == (0, 40)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason=NO_AMX)
+@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (16, 64, 16), (37, 384, 70), (500, 1536, 384)])
+def test_amx_bf16_agrees_with_vdpbf16ps(m: int, k: int, n: int) -> None:
+    # rows and columns on and off the 16 x 16 tile grid, K over one and many tile blocks, and
+    # enough rows for every thread; the first call also runs the self-check, which must pass
+    rng = np.random.default_rng(m + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = K.pack_bf16_weight(rng.standard_normal((n, k)).astype(np.float32))
+    K.set_isa("avx512")
+    try:
+        K.use_amx(False)
+        vdp = K.linear_bf16(x, w)
+        assert K.use_amx(True)
+        amx = K.linear_bf16(x, w)
+        assert K.amx_bf16_native(), "the AMX self-check failed: see the log"
+        assert "AMX-BF16" in K.dispatch_info()["linear_bf16"]
+    finally:
+        K.use_amx(True)
+        K.set_isa()
+    np.testing.assert_allclose(amx, vdp, rtol=1e-5, atol=1e-3)
+
+
+def test_use_amx_switches_the_path_only_where_the_cpu_has_amx() -> None:
+    try:
+        assert K.use_amx(False) is False and not K.amx_bf16_native()
+        assert "AMX" not in K.dispatch_info()["linear_bf16"]
+        assert K.use_amx(True) is HAS_AMX
+        assert ("AMX-BF16" in K.dispatch_info()["linear_bf16"]) is HAS_AMX
+    finally:
+        K.use_amx(True)
 
 
 def test_linear_bf16_refuses_bad_input_with_reasons() -> None:

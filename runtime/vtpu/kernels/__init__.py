@@ -12,8 +12,10 @@ Instruction sets: the kernels pick the widest level the CPU and OS support at ru
 lower one (tests compare every path on one machine). Levels are ordered: a kernel without an
 AVX-512 body runs its AVX2 body at "avx512"; the AVX-512 bodies are vtpu.kernels.packed's, and
 linear_dynamic_int8's (VNNI) and linear_bf16's (BF16) where the CPU has those extensions.
-AMX is detected and reported by `cpu_features()`, not used: we ship no path our CI cannot test
-on the machine it runs on. GEMM goes through the BLAS that scipy links.
+AMX: linear_bf16 runs on AMX-BF16 tiles where the CPU has them (Intel Sapphire Rapids on; our
+CI runs on whichever of our two machine kinds the session has, so that path is tested on the
+Intel one and skipped, with the reason, on AMD), after a self-check at its first call against
+the vdpbf16ps path; `use_amx(False)` turns it off. GEMM goes through the BLAS that scipy links.
 
 Ops counted per call (`vtpu.counters`) come from the one op-count table, `vtpu.ops` (a
 multiply-add is 2; a transcendental counts 1):
@@ -39,6 +41,7 @@ it, else a scalar twin that rounds the same products in the same order (slow: fo
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -55,6 +58,7 @@ __all__ = [
     "add_layer_norm",
     "attention",
     "attention_packed",
+    "amx_bf16_native",
     "bf16_native",
     "bias_activation",
     "blas_library",
@@ -87,6 +91,7 @@ __all__ = [
     "set_isa",
     "softmax",
     "topk_similarity",
+    "use_amx",
 ]
 
 
@@ -177,7 +182,7 @@ def set_isa(name: str | None = None) -> str:
     if name not in _LEVELS:
         raise KernelInputError(
             f"unknown instruction set {name!r}; the kernels implement {sorted(_LEVELS)} "
-            "(AMX is detected and reported, not used)"
+            "(AMX runs under avx512 where the CPU has it; see use_amx)"
         )
     if not _isa_supported(name):
         need = "AVX-512 F+BW+VL" if name == "avx512" else "AVX2+FMA"
@@ -865,9 +870,52 @@ class Bf16Weight:
 
 
 def bf16_native() -> bool:
-    """Whether linear_bf16 runs vdpbf16ps now (the CPU has AVX-512 BF16 and the level is
-    "avx512"); otherwise it runs its scalar twin."""
+    """Whether linear_bf16 runs vdpbf16ps (or AMX, amx_bf16_native) now: the CPU has AVX-512
+    BF16 and the level is "avx512"; otherwise it runs its scalar twin."""
     return _dense.bf16_active()
+
+
+def amx_bf16_native() -> bool:
+    """Whether linear_bf16 runs on AMX tiles now, for K a multiple of 32 (other K: vdpbf16ps):
+    the CPU has AMX-BF16, Linux granted this process the tile state, the level is "avx512",
+    use_amx has not turned it off, and the first call's self-check passed (or is to come)."""
+    return _dense.amx_bf16_active()
+
+
+def use_amx(enabled: bool = True) -> bool:
+    """Let the AMX kernels run where the CPU has them (the default) or not, process-wide;
+    returns whether they run now."""
+    global _amx_checked
+    _dense.set_amx(bool(enabled))
+    _amx_checked = not enabled
+    return amx_bf16_native()
+
+
+# Whether the AMX-BF16 path passed its self-check (done at linear_bf16's first call on AMX).
+_amx_checked = False
+
+
+def _check_amx_bf16() -> None:
+    """Run a small GEMM on AMX and on vdpbf16ps; AMX serves only if the two agree to fp32
+    rounding (this path was written on machines without AMX: a wrong result turns it off
+    instead of reaching a customer)."""
+    global _amx_checked
+    _amx_checked = True
+    rng = np.random.default_rng(20261130)
+    x = rng.standard_normal((37, 96), dtype=np.float32)  # rows and columns off the tile grid
+    w = pack_bf16_weight(rng.standard_normal((40, 96), dtype=np.float32))
+    on_amx = np.empty((37, 40), np.float32)
+    _dense.linear_bf16(x, w.packed, -(-w.k // 2), None, 0, on_amx, 1)
+    _dense.set_amx(False)
+    reference = np.empty_like(on_amx)
+    _dense.linear_bf16(x, w.packed, -(-w.k // 2), None, 0, reference, 1)
+    if np.allclose(on_amx, reference, rtol=1e-5, atol=1e-4):
+        _dense.set_amx(True)
+    else:
+        logging.getLogger(__name__).error(
+            "AMX-BF16 self-check failed (max difference %.3g): linear_bf16 stays on vdpbf16ps",
+            float(np.abs(on_amx - reference).max()),
+        )
 
 
 def pack_bf16_weight(w: np.ndarray, *, trans_w: bool = False) -> Bf16Weight:
@@ -922,6 +970,8 @@ def linear_bf16(
         raise KernelInputError(
             "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"
         )
+    if not _amx_checked and _dense.amx_bf16_active():
+        _check_amx_bf16()
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     with kernel_scope(ops):
         _dense.linear_bf16(x2, w.packed, -(-w.k // 2), b, act, y.reshape(m, w.n), _threads(y.size))
@@ -1182,7 +1232,10 @@ def dispatch_info() -> dict[str, str]:
             else "generic s8 x s8 loop, OpenMP over rows"
         ),
         "linear_bf16": (
-            "avx512 BF16 (vdpbf16ps, 6x64 register tiles), OpenMP over rows"
+            "AMX-BF16 (tdpbf16ps, 32x32 tiles kept over K) where K % 32 == 0, else avx512 BF16"
+            " (vdpbf16ps), OpenMP over rows"
+            if amx_bf16_native()
+            else "avx512 BF16 (vdpbf16ps, 6x64 register tiles), OpenMP over rows"
             if bf16_native()
             else "generic scalar bf16 loop (no AVX-512 BF16 at this level), OpenMP over rows"
         ),

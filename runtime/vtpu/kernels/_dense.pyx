@@ -10,6 +10,7 @@ from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._simd cimport (
+    vtpu_amx_bf16_active,
     vtpu_bf16_active,
     vtpu_bias_act,
     vtpu_cpu_features,
@@ -31,6 +32,7 @@ from ._simd cimport (
     vtpu_pv,
     vtpu_qk,
     vtpu_scale,
+    vtpu_set_amx,
     vtpu_set_level,
     vtpu_sum,
     vtpu_sumsq_centered,
@@ -39,7 +41,8 @@ from ._simd cimport (
 # Rows of A per parallel work item of the int8 GEMM (a multiple of its 4-row register block).
 cdef enum:
     INT8_ROW_BLOCK = 16
-# Rows of x per work item of the bf16 GEMM (a multiple of its 6-row register block).
+# Rows of x per work item of the bf16 GEMM (a multiple of its 6-row register block and of AMX's
+# 16-row tiles).
 cdef enum:
     BF16_ROW_BLOCK = 48
 
@@ -431,6 +434,15 @@ def bf16_active() -> bool:
     return bool(vtpu_bf16_active())
 
 
+def amx_bf16_active() -> bool:
+    """Whether linear_bf16 runs on AMX tiles now (for K a multiple of 32)."""
+    return bool(vtpu_amx_bf16_active())
+
+
+def set_amx(bint wanted) -> None:
+    vtpu_set_amx(wanted)
+
+
 def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
                 const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
     """out = act(bf16(x) @ W.T + bias) with W packed by vtpu.kernels.pack_bf16_weight (kh pairs
@@ -456,8 +468,8 @@ def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
                     a[r * kh * 2 + j] = vtpu_f32_to_bf16(x[i0 + r, j])
                 if k & 1:
                     a[r * kh * 2 + k] = 0
-            if rows % 6:
-                memset(&a[rows * kh * 2], 0, (6 - rows % 6) * kh * 2 * sizeof(uint16_t))
+            if rows < BF16_ROW_BLOCK:  # tiles read whole 6-row (AVX-512) or 16-row (AMX) groups
+                memset(&a[rows * kh * 2], 0, (BF16_ROW_BLOCK - rows) * kh * 2 * sizeof(uint16_t))
             vtpu_gemm_bf16_rows(a, kh, &wp[0], kh, &out[i0, 0], n, rows, n)
             if bptr != NULL or act != 0:
                 for r in range(rows):

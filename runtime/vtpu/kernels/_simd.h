@@ -3,8 +3,8 @@
  * The build passes no -march (the wheel must run on any x86-64), so every AVX2 / AVX-512 routine
  * carries a function-level target attribute and is chosen at run time through `vtpu_level`. The
  * primitives here have AVX2 bodies, the s8 x s8 GEMM an AVX-512 VNNI one and the bf16 GEMM an
- * AVX-512 BF16 one (vdpbf16ps); the packed Linear kernels (_packed.h) have AVX-512 bodies. AMX is
- * detected and reported, not used.
+ * AVX-512 BF16 one (vdpbf16ps) and an AMX-BF16 one (tdpbf16ps); the packed Linear kernels
+ * (_packed.h) have AVX-512 bodies.
  * Each primitive has a portable scalar twin so a forced "generic" level exercises the same
  * kernels on any machine, which is how the tests cover every path.
  */
@@ -16,6 +16,8 @@
 #include <string.h>
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Levels are ordered: a kernel without an AVX-512 body runs its AVX2 body at VTPU_LEVEL_AVX512,
  * which means AVX-512 F + BW + VL on top of AVX2 + FMA (VNNI is detected separately). */
@@ -790,12 +792,115 @@ VTPU_AVX512_BF16 static void vtpu_gemm_bf16_rows_avx512(const uint16_t *A, long 
                                ldc, rows - i, N - q * 16);
 }
 
+/* ---- AMX-BF16 (Intel Sapphire Rapids and later): the same GEMM on tiles --------------------
+ * W's packing is already AMX's B layout: a panel's 16 consecutive pairs are a 16-row x 64-byte
+ * tile (row p: the pair (w[j, 2p], w[j, 2p + 1]) of each of the 16 columns), and 16 rows of A
+ * by 32 bf16 are an A tile. C goes in 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) that
+ * stay in tile registers for the whole of K (docs PERFORMANCE.md: storing them per K block
+ * stalls AMX), then pass through a 1 KB buffer to C, clipped to its rows and columns.
+ * tdpbf16ps sums in its own order, so results match the vdpbf16ps path to fp32 rounding, not
+ * bit for bit. Needs Kh % 16 == 0 (K a multiple of 32) and A rows readable up to a multiple of
+ * 16 (linear_bf16's row blocks are 48); otherwise the AVX-512 body runs. The tile
+ * configuration is per thread and libraries release it: loaded at every call.
+ * Not run on the machines this was written on (AMD: no AMX); tests/runtime/test_bf16.py checks
+ * it against the vdpbf16ps path where the CPU has AMX, and skips with the reason elsewhere. */
+#define VTPU_AMX_BF16 \
+    __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} vtpu_tile_config;
+
+/* 1 when AMX-BF16 runs linear_bf16 (set with the level: the CPU has it, the kernel granted
+ * this process the tile state, and vtpu_set_amx has not turned it off). */
+static int vtpu_amx_bf16 = 0;
+static int vtpu_amx_wanted = 1;
+
+/* Linux hands out AMX's 8 KB of tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA), once per process; 1 if granted. */
+static int vtpu_amx_permitted(void) {
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return granted;
+}
+
+VTPU_AMX_BF16 static void vtpu_amx_bf16_store(float *buf, float *C, long ldc, long rows,
+                                              long cols) {
+    for (long r = 0; r < 16 && r < rows; r++)
+        memcpy(C + r * ldc, buf + r * 16, (cols < 16 ? cols : 16) * sizeof(float));
+}
+
+VTPU_AMX_BF16 static void vtpu_gemm_bf16_rows_amx(const uint16_t *A, long lda,
+                                                  const uint16_t *Wp, long Kh, float *C,
+                                                  long ldc, long rows, long N) {
+    vtpu_tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    float buf[16 * 16] __attribute__((aligned(64)));
+    long panels = (N + 15) / 16, astride = lda * 4; /* bytes: lda pairs of two bf16 */
+    for (long i = 0; i < rows; i += 32) {
+        const uint16_t *a0 = A + i * lda * 2, *a1 = a0 + 16 * lda * 2;
+        int two_rows = i + 16 < rows;
+        for (long q = 0; q < panels; q += 2) {
+            const uint16_t *w0 = Wp + q * Kh * 32, *w1 = w0 + Kh * 32;
+            int two_cols = q + 1 < panels;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long p = 0; p < Kh; p += 16) {
+                _tile_loadd(4, a0 + p * 2, astride);
+                _tile_loadd(6, w0 + p * 32, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_cols) {
+                    _tile_loadd(7, w1 + p * 32, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (two_rows) {
+                    _tile_loadd(5, a1 + p * 2, astride);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two_cols) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            float *c = C + i * ldc + q * 16;
+            long cols = N - q * 16;
+            _tile_stored(0, buf, 64);
+            vtpu_amx_bf16_store(buf, c, ldc, rows - i, cols);
+            if (two_cols) {
+                _tile_stored(1, buf, 64);
+                vtpu_amx_bf16_store(buf, c + 16, ldc, rows - i, cols - 16);
+            }
+            if (two_rows) {
+                _tile_stored(2, buf, 64);
+                vtpu_amx_bf16_store(buf, c + 16 * ldc, ldc, rows - i - 16, cols);
+                if (two_cols) {
+                    _tile_stored(3, buf, 64);
+                    vtpu_amx_bf16_store(buf, c + 16 * ldc + 16, ldc, rows - i - 16, cols - 16);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
 /* 1 when the AVX-512 BF16 body runs at the current level, else 0 (the scalar twin). */
 static inline int vtpu_bf16_active(void) { return vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_bf16; }
 
+/* 1 when linear_bf16 runs on AMX tiles for a K that is a multiple of 32. */
+static inline int vtpu_amx_bf16_active(void) { return vtpu_bf16_active() && vtpu_amx_bf16; }
+
 static inline void vtpu_gemm_bf16_rows(const uint16_t *A, long lda, const uint16_t *Wp, long Kh,
                                        float *C, long ldc, long rows, long N) {
-    if (vtpu_bf16_active()) vtpu_gemm_bf16_rows_avx512(A, lda, Wp, Kh, C, ldc, rows, N);
+    if (vtpu_amx_bf16_active() && Kh % 16 == 0)
+        vtpu_gemm_bf16_rows_amx(A, lda, Wp, Kh, C, ldc, rows, N);
+    else if (vtpu_bf16_active()) vtpu_gemm_bf16_rows_avx512(A, lda, Wp, Kh, C, ldc, rows, N);
     else vtpu_gemm_bf16_rows_generic(A, lda, Wp, Kh, C, ldc, rows, N);
 }
 
@@ -927,9 +1032,18 @@ static inline void vtpu_pv(const float *p, const float *V, long n, long d, float
 }
 
 static inline void vtpu_set_level(int level) {
+    vtpu_cpu_features f = vtpu_detect();
     vtpu_level = level;
-    vtpu_vnni = level >= VTPU_LEVEL_AVX512 && vtpu_detect().avx512_vnni;
-    vtpu_bf16 = level >= VTPU_LEVEL_AVX512 && vtpu_detect().avx512_bf16;
+    vtpu_vnni = level >= VTPU_LEVEL_AVX512 && f.avx512_vnni;
+    vtpu_bf16 = level >= VTPU_LEVEL_AVX512 && f.avx512_bf16;
+    vtpu_amx_bf16 = vtpu_bf16 && vtpu_amx_wanted && f.amx_tile && f.amx_bf16 &&
+                    vtpu_amx_permitted();
+}
+
+/* AMX on (the default, where the CPU has it) or off (tests compare it with the AVX-512 path). */
+static inline void vtpu_set_amx(int wanted) {
+    vtpu_amx_wanted = wanted;
+    vtpu_set_level(vtpu_level);
 }
 static inline int vtpu_get_level(void) { return vtpu_level; }
 
