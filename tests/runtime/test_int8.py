@@ -68,7 +68,9 @@ def _dynamic_reference(
 @pytest.mark.parametrize(
     "m,k,n,group,n_out",
     [(1, 1, 1, 4, 0), (3, 5, 7, 4, 1), (17, 384, 1152, 128, 8), (33, 1536, 390, 128, 8),
-     (6, 100, 24, 32, 100)],
+     (6, 100, 24, 32, 100),
+     # six full row blocks of 16 and a ragged one; 9 panels of 8 columns, the last one alone
+     (101, 384, 72, 128, 8)],
 )  # fmt: skip
 def test_dynamic_int8_linear_is_its_reference(
     int8_path: str, m: int, k: int, n: int, group: int, n_out: int
