@@ -26,17 +26,24 @@ def isa(request: pytest.FixtureRequest):
 
 
 HAS_VNNI = K.cpu_features()["avx512_vnni"] and K.cpu_features()["avx512bw"]
+HAS_AMX = HAS_VNNI and K.cpu_features()["amx_tile"] and K.cpu_features()["amx_int8"]
 
 
-@pytest.fixture(params=["generic", "avx2", "avx512"])
+@pytest.fixture(params=["generic", "avx2", "avx512", "amx"])
 def int8_path(request: pytest.FixtureRequest):
-    """linear_dynamic_int8's three bodies: scalar, AVX2 (vpmaddubsw), AVX-512 VNNI (vpdpbusd)."""
+    """linear_dynamic_int8's four bodies: scalar, AVX2 (vpmaddubsw), AVX-512 VNNI (vpdpbusd),
+    AMX-INT8 (tdpbusd, for K and groups multiples of 64; VNNI for the rest)."""
     if request.param == "avx2" and not HAS_AVX2:
         pytest.skip("this CPU has no AVX2+FMA")
     if request.param == "avx512" and not HAS_VNNI:
         pytest.skip("this CPU has no AVX-512 VNNI")
-    K.set_isa(request.param)
+    if request.param == "amx" and not HAS_AMX:
+        pytest.skip("this CPU has no AMX-INT8 (Intel Sapphire Rapids and later; AMD has none)")
+    K.set_isa("avx512" if request.param == "amx" else request.param)
+    K.use_amx(request.param == "amx")
+    assert K.amx_int8_native() == (request.param == "amx")
     yield request.param
+    K.use_amx(True)
     K.set_isa()
 
 
@@ -91,6 +98,49 @@ def test_dynamic_int8_linear_is_its_reference(
     # and it approximates the fp32 product: 8-bit activations, the outliers exact
     exact = x @ w.T + b
     assert np.abs(y - exact).max() <= 0.01 * np.abs(exact).max()
+
+
+def test_the_amx_self_check_turns_amx_off_when_it_disagrees(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The AMX paths were written on AMD machines, which have no AMX: before a first product
+    runs on tiles, vtpu.kernels compares AMX with the AVX-512 path on a small one and keeps AMX
+    only if they agree. The kernels stand in for AMX here (this machine may have none): the
+    first run, "on AMX", is perturbed, and the check must turn AMX off and say so."""
+    switched: list[bool] = []
+    real = K._dense.linear_dynamic_int8
+    calls = iter(range(1000))
+
+    def first_run_wrong(*args) -> None:
+        real(*args)
+        if next(calls) == 0:  # the "AMX" run of the check
+            args[-2][0, 0] += 1.0
+
+    monkeypatch.setattr(K._dense, "amx_int8_active", lambda: not switched)
+    monkeypatch.setattr(K._dense, "set_amx", switched.append)
+    monkeypatch.setattr(K._dense, "linear_dynamic_int8", first_run_wrong)
+    monkeypatch.setattr(K, "_amx_checked", {"bf16": False, "int8": False})
+    x = np.ones((2, 64), np.float32)
+    y = K.linear_dynamic_int8(x, K.pack_int8_weight(np.ones((8, 64), np.float32)))
+    assert switched == [False], "AMX must be switched off and stay off"
+    assert K._amx_checked == {"bf16": True, "int8": True}
+    assert "AMX-INT8 self-check failed" in caplog.text
+    np.testing.assert_allclose(y, 64.0, rtol=1e-2)  # the call itself still answers
+
+
+def test_the_amx_self_check_keeps_amx_when_it_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    switched: list[bool] = []
+    monkeypatch.setattr(K._dense, "amx_int8_active", lambda: True)
+    monkeypatch.setattr(K._dense, "set_amx", switched.append)
+    monkeypatch.setattr(K, "_amx_checked", {"bf16": False, "int8": False})
+    K.linear_dynamic_int8(
+        np.ones((2, 64), np.float32), K.pack_int8_weight(np.ones((8, 64), np.float32))
+    )
+    assert switched == [False, True] and K._amx_checked["int8"]  # checked once, then kept
+    K.linear_dynamic_int8(
+        np.ones((2, 64), np.float32), K.pack_int8_weight(np.ones((8, 64), np.float32))
+    )
+    assert switched == [False, True]
 
 
 def test_outlier_channels_keep_the_rest_of_a_row_fine() -> None:

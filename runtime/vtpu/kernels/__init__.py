@@ -12,10 +12,10 @@ Instruction sets: the kernels pick the widest level the CPU and OS support at ru
 lower one (tests compare every path on one machine). Levels are ordered: a kernel without an
 AVX-512 body runs its AVX2 body at "avx512"; the AVX-512 bodies are vtpu.kernels.packed's, and
 linear_dynamic_int8's (VNNI) and linear_bf16's (BF16) where the CPU has those extensions.
-AMX: linear_bf16 runs on AMX-BF16 tiles where the CPU has them (Intel Sapphire Rapids on; our
+AMX: linear_bf16 and linear_dynamic_int8 run on AMX tiles (BF16, INT8) where the CPU has them (Intel Sapphire Rapids on; our
 CI runs on whichever of our two machine kinds the session has, so that path is tested on the
-Intel one and skipped, with the reason, on AMD), after a self-check at its first call against
-the vdpbf16ps path; `use_amx(False)` turns it off. GEMM goes through the BLAS that scipy links.
+Intel one and skipped, with the reason, on AMD), each after a self-check at its first call
+against the AVX-512 path it replaces; `use_amx(False)` turns them off. GEMM goes through the BLAS that scipy links.
 
 Ops counted per call (`vtpu.counters`) come from the one op-count table, `vtpu.ops` (a
 multiply-add is 2; a transcendental counts 1):
@@ -59,6 +59,7 @@ __all__ = [
     "attention",
     "attention_packed",
     "amx_bf16_native",
+    "amx_int8_native",
     "bf16_native",
     "bias_activation",
     "blas_library",
@@ -845,6 +846,8 @@ def linear_dynamic_int8(
     if y.size == 0:
         return y
     m = x2.shape[0]
+    if not _amx_checked["int8"] and _dense.amx_int8_active():
+        _check_amx("int8")
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     kp = 4 * -(-w.k // 4)
     with kernel_scope(ops):
@@ -882,38 +885,59 @@ def amx_bf16_native() -> bool:
     return _dense.amx_bf16_active()
 
 
+def amx_int8_native() -> bool:
+    """Whether linear_dynamic_int8 runs on AMX tiles now, for K and its weight groups multiples
+    of 64 (otherwise VNNI): as amx_bf16_native, with AMX-INT8 and AVX-512 VNNI."""
+    return _dense.amx_int8_active()
+
+
 def use_amx(enabled: bool = True) -> bool:
     """Let the AMX kernels run where the CPU has them (the default) or not, process-wide;
-    returns whether they run now."""
-    global _amx_checked
+    returns whether either runs now."""
     _dense.set_amx(bool(enabled))
-    _amx_checked = not enabled
-    return amx_bf16_native()
+    for kind in _amx_checked:
+        _amx_checked[kind] = not enabled
+    return amx_bf16_native() or amx_int8_native()
 
 
-# Whether the AMX-BF16 path passed its self-check (done at linear_bf16's first call on AMX).
-_amx_checked = False
+# Whether each AMX path passed its self-check (done at its kernel's first call on AMX).
+_amx_checked = {"bf16": False, "int8": False}
 
 
-def _check_amx_bf16() -> None:
-    """Run a small GEMM on AMX and on vdpbf16ps; AMX serves only if the two agree to fp32
-    rounding (this path was written on machines without AMX: a wrong result turns it off
-    instead of reaching a customer)."""
-    global _amx_checked
-    _amx_checked = True
+def _check_amx(kind: str) -> None:
+    """Run a small product on AMX and on the AVX-512 path it replaces; AMX serves only if the
+    two agree (bit for bit for int8, to fp32 rounding for bf16). These paths were written on
+    machines without AMX: a wrong result turns AMX off instead of reaching a customer."""
+    _amx_checked[kind] = True
     rng = np.random.default_rng(20261130)
-    x = rng.standard_normal((37, 96), dtype=np.float32)  # rows and columns off the tile grid
-    w = pack_bf16_weight(rng.standard_normal((40, 96), dtype=np.float32))
-    on_amx = np.empty((37, 40), np.float32)
-    _dense.linear_bf16(x, w.packed, -(-w.k // 2), None, 0, on_amx, 1)
+    x = rng.standard_normal((37, 128), dtype=np.float32)  # rows and columns off the tile grid
+    w = rng.standard_normal((40, 128), dtype=np.float32)
+    if kind == "bf16":
+        wb = pack_bf16_weight(w)
+        run = lambda y: _dense.linear_bf16(x, wb.packed, wb.k // 2, None, 0, y, 1)  # noqa: E731
+    else:
+        wq = pack_int8_weight(w, group=64, outliers=[3])
+        run = lambda y: _dense.linear_dynamic_int8(  # noqa: E731
+            x, wq.packed, wq.k, 16, wq.scale, wq.gsum, wq.wsum, wq.keep, wq.outliers,
+            wq.outlier_w, None, 0, y, 1,
+        )  # fmt: skip
+    on_amx, reference = np.empty((37, 40), np.float32), np.empty((37, 40), np.float32)
+    run(on_amx)
     _dense.set_amx(False)
-    reference = np.empty_like(on_amx)
-    _dense.linear_bf16(x, w.packed, -(-w.k // 2), None, 0, reference, 1)
-    if np.allclose(on_amx, reference, rtol=1e-5, atol=1e-4):
+    run(reference)
+    same = (
+        np.array_equal(on_amx, reference)
+        if kind == "int8"
+        else np.allclose(on_amx, reference, rtol=1e-5, atol=1e-4)
+    )
+    if same:
         _dense.set_amx(True)
     else:
+        for other in _amx_checked:  # one switch turns both off: no later check turns it back on
+            _amx_checked[other] = True
         logging.getLogger(__name__).error(
-            "AMX-BF16 self-check failed (max difference %.3g): linear_bf16 stays on vdpbf16ps",
+            "AMX-%s self-check failed (max difference %.3g): AMX is off, the AVX-512 paths serve",
+            kind.upper(),
             float(np.abs(on_amx - reference).max()),
         )
 
@@ -970,8 +994,8 @@ def linear_bf16(
         raise KernelInputError(
             "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"
         )
-    if not _amx_checked and _dense.amx_bf16_active():
-        _check_amx_bf16()
+    if not _amx_checked["bf16"] and _dense.amx_bf16_active():
+        _check_amx("bf16")
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     with kernel_scope(ops):
         _dense.linear_bf16(x2, w.packed, -(-w.k // 2), b, act, y.reshape(m, w.n), _threads(y.size))
@@ -1225,7 +1249,10 @@ def dispatch_info() -> dict[str, str]:
         "gemm_int8": vector,
         "linear_weight_int8": f"int8 -> fp32 widening pass (OpenMP) + {blas}",
         "linear_dynamic_int8": (
-            "avx512 VNNI s8 x s8 as u8 + 128 (vpdpbusd), OpenMP over rows"
+            "AMX-INT8 (tdpbusd, 16 x 32 tiles per weight group) where K and the groups are"
+            " multiples of 64, else avx512 VNNI, OpenMP over rows"
+            if amx_int8_native()
+            else "avx512 VNNI s8 x s8 as u8 + 128 (vpdpbusd), OpenMP over rows"
             if isa() == "avx512" and _FEATURES["avx512_vnni"]
             else "avx2 s8 x s8 (vpsignb + vpmaddubsw + vpmaddwd), OpenMP over rows"
             if vector == "avx2"

@@ -11,6 +11,7 @@ from scipy.linalg.cython_blas cimport sgemm
 
 from ._simd cimport (
     vtpu_amx_bf16_active,
+    vtpu_amx_int8_active,
     vtpu_bf16_active,
     vtpu_bias_act,
     vtpu_cpu_features,
@@ -437,6 +438,11 @@ def bf16_active() -> bool:
 def amx_bf16_active() -> bool:
     """Whether linear_bf16 runs on AMX tiles now (for K a multiple of 32)."""
     return bool(vtpu_amx_bf16_active())
+
+
+def amx_int8_active() -> bool:
+    """Whether linear_dynamic_int8 runs on AMX tiles now (for K and its group multiples of 64)."""
+    return bool(vtpu_amx_int8_active())
 
 
 def set_amx(bint wanted) -> None:

@@ -3,7 +3,7 @@
  * The build passes no -march (the wheel must run on any x86-64), so every AVX2 / AVX-512 routine
  * carries a function-level target attribute and is chosen at run time through `vtpu_level`. The
  * primitives here have AVX2 bodies, the s8 x s8 GEMM an AVX-512 VNNI one and the bf16 GEMM an
- * AVX-512 BF16 one (vdpbf16ps) and an AMX-BF16 one (tdpbf16ps); the packed Linear kernels
+ * AVX-512 BF16 one (vdpbf16ps), and both an AMX one (tdpbusd, tdpbf16ps); the packed Linear kernels
  * (_packed.h) have AVX-512 bodies.
  * Each primitive has a portable scalar twin so a forced "generic" level exercises the same
  * kernels on any machine, which is how the tests cover every path.
@@ -78,6 +78,36 @@ static vtpu_cpu_features vtpu_detect(void) {
     f.avx_vnni = (sub1_a >> 4) & 1;
     if (os_avx512) f.avx512_bf16 = (sub1_a >> 5) & 1;
     return f;
+}
+
+/* ---- AMX (Intel Sapphire Rapids and later): shared by the int8 and bf16 tile kernels -------
+ * The tile configuration (palette 1: 8 tiles, each up to 16 rows x 64 bytes) is per thread and
+ * libraries release it, so each kernel call loads its own (docs PERFORMANCE.md). */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} vtpu_tile_config;
+
+/* 0 after vtpu_set_amx(0): tests compare the AMX kernels with the AVX-512 ones. */
+static int vtpu_amx_wanted = 1;
+
+/* Linux hands out AMX's 8 KB of tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA), once per process; 1 if granted. */
+static int vtpu_amx_permitted(void) {
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return granted;
+}
+
+/* Tiles 0..7 all 16 rows; tile t's row is colsb[t] bytes. */
+static inline void vtpu_tile_config_fill(vtpu_tile_config *cfg, const uint16_t colsb[8]) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg->rows[t] = 16;
+        cfg->colsb[t] = colsb[t];
+    }
 }
 
 /* ---- scalar twins ---------------------------------------------------------------------------- */
@@ -645,12 +675,121 @@ VTPU_AVX512_VNNI static void vtpu_gemm_q8_rows_vnni(int8_t *A, long lda, const i
     }
 }
 
+/* AMX-INT8: the VNNI path's integers on tiles. tdpbusd takes u8 x s8 like vpdpbusd, so A is
+ * flipped to a + 128 the same way and the group's 128 * sum(W) subtracted. A panel's 16
+ * consecutive quads are a 16-row x 32-byte B tile as packed (8 columns x 4 k), 16 rows of A by
+ * 64 k an A tile; C is 16 rows x 4 panels (4 tiles of 16 x 8 int32), zeroed per group; at a
+ * group's end each tile goes through a 512-byte buffer and is folded into the fp32 sums with
+ * one fused multiply-add per group, in order: the same bits as every other path (tested where
+ * the CPU has AMX). Needs Kq and gq multiples of 16 (K and the group multiples of 64) and at
+ * most 16 rows (linear_dynamic_int8's blocks are 16); otherwise the VNNI body runs.
+ * Not run on the machines this was written on (AMD: no AMX); tests/runtime/test_int8.py runs
+ * it where the CPU has AMX and skips with the reason elsewhere, and vtpu.kernels checks it
+ * against VNNI at its first call. */
+#define VTPU_AMX_INT8 \
+    __attribute__((target("amx-tile,amx-int8,avx512vnni,avx512vl,avx512bw,avx512f,avx2,fma")))
+
+/* 1 when AMX-INT8 runs linear_dynamic_int8 (set with the level, like vtpu_amx_bf16). */
+static int vtpu_amx_int8 = 0;
+
+/* Fold one 16 x 8 int32 tile (in buf) into 16 rows x 8 fp32 sums (ld floats a row). */
+VTPU_AMX_INT8 static void vtpu_amx_q8_fold(const int32_t *buf, const float *ws,
+                                           const int32_t *gsum, float *sums, long ld) {
+    __m256 sc = _mm256_loadu_ps(ws);
+    __m256i off = _mm256_loadu_si256((const __m256i *)gsum);
+    for (int r = 0; r < 16; r++) {
+        __m256i acc = _mm256_loadu_si256((const __m256i *)(buf + r * 8));
+        float *o = sums + r * ld;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, off)), sc,
+                                            _mm256_loadu_ps(o)));
+    }
+}
+
+/* Up to 4 panels (np) of 8 columns from panel q: tiles 0..3 are C, 4 is A, 5 is B. */
+VTPU_AMX_INT8 static void vtpu_amx_q8_block(const uint8_t *U, long lda, const int8_t *Wp,
+                                            long Kq, long gq, const float *ws,
+                                            const int32_t *gsum, long ldw, long q, int np,
+                                            float *sums) {
+    int32_t buf[16 * 8] __attribute__((aligned(64)));
+    for (int t = 0; t < 16 * 32; t++) sums[t] = 0.0f;
+    for (long g0 = 0; g0 < Kq; g0 += gq) {
+        long g1 = g0 + gq < Kq ? g0 + gq : Kq;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long p = g0; p < g1; p += 16) {
+            const int8_t *w = Wp + (q * Kq + p) * 32;
+            _tile_loadd(4, U + 4 * p, lda);
+            _tile_loadd(5, w, 32);
+            _tile_dpbusd(0, 4, 5);
+            if (np > 1) {
+                _tile_loadd(5, w + Kq * 32, 32);
+                _tile_dpbusd(1, 4, 5);
+            }
+            if (np > 2) {
+                _tile_loadd(5, w + 2 * Kq * 32, 32);
+                _tile_dpbusd(2, 4, 5);
+            }
+            if (np > 3) {
+                _tile_loadd(5, w + 3 * Kq * 32, 32);
+                _tile_dpbusd(3, 4, 5);
+            }
+        }
+        long g = g0 / gq, col = q * 8;
+        _tile_stored(0, buf, 32);
+        vtpu_amx_q8_fold(buf, ws + g * ldw + col, gsum + g * ldw + col, sums, 32);
+        if (np > 1) {
+            _tile_stored(1, buf, 32);
+            vtpu_amx_q8_fold(buf, ws + g * ldw + col + 8, gsum + g * ldw + col + 8, sums + 8, 32);
+        }
+        if (np > 2) {
+            _tile_stored(2, buf, 32);
+            vtpu_amx_q8_fold(buf, ws + g * ldw + col + 16, gsum + g * ldw + col + 16, sums + 16,
+                             32);
+        }
+        if (np > 3) {
+            _tile_stored(3, buf, 32);
+            vtpu_amx_q8_fold(buf, ws + g * ldw + col + 24, gsum + g * ldw + col + 24, sums + 24,
+                             32);
+        }
+    }
+}
+
+/* A is scratch with 16 readable rows; rows [0, rows) of C are written. */
+VTPU_AMX_INT8 static void vtpu_gemm_q8_rows_amx(int8_t *A, long lda, const int8_t *Wp, long Kq,
+                                                long gq, const float *ws, const int32_t *gsum,
+                                                long ldw, float *C, long ldc, long rows,
+                                                long N) {
+    static const uint16_t colsb[8] = {32, 32, 32, 32, 64, 32, 32, 32}; /* 6, 7 unused */
+    vtpu_tile_config cfg;
+    vtpu_tile_config_fill(&cfg, colsb);
+    _tile_loadconfig(&cfg);
+    float sums[16 * 32];
+    long panels = (N + 7) / 8;
+    for (long i = 0; i < 16 * lda; i++) A[i] ^= (int8_t)0x80;
+    for (long q = 0; q < panels; q += 4) {
+        int np = panels - q < 4 ? (int)(panels - q) : 4;
+        vtpu_amx_q8_block((const uint8_t *)A, lda, Wp, Kq, gq, ws, gsum, ldw, q, np, sums);
+        long cols = N - q * 8 < 32 ? N - q * 8 : 32;
+        for (long r = 0; r < rows; r++) memcpy(C + r * ldc + q * 8, sums + r * 32, cols * 4);
+    }
+    _tile_release();
+}
+
+/* 1 when linear_dynamic_int8 runs on AMX tiles (for K and its group multiples of 64). */
+static inline int vtpu_amx_int8_active(void) {
+    return vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni && vtpu_amx_int8;
+}
+
 /* A is scratch (the VNNI path flips its sign bits) and holds zeroed rows up to a multiple of 8
  * past `rows`. */
 static inline void vtpu_gemm_q8_rows(int8_t *A, long lda, const int8_t *Wp, long Kq, long gq,
                                      const float *ws, const int32_t *gsum, long ldw, float *C,
                                      long ldc, long rows, long N) {
-    if (vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni)
+    if (vtpu_amx_int8_active() && Kq % 16 == 0 && gq % 16 == 0 && rows <= 16)
+        vtpu_gemm_q8_rows_amx(A, lda, Wp, Kq, gq, ws, gsum, ldw, C, ldc, rows, N);
+    else if (vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni)
         vtpu_gemm_q8_rows_vnni(A, lda, Wp, Kq, gq, ws, gsum, ldw, C, ldc, rows, N);
     else if (vtpu_level >= VTPU_LEVEL_AVX2)
         vtpu_gemm_q8_rows_avx2(A, lda, Wp, Kq, gq, ws, ldw, C, ldc, rows, N);
@@ -861,7 +1000,7 @@ VTPU_AVX512_BF16 static void vtpu_gemm_bf16_rows_avx512(const uint16_t *A, long 
                                ldc, rows - i, N - q * 16);
 }
 
-/* ---- AMX-BF16 (Intel Sapphire Rapids and later): the same GEMM on tiles --------------------
+/* ---- AMX-BF16: the same GEMM on tiles ------------------------------------------------------
  * W's packing is already AMX's B layout: a panel's 16 consecutive pairs are a 16-row x 64-byte
  * tile (row p: the pair (w[j, 2p], w[j, 2p + 1]) of each of the 16 columns), and 16 rows of A
  * by 32 bf16 are an A tile. C goes in 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) that
@@ -869,31 +1008,15 @@ VTPU_AVX512_BF16 static void vtpu_gemm_bf16_rows_avx512(const uint16_t *A, long 
  * stalls AMX), then pass through a 1 KB buffer to C, clipped to its rows and columns.
  * tdpbf16ps sums in its own order, so results match the vdpbf16ps path to fp32 rounding, not
  * bit for bit. Needs Kh % 16 == 0 (K a multiple of 32) and A rows readable up to a multiple of
- * 16 (linear_bf16's row blocks are 48); otherwise the AVX-512 body runs. The tile
- * configuration is per thread and libraries release it: loaded at every call.
+ * 16 (linear_bf16's row blocks are 48); otherwise the AVX-512 body runs.
  * Not run on the machines this was written on (AMD: no AMX); tests/runtime/test_bf16.py checks
  * it against the vdpbf16ps path where the CPU has AMX, and skips with the reason elsewhere. */
 #define VTPU_AMX_BF16 \
     __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
 
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} vtpu_tile_config;
-
 /* 1 when AMX-BF16 runs linear_bf16 (set with the level: the CPU has it, the kernel granted
  * this process the tile state, and vtpu_set_amx has not turned it off). */
 static int vtpu_amx_bf16 = 0;
-static int vtpu_amx_wanted = 1;
-
-/* Linux hands out AMX's 8 KB of tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XFEATURE_XTILEDATA), once per process; 1 if granted. */
-static int vtpu_amx_permitted(void) {
-    static int granted = -1;
-    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return granted;
-}
 
 VTPU_AMX_BF16 static void vtpu_amx_bf16_store(float *buf, float *C, long ldc, long rows,
                                               long cols) {
@@ -904,13 +1027,9 @@ VTPU_AMX_BF16 static void vtpu_amx_bf16_store(float *buf, float *C, long ldc, lo
 VTPU_AMX_BF16 static void vtpu_gemm_bf16_rows_amx(const uint16_t *A, long lda,
                                                   const uint16_t *Wp, long Kh, float *C,
                                                   long ldc, long rows, long N) {
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
     vtpu_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
+    vtpu_tile_config_fill(&cfg, colsb);
     _tile_loadconfig(&cfg);
     float buf[16 * 16] __attribute__((aligned(64)));
     long panels = (N + 15) / 16, astride = lda * 4; /* bytes: lda pairs of two bf16 */
@@ -1106,6 +1225,8 @@ static inline void vtpu_set_level(int level) {
     vtpu_vnni = level >= VTPU_LEVEL_AVX512 && f.avx512_vnni;
     vtpu_bf16 = level >= VTPU_LEVEL_AVX512 && f.avx512_bf16;
     vtpu_amx_bf16 = vtpu_bf16 && vtpu_amx_wanted && f.amx_tile && f.amx_bf16 &&
+                    vtpu_amx_permitted();
+    vtpu_amx_int8 = vtpu_vnni && vtpu_amx_wanted && f.amx_tile && f.amx_int8 &&
                     vtpu_amx_permitted();
 }
 

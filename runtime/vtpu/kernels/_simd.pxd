@@ -38,6 +38,7 @@ cdef extern from "_simd.h" nogil:
     uint16_t vtpu_f32_to_bf16(float f)
     int vtpu_bf16_active()
     int vtpu_amx_bf16_active()
+    int vtpu_amx_int8_active()
     void vtpu_set_amx(int wanted)
     void vtpu_q8_finish(float *y, long n, float s, float c, const float *wsum, const float *xv,
                         const float *ow, long nout)
