@@ -479,18 +479,72 @@ def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     return dst
 
 
-def make_view(base: np.ndarray, spec: siw.TensorSpec) -> np.ndarray:
-    """A view tensor over its base's memory (the base is a dense array: arena, resident)."""
+def make_view(base: np.ndarray, spec: siw.TensorSpec, value: int = 0) -> np.ndarray:
+    """A view tensor over its base's memory (the base is a dense array: arena, resident);
+    a register-relative one where its register holds `value` (validated in range)."""
     flat = base.reshape(-1)
+    offset = spec.offset_at(value) if spec.reg is not None else spec.offset
     if spec.contiguous:
-        return flat[spec.offset : spec.offset + spec.size].reshape(spec.shape)
+        return flat[offset : offset + spec.size].reshape(spec.shape)
     item = flat.itemsize
     return np.lib.stride_tricks.as_strided(
-        flat[spec.offset :],
+        flat[offset:],
         spec.shape,
         tuple(s * item for s in spec.strides),
         writeable=base.flags.writeable,
     )
+
+
+class _RegisterView:
+    """A register-relative view's arrays, one per register value, made when first needed and
+    kept (up to CACHED values): a C.loop rebinds the view's slot by indexing this, so the D and
+    S closures read v[id] as for any tensor. Per run for views of run memory."""
+
+    CACHED = 4096
+
+    def __init__(self, tid: int, base: int, spec: siw.TensorSpec, resident: bool) -> None:
+        self.tid, self.base, self.spec, self.resident = tid, base, spec, resident
+        self.arrays: list[np.ndarray | None] = []
+
+    def reset(self, v: list) -> None:
+        """Bind the value-0 view at a run's start (registers start at 0); views of run memory
+        forget the previous run's arrays."""
+        if not self.resident:
+            self.arrays = []
+        v[self.tid] = self.at(0, v)
+
+    def at(self, value: int, v: list) -> np.ndarray:
+        arrays = self.arrays
+        if value < len(arrays):
+            view = arrays[value]
+            if view is not None:
+                return view
+        view = make_view(v[self.base], self.spec, value)
+        if value < self.CACHED:
+            arrays.extend([None] * (value + 1 - len(arrays)))
+            arrays[value] = view
+        return view
+
+
+def _rebinder(views: list[_RegisterView], v: list, values: int) -> Callable[[int], None]:
+    """What a C.loop with a register does when the register changes (to 0..values - 1):
+    rebind each view on it that its body uses. Views of resident tensors are tabled per value
+    here, once, so a back-jump only stores them (a few hundred ns for a layer's ten)."""
+    if values > _RegisterView.CACHED:
+        fixed, lazy = [], views
+    else:
+        fixed = [view for view in views if view.resident]
+        lazy = [view for view in views if not view.resident]
+    table = [[(view.tid, view.at(k, v)) for view in fixed] for k in range(values)] if fixed else []
+
+    def rebind(value: int) -> None:
+        if table:
+            for tid, array in table[value]:
+                v[tid] = array
+        for view in lazy:
+            v[view.tid] = view.at(value, v)
+
+    return rebind
 
 
 def _s_slot(
@@ -653,6 +707,7 @@ class Sentron:
             order = siw.issue_order(program, i, w, owners) if d and s else siw.ORDER_PARALLEL
             word_ops = _data_ops(program, w, views) or _word_ops(program, w)
             plan.append((d, s, w["c_op"], w["c_target"], w["c_count"], order, word_ops))
+        register_views, rebinds = _register_plan(program, owners, views)
         allocated = [
             i
             for i, t in enumerate(program.tensors)
@@ -680,6 +735,8 @@ class Sentron:
                                                                             "inout")],
             unbound=inout + [i for i, t in enumerate(tensors)
                              if t.init == "view" and tensors[owners[i]].init != "resident"],
+            register_views=register_views,
+            rebinds=rebinds,
         )  # fmt: skip
 
     def run(
@@ -739,10 +796,12 @@ class Sentron:
                 _initialise(views[i], spec, inputs)
             for i in prepared.bound_views:
                 views[i] = make_view(views[owners[i]], tensors[i])
+            for view in prepared.register_views:
+                view.reset(views)
             if self.overlap and self._s_pipe is None and any(p[1] for p in prepared.plan):
                 self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
             setup_ns = time.perf_counter_ns() - t_setup
-            result = self._issue(program, prepared.plan, trace, cancel)
+            result = self._issue(program, prepared.plan, prepared.rebinds, trace, cancel)
             result.setup_ns = setup_ns
             result.outputs = {
                 tensors[i].name: views[i].copy() for i in prepared.outputs if views[i] is not None
@@ -761,7 +820,12 @@ class Sentron:
         return result
 
     def _issue(
-        self, program: Program, plan: list[tuple], trace: bool, cancel: threading.Event
+        self,
+        program: Program,
+        plan: list[tuple],
+        rebinds: list[Callable[[int], None] | None],
+        trace: bool,
+        cancel: threading.Event,
     ) -> RunResult:
         perf = time.perf_counter_ns
         worker = self._s_pipe if self.overlap else None
@@ -832,13 +896,18 @@ class Sentron:
                         left = loop_left[pc]
                         if left < 0:
                             left = count
+                        rebind = rebinds[pc]
                         if left > 0:
                             loop_left[pc] = left - 1
                             loops += 1
+                            if rebind is not None:  # the register: the next pass's index
+                                rebind(count - left + 1)
                             busy_c += perf() - t0
                             pc = target
                             continue
                         loop_left[pc] = -1  # leaving: an enclosing loop re-enters it afresh
+                        if rebind is not None:
+                            rebind(0)
                         busy_c += perf() - t0
                 pc += 1
         except RunError:
@@ -880,6 +949,38 @@ class Prepared:
     outputs: list[int] = field(default_factory=list)
     arena_owned: list[int] = field(default_factory=list)
     unbound: list[int] = field(default_factory=list)
+    # Register-relative views, and per word the rebind a C.loop with a register calls (None
+    # for every other word).
+    register_views: list[_RegisterView] = field(default_factory=list)
+    rebinds: list[Callable[[int], None] | None] = field(default_factory=list)
+
+
+def _register_plan(
+    program: Program, owners: list[int], v: list
+) -> tuple[list[_RegisterView], list[Callable[[int], None] | None]]:
+    """Each register-relative view, and for each C.loop that drives a register the rebind of
+    the views on it that its body uses (only those: validation checked them in range for
+    this loop's count, not others)."""
+    tensors = program.tensors
+    register_views = {
+        i: _RegisterView(i, owners[i], t, tensors[owners[i]].init == "resident")
+        for i, t in enumerate(tensors) if t.reg is not None
+    }  # fmt: skip
+    rebinds: list[Callable[[int], None] | None] = [None] * len(program.words)
+    if not register_views:
+        return [], rebinds
+    names = siw.SIW_DTYPE.names
+    used = [
+        {t for _, t in siw.register_operands(program, dict(zip(names, row, strict=True)))}
+        for row in program.words.tolist()
+    ]  # fmt: skip
+    for loop in siw.loops_of(program.words):
+        if loop.reg is None:
+            continue
+        body = set().union(*used[loop.target : loop.end + 1])
+        mine = [register_views[t] for t in sorted(body) if tensors[t].reg == loop.reg]
+        rebinds[loop.end] = _rebinder(mine, v, loop.count + 1)
+    return list(register_views.values()), rebinds
 
 
 def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: list) -> None:

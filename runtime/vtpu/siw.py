@@ -17,6 +17,7 @@ Word layout (64 bytes, little-endian; every reserved byte must be zero)::
     20     16   S slot     op u8 | flags u8 | dst u16 | src u16 | idx u16 | tile u16 | rows u16
                            | rsv u32
     36     8    C slot     op u8 | flags u8 | target u16 | count u32
+                           (flags: C.loop's register, see "Loop registers")
     44     20   reserved
 
 Removed (they validated but did nothing): the word's phext address (bytes 44-61; phext
@@ -111,9 +112,22 @@ a frame outside the arena, fails the run. d <= 1024, P <= 256 (the kernels' scra
     prefetch   src  tile rows         touch one row-tile so it is in cache
     alloc, free  t                    give / take back arena memory of a `scratch` tensor
 
-    C ops: nop, loop target count, halt. LOOP jumps back to word `target` (<= its own index)
-    `count` times, so its body runs count + 1 times; loops must nest. Every program ends with a
-    word whose C slot is HALT.
+    C ops: nop, loop target count [reg], halt. LOOP jumps back to word `target` (<= its own
+    index) `count` times, so its body (words target..itself) runs count + 1 times; loops must
+    nest. Every program ends with a word whose C slot is HALT.
+
+Loop registers. Eight integer registers r0..r7, all 0 when a program starts. A LOOP may drive
+one (C flags: bit 3 set, bits 0-2 the register; text `C.loop 3 count=5 reg=r1`): the register
+holds the pass's index, 0 on the first pass through the body, +1 at each back-jump, and 0
+again when the loop falls through, so an enclosing loop re-enters it afresh. Nothing else
+writes a register. A view may be register-relative: its first element is OFFSET + r[N] x STEP
+(elements; text `view(w,0+r1*4096,64,1)`), so each pass of the loop reads another slice of its
+base -- a layer's weights out of a stacked (layers, ...) tensor. Validation: a loop inside
+another loop that drives the same register is rejected (it would overwrite the outer index);
+a word may use a register-relative view only inside a loop that drives its register, and the
+view must lie inside its base for every index 0..count of that loop (checked statically; the
+view is also checked at index 0); its base may not be `scratch` (S.alloc moves it). Races and
+issue order are judged on the base's memory, which every pass's view aliases.
 
 Tensors (initialisers below) live in the sentron's arena, except `resident` ones: bound by name
 to arrays the node holds (a loaded model's weights), used in place and read-only; `inout` ones:
@@ -137,10 +151,12 @@ word whose required order is contradictory:
 Both slots writing one tensor with no bit to order them is a **data race**, also rejected.
 
 Container: ``b"SIW1"`` | version u16 | n_tensors u16 | n_words u32 | words_offset u32, then the
-tensor table (per tensor: id u16 | dtype u8 | init u8 | flags u8 (bit0 output) | ndim u8 |
-name_len u8 | reserved u8 | seed u64 (a view's offset) | ndim x u32 dims | name utf-8, and for
-a view: base id u16 | ndim x u32 strides), zero padding, then the
-words at ``words_offset``, the first multiple of 64 after the table.
+tensor table (per tensor: id u16 | dtype u8 | init u8 | flags u8 (bit0 output, bit1
+register-relative view) | ndim u8 | name_len u8 | reg u8 (a register-relative view's register,
+else 0) | seed u64 (a view's offset) | ndim x u32 dims | name utf-8, and for a view: base id
+u16 | ndim x u32 strides, then for a register-relative one: step u32), zero padding, then the
+words at ``words_offset``, the first multiple of 64 after the table. Registers needed no new
+version: the fields they use were reserved (zero) before, so older programs read unchanged.
 
 Text form, one word per line, ``#`` comments::
 
@@ -153,7 +169,8 @@ Text form, one word per line, ``#`` comments::
 Initialisers: zeros (the default), ones, random(seed) (f32 uniform [-1, 1), bf16 those
 truncated, i8 [-127, 127], i32/i64 [0, 100)), input (bound at run time), scratch (no memory
 until S.alloc), resident (bound by name at run time, not copied), inout (bound by name per run,
-in place), view(BASE,OFFSET,STRIDE,...) (strides in elements). Dtypes: f32, bf16 (raw bits,
+in place), view(BASE,OFFSET,STRIDE,...) (strides in elements) or view(BASE,OFFSET+rN*STEP,
+STRIDE,...) (register-relative). Dtypes: f32, bf16 (raw bits,
 only as a packed weight), i8, i32, i64; 1 to 5 dims.
 """
 
@@ -174,6 +191,9 @@ WORD_BYTES = 64
 NONE = 0xFFFF  # "no tensor" in an optional operand field
 MAX_NDIM = 5  # a decoder's KV cache is (2, batch, kv_heads, tokens, head_dim)
 MAX_NAME = 64
+NUM_REGS = 8  # loop registers r0..r7
+LOOP_REG = 0x08  # C flag of LOOP: it drives register (flags & 7)
+VIEW_REG = 0x02  # tensor-entry flag: a register-relative view
 
 
 class DOp(IntEnum):
@@ -379,6 +399,12 @@ class TensorSpec:
     base: str = ""  # a view's base tensor (declared before it, not itself a view)
     offset: int = 0  # a view's first element in its base, in elements
     strides: tuple[int, ...] = ()  # a view's strides, in elements
+    reg: int | None = None  # a register-relative view: offset + r[reg] * step
+    step: int = 0  # elements per unit of the register
+
+    def offset_at(self, value: int) -> int:
+        """The view's first element when its register holds `value`."""
+        return self.offset + value * self.step
 
     @property
     def contiguous(self) -> bool:
@@ -398,7 +424,10 @@ class TensorSpec:
         if self.init == "random":
             init = f" random({self.seed})"
         if self.init == "view":
-            init = f" view({self.base},{self.offset},{','.join(str(s) for s in self.strides)})"
+            offset = (
+                f"{self.offset}" if self.reg is None else f"{self.offset}+r{self.reg}*{self.step}"
+            )
+            init = f" view({self.base},{offset},{','.join(str(s) for s in self.strides)})"
         dims = ",".join(str(d) for d in self.shape)
         return f".tensor {self.name} {self.dtype}[{dims}]{init}{' output' if self.output else ''}"
 
@@ -441,10 +470,10 @@ def encode(program: Program) -> bytes:
                 i,
                 _DTYPE_CODE[t.dtype],
                 _INIT_CODE[t.init],
-                int(t.output),
+                int(t.output) | (VIEW_REG if t.reg is not None else 0),
                 len(t.shape),
                 len(name),
-                0,
+                t.reg or 0,
                 t.offset if t.init == "view" else t.seed,
             )  # fmt: skip
         )
@@ -452,6 +481,8 @@ def encode(program: Program) -> bytes:
         parts.append(name)
         if t.init == "view":
             parts.append(struct.pack(f"<H{len(t.strides)}I", names[t.base], *t.strides))
+            if t.reg is not None:
+                parts.append(struct.pack("<I", t.step))
     table = b"".join(parts)
     words_offset = _round_up(_HEADER.size + len(table), WORD_BYTES)
     header = _HEADER.pack(
@@ -495,7 +526,13 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
         where = f"tensor entry {i}"
         if tid != i:
             raise ProgramError("bad tensor", None, f"{where} has id {tid}; ids must be 0..n-1")
-        if rsv or flags & ~1 or (seed and init not in (_INIT_CODE["random"], _INIT_CODE["view"])):
+        indexed = bool(flags & VIEW_REG) and init == _INIT_CODE["view"]
+        if (
+            (rsv and not indexed)
+            or flags & ~(1 | VIEW_REG)
+            or (flags & VIEW_REG and not indexed)
+            or (seed and init not in (_INIT_CODE["random"], _INIT_CODE["view"]))
+        ):
             raise ProgramError("reserved bytes", None, f"{where} has non-zero reserved bits")
         if dtype not in DTYPES:
             raise ProgramError("bad tensor", None, f"{where} has unknown dtype code {dtype}")
@@ -514,6 +551,12 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
                 raise ProgramError("truncated", None, f"tensor table ends inside view {i}")
             base, *strides = struct.unpack_from(f"<H{ndim}I", data, pos)
             pos += 2 + 4 * ndim
+            step = 0
+            if indexed:
+                if pos + 4 > len(data):
+                    raise ProgramError("truncated", None, f"tensor table ends inside view {i}")
+                (step,) = struct.unpack_from("<I", data, pos)
+                pos += 4
             if base >= i:
                 raise ProgramError(
                     "bad tensor", None, f"{where}: a view's base must be declared before it"
@@ -525,14 +568,16 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
                     shape,
                     "view",
                     0,
-                    bool(flags),
+                    bool(flags & 1),
                     tensors[base].name,
                     seed,
                     tuple(strides),
+                    rsv if indexed else None,
+                    step,
                 )  # fmt: skip
             )
             continue
-        tensors.append(TensorSpec(name, DTYPES[dtype], shape, INITS[init], seed, bool(flags)))
+        tensors.append(TensorSpec(name, DTYPES[dtype], shape, INITS[init], seed, bool(flags & 1)))
     expected = _round_up(pos, WORD_BYTES)
     if words_offset != expected:
         raise ProgramError(
@@ -591,8 +636,10 @@ def _check_tensors(program: Program, limits: Limits) -> None:
             raise ProgramError("bad tensor", None, f"{where}: seed only for random, 0..2**64-1")
         if t.init == "view":
             _check_view(program, i, t, where)
-        elif t.base or t.offset or t.strides:
-            raise ProgramError("bad tensor", None, f"{where}: base/offset/strides only for a view")
+        elif t.base or t.offset or t.strides or t.reg is not None or t.step:
+            raise ProgramError(
+                "bad tensor", None, f"{where}: base/offset/strides/register only for a view"
+            )
         if t.size > limits.max_tensor_elements:
             raise ProgramError(
                 "limits", None,
@@ -635,12 +682,32 @@ def _check_view(program: Program, i: int, t: TensorSpec, where: str) -> None:
         raise ProgramError(
             "bad tensor", None, f"{where}: a view needs one stride >= 0 per axis and offset >= 0"
         )
-    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.strides, strict=True))
+    if t.reg is not None:
+        if not 0 <= t.reg < NUM_REGS:
+            raise ProgramError(
+                "bad register", None, f"{where}: r{t.reg}; the registers are r0..r{NUM_REGS - 1}"
+            )
+        if not 0 <= t.step < 1 << 32:
+            raise ProgramError("bad tensor", None, f"{where}: a register's step is 0..2**32-1")
+        if base.init == "scratch":
+            raise ProgramError(
+                "bad tensor", None,
+                f"{where}: a register-relative view of scratch {t.base!r}; S.alloc moves it,"
+                " so index a plain tensor instead",
+            )  # fmt: skip
+    elif t.step:
+        raise ProgramError("bad tensor", None, f"{where}: a step without a register")
+    last = t.offset + _span(t)
     if last >= base.size:
         raise ProgramError(
             "out of range", None,
             f"{where}: the view reaches element {last} of {t.base!r}, which has {base.size}",
         )  # fmt: skip
+
+
+def _span(t: TensorSpec) -> int:
+    """Elements from a view's first element to its last."""
+    return sum((d - 1) * s for d, s in zip(t.shape, t.strides, strict=True))
 
 
 def roots(program: Program) -> list[int]:
@@ -683,7 +750,16 @@ def _reserved_check(words: np.ndarray) -> None:
         ("bad opcode", words["s_op"] > max(SOp), f"S opcodes are 0..{max(SOp)}"),
         ("bad opcode", words["c_op"] > max(COp), f"C opcodes are 0..{max(COp)}"),
         ("reserved bytes", words["s_flags"] != 0, "S flags are reserved"),
-        ("reserved bytes", words["c_flags"] != 0, "C flags are reserved"),
+        (
+            "reserved bytes",
+            np.where(
+                words["c_op"] == COp.LOOP,
+                (words["c_flags"] & (0xFF ^ LOOP_REG ^ (NUM_REGS - 1)) != 0)
+                | ((words["c_flags"] & (NUM_REGS - 1) != 0) & (words["c_flags"] & LOOP_REG == 0)),
+                words["c_flags"] != 0,
+            ),
+            "C flags are reserved, but for C.loop's register (bit 3 set, bits 0-2 the register)",
+        ),
     )
     bad = np.zeros(len(words), dtype=bool)
     for _, mask, _ in checks:
@@ -720,7 +796,7 @@ def validate(program: Program, limits: Limits = DEFAULT_LIMITS) -> None:
     owners = roots(program)
     for i in np.flatnonzero(~plain).tolist():
         _check_word(program, i, dict(zip(names, words[i].tolist(), strict=True)), owners)
-    _check_loops(words, limits)
+    _check_registers(program, _check_loops(words, limits))
 
 
 def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
@@ -1287,31 +1363,103 @@ def issue_order(
     return ORDER_PARALLEL
 
 
-def _check_loops(words: np.ndarray, limits: Limits) -> None:
-    idx = np.flatnonzero(words["c_op"] == COp.LOOP)
-    loops = sorted(
-        ((int(words["c_target"][j]), int(j), int(words["c_count"][j])) for j in idx),
-        key=lambda x: (x[0], -x[1]),
-    )
-    stack: list[tuple[int, int]] = []  # (end, multiplicity of one pass of this loop's body)
+@dataclass(frozen=True)
+class Loop:
+    """A C.loop: its body is words target..end (the LOOP word included), run count + 1 times;
+    `reg` the register holding the pass's index (0..count), or None."""
+
+    target: int
+    end: int
+    count: int
+    reg: int | None
+
+
+def loops_of(words: np.ndarray) -> list[Loop]:
+    """The program's loops, outermost first (sorted by target, then longest body first)."""
+    out = []
+    for j in np.flatnonzero(words["c_op"] == COp.LOOP).tolist():
+        flags = int(words["c_flags"][j])
+        reg = flags & (NUM_REGS - 1) if flags & LOOP_REG else None
+        out.append(Loop(int(words["c_target"][j]), j, int(words["c_count"][j]), reg))
+    return sorted(out, key=lambda lp: (lp.target, -lp.end))
+
+
+def _check_loops(words: np.ndarray, limits: Limits) -> list[Loop]:
+    loops = loops_of(words)
+    stack: list[tuple[Loop, int]] = []  # (loop, multiplicity of one pass of its body)
     jumps = 0
-    for target, end, count in loops:
-        while stack and stack[-1][0] < target:
+    for loop in loops:
+        target, end, count = loop.target, loop.end, loop.count
+        while stack and stack[-1][0].end < target:
             stack.pop()
-        if stack and end > stack[-1][0]:
+        if stack and end > stack[-1][0].end:
             raise ProgramError(
                 "bad loop", end,
-                f"loop {target}..{end} crosses the loop ending at word {stack[-1][0]};"
+                f"loop {target}..{end} crosses the loop ending at word {stack[-1][0].end};"
                 " loops must nest",
             )  # fmt: skip
-        outer = stack[-1][1] if stack else 1
-        jumps += count * outer
+        outer = next((o for o, _ in stack if loop.reg is not None and o.reg == loop.reg), None)
+        if outer is not None:
+            raise ProgramError(
+                "bad loop", end,
+                f"loop {target}..{end} drives r{loop.reg}, as does the loop {outer.target}.."
+                f"{outer.end} around it, whose index it would overwrite: use another register",
+            )  # fmt: skip
+        times = stack[-1][1] if stack else 1
+        jumps += count * times
         if jumps > limits.max_loop_iterations:
             raise ProgramError(
                 "limits", end,
                 f"loops take more than {limits.max_loop_iterations} back-jumps in all",
             )  # fmt: skip
-        stack.append((end, outer * (count + 1)))
+        stack.append((loop, times * (count + 1)))
+    return loops
+
+
+def driving_loop(loops: list[Loop], reg: int, i: int) -> Loop | None:
+    """The loop around word i that drives register `reg` (at most one: they may not nest)."""
+    return next((lp for lp in loops if lp.reg == reg and lp.target <= i <= lp.end), None)
+
+
+def register_operands(program: Program, w: dict) -> list[tuple[str, int]]:
+    """(pipe, tensor id) of the register-relative views word w's D and S slots use."""
+    tensors, n = program.tensors, len(program.tensors)
+    used = [("D", w[f]) for f in _D_OPERANDS[DOp(w["d_op"])]]
+    used += [("S", w[f]) for f in _S_OPERANDS[SOp(w["s_op"])]]
+    return [(pipe, t) for pipe, t in used if t < n and tensors[t].reg is not None]
+
+
+def _check_registers(program: Program, loops: list[Loop]) -> None:
+    """A register-relative view is used only inside a loop that drives its register, and is
+    inside its base on every pass of that loop (the register runs 0..count)."""
+    tensors = program.tensors
+    indexed = [i for i, t in enumerate(tensors) if t.reg is not None]
+    if not indexed:
+        return
+    words = program.words
+    hit = np.zeros(len(words), dtype=bool)
+    for f in ("d_dst", "d_a", "d_b", "d_c", "d_e", "s_dst", "s_src", "s_idx"):
+        hit |= np.isin(words[f], indexed)
+    sizes = {t.name: t.size for t in tensors}
+    for i in np.flatnonzero(hit).tolist():
+        w = dict(zip(SIW_DTYPE.names, words[i].tolist(), strict=True))
+        for pipe, tid in register_operands(program, w):
+            t = tensors[tid]
+            loop = driving_loop(loops, t.reg, i)
+            if loop is None:
+                raise ProgramError(
+                    "bad register", i,
+                    f"{pipe} slot uses view {t.name!r} at r{t.reg}, but word {i} is in no loop"
+                    f" that drives r{t.reg}: put it inside a 'C.loop TARGET count=N reg=r{t.reg}'",
+                )  # fmt: skip
+            last = t.offset_at(loop.count) + _span(t)
+            if last >= sizes[t.base]:
+                raise ProgramError(
+                    "out of range", i,
+                    f"{pipe} slot: view {t.name!r} reaches element {last} of {t.base!r}, which"
+                    f" has {sizes[t.base]}, on the last pass of loop {loop.target}..{loop.end}"
+                    f" (r{t.reg} = {loop.count})",
+                )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- text
@@ -1357,6 +1505,8 @@ def word_text(program: Program, i: int) -> str:
         text = f"C.{c_op.name.lower()}"
         if c_op == COp.LOOP:
             text += f" {w['c_target']} count={w['c_count']}"
+            if w["c_flags"] & LOOP_REG:
+                text += f" reg=r{w['c_flags'] & (NUM_REGS - 1)}"
         slots.append(text)
     line = " | ".join(slots) if slots else "nop"
     if w["deps"]:
@@ -1408,6 +1558,15 @@ def assemble(text: str, limits: Limits = DEFAULT_LIMITS, *, check: bool = True) 
     return program
 
 
+def _register(text: str, i: int | None, lineno: int) -> int:
+    m = re.fullmatch(r"r(\d+)", text)
+    if not m or int(m.group(1)) >= NUM_REGS:
+        raise ProgramError(
+            "bad register", i, f"{text!r}: the registers are r0..r{NUM_REGS - 1}", lineno
+        )
+    return int(m.group(1))
+
+
 def _parse_tensor(line: str, lineno: int) -> TensorSpec:
     m = _TENSOR_RE.match(line)
     if not m:
@@ -1420,10 +1579,12 @@ def _parse_tensor(line: str, lineno: int) -> TensorSpec:
     except ValueError:
         raise ProgramError("syntax", None, f"bad dims [{dims}] in {line!r}", lineno) from None
     init, seed, output = "zeros", 0, False
-    base, offset, strides = "", 0, ()
+    base, offset, strides, reg, step = "", 0, (), None, 0
     for tok in rest.split():
         rm = re.fullmatch(r"random\((\d+)\)", tok)
-        vm = re.fullmatch(r"view\(([A-Za-z_][A-Za-z0-9_]*),(\d+),(\d+(?:,\d+)*)\)", tok)
+        vm = re.fullmatch(
+            r"view\(([A-Za-z_][A-Za-z0-9_]*),(\d+)(?:\+(r\d+)\*(\d+))?,(\d+(?:,\d+)*)\)", tok
+        )
         if tok == "output":
             output = True
         elif tok in ("zeros", "ones", "input", "scratch", "resident", "inout"):
@@ -1432,15 +1593,17 @@ def _parse_tensor(line: str, lineno: int) -> TensorSpec:
             init, seed = "random", int(rm.group(1))
         elif vm:
             init, base, offset = "view", vm.group(1), int(vm.group(2))
-            strides = tuple(int(x) for x in vm.group(3).split(","))
+            if vm.group(3):
+                reg, step = _register(vm.group(3), None, lineno), int(vm.group(4))
+            strides = tuple(int(x) for x in vm.group(5).split(","))
         else:
             raise ProgramError(
                 "syntax", None,
                 f"{tok!r} in {line!r}: expected zeros, ones, random(SEED), input, scratch,"
-                " resident, inout, view(BASE,OFFSET,STRIDE,...), output",
+                " resident, inout, view(BASE,OFFSET[+rN*STEP],STRIDE,...), output",
                 lineno,
             )  # fmt: skip
-    return TensorSpec(name, dtype, shape, init, seed, output, base, offset, strides)
+    return TensorSpec(name, dtype, shape, init, seed, output, base, offset, strides, reg, step)
 
 
 def _parse_word(text: str, words: np.ndarray, i: int, names: dict[str, int], lineno: int) -> None:
@@ -1555,11 +1718,13 @@ def _fill_slot(pipe, op, positional, keywords, flags, w, names, fail, i, lineno)
     else:
         fields = []
         if op == COp.LOOP:
-            allowed.add("count")
+            allowed |= {"count", "reg"}
             if len(positional) != 1 or "count" not in keywords:
                 raise fail("C.loop needs a target word and count=N, e.g. 'C.loop 3 count=10'")
             w["c_target"] = integer("target", positional[0], 0xFFFF)
             w["c_count"] = integer("count", keywords["count"], 0xFFFFFFFF)
+            if "reg" in keywords:
+                w["c_flags"] = LOOP_REG | _register(keywords["reg"], i, lineno)
             positional = []
     if flags and pipe != "D":
         raise fail(f"{label} takes no {flags[0]!r}")

@@ -415,7 +415,11 @@ class BertEncoder:
 
     def compile(self) -> None:
         """Compile the model with phextcc to an SIW program, which encode_ids then runs on a
-        sentron against the resident weights; forward() stays as the hand-written reference."""
+        sentron against the resident weights; forward() stays as the hand-written reference.
+
+        The program runs its layers as one loop body over stacked (layers, ...) weights; the
+        per-layer arrays of `self.layers` then become views of those stacks, so the
+        hand-written forward and the program read one resident copy."""
         from vtpu.phextcc import bert as phextcc_bert
 
         if self.precision != "fp32":
@@ -424,6 +428,8 @@ class BertEncoder:
                 "hand-written forward serves it)"
             )
         self.compiled = phextcc_bert.siw_module(self)
+        # the module stacked the graph's per-layer weights: take its views of the stacks
+        phextcc_bert.share_weights(self, self.compiled.graph)
 
     @property
     def nbytes(self) -> int:

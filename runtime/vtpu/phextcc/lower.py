@@ -15,7 +15,13 @@ weights bound, words planned) in a small LRU cache. Lowering:
   attention and pooling or as (B, S*n) to add the position table's first S rows, itself a view
   of the resident table;
 - one op becomes one slot; `pack_words` then packs an S op into the previous word's S slot
-  when the two are independent (they issue concurrently) and C.halt into the last word.
+  when the two are independent (they issue concurrently) and C.halt into the last word;
+- alike layers (`find_layers`) are emitted once, as the body of a C.loop driving register r0
+  with the layer's index: each weight operand that differs per layer is a register-relative
+  view of a resident (layers, ...) stack (the layers' own arrays where they already lie at a
+  constant step in one buffer, else a stack whose slices then replace the graph's arrays, so
+  one copy stays resident), and the residual stream a layer hands the next stays in one
+  buffer (if liveness cannot place it so, the layers are unrolled instead).
 
 The program computes exactly what `phextcc.run` computes, with the same kernels in the same
 order (tested bit for bit); `SiwModule.forward` is the chunk forward the embeddings path uses.
@@ -37,6 +43,7 @@ table (frames from the PPT) inputs -- per (batch, tokens this step, logits); 3 +
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -118,12 +125,28 @@ class _Builder:
 def pack_words(program: Program, slots: list[tuple[str, dict]]) -> np.ndarray:
     """Single-slot instructions in program order -> SIW words: an S op shares the previous
     word when that word's S slot is free and neither slot touches what the other writes (so
-    they issue concurrently), and C.halt rides on the last word."""
+    they issue concurrently), and C.halt rides on the last word.
+
+    ("loop", {}) marks where a loop's body starts (the next slot opens a word); ("C", fields)
+    puts a C.loop on the word of the slot before it, jumping back to the latest mark."""
     words = siw.empty_words(len(slots) or 1)
     n = 0
     owners = siw.roots(program)
+    starts: list[int] = []
+    fence = False  # the next slot opens a word: a loop's body starts there
     for pipe, fields in slots:
-        if pipe == "S" and n:
+        if pipe == "loop":
+            starts.append(n)
+            fence = True
+            continue
+        if pipe == "C":
+            if not n or words["c_op"][n - 1]:
+                raise CompileError("a C.loop needs a word of its own body to ride on")
+            for k, v in fields.items():
+                words[k][n - 1] = v
+            words["c_target"][n - 1] = starts.pop()
+            continue
+        if pipe == "S" and n and not fence:
             prev = words[n - 1]
             if prev["s_op"] == 0 and prev["c_op"] == 0:
                 trial = prev.copy()
@@ -137,33 +160,280 @@ def pack_words(program: Program, slots: list[tuple[str, dict]]) -> np.ndarray:
         for k, v in fields.items():
             words[k][n] = v
         n += 1
+        fence = False
+    if n and words["c_op"][n - 1]:  # the program ends with a loop: halt after it
+        n += 1
     words = words[: max(n, 1)]
     words["c_op"][-1] = COp.HALT
     return words
 
 
+@dataclass
+class LayerLoop:
+    """Ops start .. start + period * count - 1 of a graph are `count` layers alike: each the
+    same ops, attributes and shapes, reading its own weights of one shape per operand.
+
+    `carried`: a value layer 0 reads from before it -> the layer-local index of the op whose
+    output the next layer reads in its place (the residual stream). `weights`: (layer-local
+    op, input position) -> the weight each layer reads there (an operand all layers share is
+    not listed)."""
+
+    start: int
+    period: int
+    count: int
+    carried: dict[str, int]
+    weights: dict[tuple[int, int], list[str]]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.period * self.count
+
+
+def find_layers(graph: Graph) -> LayerLoop | None:
+    """The longest run of alike layers (at least two) that lowers as one loop body, else None.
+    Alike: see LayerLoop; besides, a layer's values are read only by itself and (the carried
+    one) by the next layer or, for the last layer, by the ops after the run."""
+    ops, best = graph.ops, None
+    for period in range(1, len(ops) // 2 + 1):
+        for start in range(len(ops) - 2 * period + 1):
+            if best is not None and (len(ops) - start) < best.period * best.count:
+                break
+            found = _match_layers(graph, start, period)
+            if found is not None and (best is None or found.period * found.count > best.period
+                                      * best.count):  # fmt: skip
+                best = found
+    return best
+
+
+def _match_layers(graph: Graph, start: int, period: int) -> LayerLoop | None:
+    ops = graph.ops
+    where = {name: i for i, op in enumerate(ops) for name in op.results}
+    if any(op.kind not in _LOOPABLE or op.extra for op in ops[start : start + period]):
+        return None
+    carried: dict[str, int] = {}
+    slots: dict[tuple[int, int], list[str]] = {}
+    count = 1
+    while start + (count + 1) * period <= len(ops):
+        base = start + count * period
+        trial_carried = dict(carried)
+        trial_slots = {k: [*v] for k, v in slots.items()}
+        for j in range(period):
+            a, b = ops[start + j], ops[base + j]
+            if (a.kind, a.attrs, len(a.inputs), b.extra) != (b.kind, b.attrs, len(b.inputs), []):
+                break
+            if graph.shape(a.output) != graph.shape(b.output):
+                break
+            if not all(
+                _alike_input(
+                    graph, where, x, y, m, j, start, base, period, trial_carried, trial_slots
+                )  # fmt: skip
+                for m, (x, y) in enumerate(zip(a.inputs, b.inputs, strict=True))
+            ):
+                break
+        else:
+            carried, slots, count = trial_carried, trial_slots, count + 1
+            continue
+        break
+    if count < 2 or not carried:
+        return None
+    loop = LayerLoop(start, period, count, carried, slots)
+    return loop if _contained(graph, loop) else None
+
+
+def _alike_input(graph, where, x, y, m, j, start, base, period, carried, slots) -> bool:
+    """Input m of layer-local op j reads x in layer 0 and y in the layer at `base`: alike?"""
+    weights = graph.weights
+    if x in weights:
+        if y not in weights or weights[y].shape != weights[x].shape:
+            return False
+        if x != y or (j, m) in slots:
+            slots.setdefault((j, m), [x] * ((base - start) // period)).append(y)
+        return weights[x].dtype == weights[y].dtype == np.float32
+    at_x, at_y = where.get(x, -1), where.get(y, -1)
+    if start <= at_x < start + period:  # made in layer 0: y made by the same op of its layer
+        return at_y - base == at_x - start
+    if x == y:
+        return True  # read alike by every layer (the lengths)
+    local = at_y - (base - period)  # the previous layer's value, in x's place
+    if not 0 <= local < period or y != graph.ops[at_y].output:
+        return False
+    return carried.setdefault(x, local) == local
+
+
+def _contained(graph: Graph, loop: LayerLoop) -> bool:
+    """A layer's values are read by itself, the carried one by the next layer, and the last
+    layer's by the ops after the run; what layer 0 carries in is read by layer 0 only; no
+    layer makes a graph output."""
+    ops = graph.ops
+    carried_out = set(loop.carried.values())
+    for i, op in enumerate(ops[loop.start : loop.end]):
+        layer, local = divmod(i, loop.period)
+        if op.output in graph.outputs:
+            return False
+        last = layer == loop.count - 1
+        for reader in graph.consumers(op.output):
+            at = ops.index(reader)
+            r_layer = (at - loop.start) // loop.period if loop.start <= at < loop.end else None
+            if r_layer == layer or (last and at >= loop.end):
+                continue
+            if not (local in carried_out and r_layer == layer + 1):
+                return False
+    for x in loop.carried:
+        if any(not loop.start <= ops.index(r) < loop.start + loop.period
+               for r in graph.consumers(x)):  # fmt: skip
+            return False
+    return True
+
+
+# Ops a loop body may hold: their weight operands are read as they are (no view of a weight).
+_LOOPABLE = {"layer_norm", "add_layer_norm", "linear", "gelu", "attention", "add", "add_row",
+             "mean_pool", "l2_normalize"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """A layer's weight as a register-relative view: element `offset + r0 * step` of the
+    resident `stack`, in shape `shape`."""
+
+    stack: str
+    offset: int
+    step: int
+    shape: tuple[int, ...]
+    name: str  # the view's SIW name
+
+
+LAYER_REGISTER = 0  # r0: the register the layer loop drives
+
+
+def _root_array(array: np.ndarray) -> np.ndarray:
+    """The outermost numpy array a view's memory belongs to."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _layout(arrays: list[np.ndarray], span: int) -> tuple[np.ndarray, int, int] | None:
+    """(root, first, step) when array k starts at element first + k * step of one C-contiguous
+    float32 root array, each dense with `span` elements of the root from there; else None."""
+    root = _root_array(arrays[0])
+    if root.dtype != np.float32 or not root.flags.c_contiguous or root.ndim > siw.MAX_NDIM:
+        return None
+    at = root.__array_interface__["data"][0]
+    offsets = []
+    for a in arrays:
+        offset, odd = divmod(a.__array_interface__["data"][0] - at, 4)
+        if _root_array(a) is not root or not a.flags.c_contiguous or odd or offset < 0:
+            return None
+        if offset + span > root.size:
+            return None
+        offsets.append(offset)
+    step = offsets[1] - offsets[0] if len(offsets) > 1 else 0
+    if step < 0 or any(o != offsets[0] + k * step for k, o in enumerate(offsets)):
+        return None
+    return root, offsets[0], step
+
+
+def _adjacent(first: np.ndarray, second: np.ndarray) -> bool:
+    """second starts where first ends, in one buffer (a (2, n) gamma | beta)."""
+    return (
+        _root_array(first) is _root_array(second)
+        and first.shape == second.shape
+        and first.flags.c_contiguous
+        and second.flags.c_contiguous
+        and second.__array_interface__["data"][0]
+        == first.__array_interface__["data"][0] + first.nbytes
+    )
+
+
+def _layers_name(names: list[str]) -> str:
+    """One name for the layers' weights: layer 0's, its layer number as N where the names
+    differ only there (`encoder.layer.N.output.dense.weight`)."""
+    a, b = names[0], names[1]
+    head = len(os.path.commonprefix([a, b]))
+    tail = len(os.path.commonprefix([a[head:][::-1], b[head:][::-1]]))
+    if a[head : len(a) - tail] == "0" and b[head : len(b) - tail] == "1":
+        return f"{a[:head]}N{a[len(a) - tail :]}"
+    return f"{a}_layers"
+
+
 def lower(
-    graph: Graph, bsz: int, seq: int, resident_names: dict[str, str], stacked: dict
+    graph: Graph,
+    bsz: int,
+    seq: int,
+    names: dict,
+    resident: dict[str, np.ndarray],
+    loop: LayerLoop | None = None,
+    indexed: dict[tuple[int, int], Indexed] | None = None,
 ) -> tuple[Program, str]:
     """The graph as one SIW program for (bsz, seq); returns it and its output tensor's name.
-    `resident_names` maps graph weight names (and stacked (gamma, beta) pairs) to SIW names."""
+    `names` maps graph weight names (and (gamma, beta) pairs) to the SIW names of `resident`.
+
+    With `loop` (find_layers), its layers are emitted once, as the body of a C.loop over the
+    layers driving r0, reading the weights `indexed` names for each (layer-local op, input)
+    through register-relative views of their stacks; the value a layer carries to the next
+    stays in one buffer. Where the buffers cannot be laid out so, the layers are unrolled."""
     b = _Builder()
     weights = graph.weights
+    indexed = indexed if loop is not None else None
 
     def dims(shape) -> tuple[int, ...]:
         return tuple(bsz if d == "B" else seq if d == "S" else int(d) for d in shape)
 
-    for gname, sname in resident_names.items():
-        array = stacked[gname] if isinstance(gname, tuple) else weights[gname]
-        b.tensor(sname, "f32", array.shape, "resident")
+    # The ops in issue order (layers 1.. dropped: layer 0 is the body), the last layer's
+    # values read under layer 0's names.
+    order = list(range(len(graph.ops)))
+    rename: dict[str, str] = {}
+    body = range(0)
+    if loop is not None:
+        body = range(loop.start, loop.start + loop.period)
+        order = [*range(loop.start), *body, *range(loop.end, len(graph.ops))]
+        last = loop.end - loop.period
+        for j in range(loop.period):
+            rename[graph.ops[last + j].output] = graph.ops[loop.start + j].output
+    seq_ops = [graph.ops[i] for i in order]
+    inputs_of = [[rename.get(n, n) for n in op.inputs] for op in seq_ops]
+
+    def weight_operands(i: int) -> list[str | None]:
+        """Op i's operands as SIW names where they are weights (a layer's: its view), the
+        (gamma, beta) pair of add_layer_norm as one; None where they are values."""
+        op, ins = seq_ops[i], inputs_of[i]
+        j = i - body.start if i in body else None
+        out: list[str | None] = []
+        for m, name in enumerate(ins[:2] if op.kind == "add_layer_norm" else ins):
+            ix = indexed.get((j, m)) if indexed and j is not None else None
+            out.append(ix.name if ix else names[name] if name in weights else None)
+        if op.kind == "add_layer_norm":
+            ix = indexed.get((j, 2)) if indexed and j is not None else None
+            out.append(ix.name if ix else names[tuple(ins[2:4])])
+        return out
+
+    operands_of = [weight_operands(i) for i in range(len(seq_ops))]
+    used = {name for ops in operands_of for name in ops if name is not None}
+    used |= {ix.stack for ix in (indexed or {}).values()}
+    for sname, array in resident.items():
+        if sname in used:
+            b.tensor(sname, "f32", array.shape, "resident")
     feeds = {}
     for name in graph.inputs:
         v = graph.values[name]
         feeds[name] = b.tensor(name, v.dtype, dims(v.shape), "input")
+    for ix in (indexed or {}).values():
+        b.tensor(ix.name, "f32", ix.shape, "view", base=ix.stack, offset=ix.offset,
+                 strides=siw.c_strides(ix.shape), reg=LAYER_REGISTER, step=ix.step)  # fmt: skip
     last_use: dict[str, int] = {}
-    for i, op in enumerate(graph.ops):
-        for name in op.inputs:
+    for i, names_in in enumerate(inputs_of):
+        for name in names_in:
             last_use[name] = i
+    prefer: dict[str, str] = {}  # value -> the buffer it should take (a carried one's)
+    if loop is not None:
+        first_after = loop.start + loop.period  # index in seq_ops after the body
+        made = {op.output for op in seq_ops[loop.start : first_after]}
+        for names_in in inputs_of[loop.start : first_after]:
+            for name in names_in:  # what every pass reads stays live through the body
+                if name not in made and name not in weights and name not in loop.carried:
+                    last_use[name] = max(last_use[name], first_after)
+        for x, local in loop.carried.items():
+            prefer[_chain_head(seq_ops, inputs_of, loop.start + local, last_use, made)] = x
     buffer_of: dict[str, str] = {}  # IR value -> SIW buffer holding it
     free: dict[tuple[int, ...], list[str]] = {}
     buffers: list[str] = []
@@ -174,47 +444,70 @@ def lower(
             return buffer_of[name]
         if name in feeds:
             return feeds[name]
-        if name in weights:
-            return resident_names[name]
         raise CompileError(f"{name} is read before any op produces it")
 
     def buffer(value: str, shape: tuple[int, ...]) -> str:
         pool = free.get(shape)
+        want = buffer_of.get(prefer.get(value, ""))
+        if pool and want in pool:
+            pool.remove(want)
+            return want
         if pool and value not in outputs:
             return pool.pop()
         name = value if value in outputs else f"act{len(buffers)}"
         buffers.append(name)
         return b.tensor(name, "f32", shape, "zeros", output=value in outputs)
 
-    for i, op in enumerate(graph.ops):
+    for i, op in enumerate(seq_ops):
+        if loop is not None and i == body.start:
+            b.slots.append(("loop", {}))
         shape = dims(graph.shape(op.output))
         flat = (int(np.prod(shape[:-1])), shape[-1])
-        inputs = op.inputs[:2] if op.kind == "add_layer_norm" else op.inputs  # + stacked gb
-        srcs = [operand(name) for name in inputs]
-        first = op.inputs[0] if op.inputs else None
+        names_in = inputs_of[i]
+        srcs = [w if w is not None else operand(name)
+                for w, name in zip(operands_of[i], names_in, strict=False)]  # fmt: skip
+        first = names_in[0] if names_in else None
         if (
             op.kind in _IN_PLACE
             and first in buffer_of
             and last_use.get(first) == i
-            and op.inputs.count(first) == 1
+            and names_in.count(first) == 1
             and op.output not in outputs
         ):
             dst = buffer_of[first]
         else:
             dst = buffer(op.output, flat)
-        _emit(b, op, dst, srcs, shape, bsz, seq, stacked, resident_names)
+        _emit(b, op, dst, srcs, shape, bsz, seq)
         buffer_of[op.output] = dst
-        for name in set(op.inputs):
+        for name in set(names_in):
             held = buffer_of.get(name)
             if held is not None and last_use.get(name) == i and held != dst:
                 free.setdefault(b.tensors[b.ids[held]].shape, []).append(held)
+        if loop is not None and i == body.stop - 1:
+            for x, local in loop.carried.items():
+                if buffer_of[seq_ops[loop.start + local].output] != buffer_of[x]:
+                    return lower(graph, bsz, seq, names, resident)  # unrolled after all
+            b.slots.append(("C", {"c_op": int(COp.LOOP), "c_count": loop.count - 1,
+                                  "c_flags": siw.LOOP_REG | LAYER_REGISTER}))  # fmt: skip
     program = Program(b.tensors)
     program.words = pack_words(program, b.slots)
     (out,) = graph.outputs
     return program, buffer_of[out]
 
 
-def _emit(b: _Builder, op, dst: str, srcs: list[str], shape, bsz, seq, stacked, names) -> None:
+def _chain_head(ops, inputs_of, i: int, last_use: dict[str, int], made: set[str]) -> str:
+    """The value whose buffer op i's output will sit in: follow ops that write over their
+    first operand (as `lower` decides) back to the one that takes a buffer."""
+    producer = {op.output: k for k, op in enumerate(ops)}
+    while True:
+        op, first = ops[i], (inputs_of[i][0] if inputs_of[i] else None)
+        if not (op.kind in _IN_PLACE and first in made and last_use.get(first) == i
+                and inputs_of[i].count(first) == 1):  # fmt: skip
+            return op.output
+        i = producer[first]
+
+
+def _emit(b: _Builder, op, dst: str, srcs: list[str], shape, bsz, seq) -> None:
     kind, attrs = op.kind, op.attrs
     if kind == "gather":
         table, ids = srcs
@@ -230,8 +523,7 @@ def _emit(b: _Builder, op, dst: str, srcs: list[str], shape, bsz, seq, stacked, 
     elif kind == "layer_norm":
         b.d(DOp.LAYERNORM, dst, *srcs, imm=attrs["eps"])
     elif kind == "add_layer_norm":
-        gb = names[(op.inputs[2], op.inputs[3])]
-        b.d(DOp.ADD_LAYERNORM, dst, srcs[0], srcs[1], gb, imm=attrs["eps"])
+        b.d(DOp.ADD_LAYERNORM, dst, *srcs, imm=attrs["eps"])
     elif kind == "linear":
         bias = srcs[2] if len(srcs) > 2 else None
         if attrs.get("trans_w"):
@@ -297,43 +589,98 @@ class _Programs:
 class SiwModule(_Programs):
     """A compiled graph as SIW: programs per (batch, seq) shape, run on one sentron against the
     graph's resident weights. `forward(ids, lengths)` is a chunk forward for
-    BertEncoder.encode_ids; one forward runs at a time."""
+    BertEncoder.encode_ids; one forward runs at a time.
 
-    def __init__(self, graph: Graph, *, cache_size: int = 32) -> None:
+    With `loop` (the default), alike layers run as one loop body (find_layers) over stacked
+    weights; where the layers' arrays were separate, the stacks replace them in
+    `graph.weights` (equal values, one copy). loop=False unrolls the layers."""
+
+    def __init__(self, graph: Graph, *, cache_size: int = 32, loop: bool = True) -> None:
         super().__init__(cache_size)
         self.graph = graph
+        weights = graph.weights
         taken: set[str] = set()
-        self.names: dict = {}
-        self.stacked: dict[tuple[str, str], np.ndarray] = {}
-        for op in graph.ops:
-            if op.kind == "add_layer_norm":
-                pair = (op.inputs[2], op.inputs[3])
-                if pair not in self.stacked:
-                    self.stacked[pair] = np.ascontiguousarray(
-                        np.stack([graph.weights[pair[0]], graph.weights[pair[1]]]),
-                        dtype=np.float32,
-                    )
-        used = {name for op in graph.ops for name in op.inputs if name in graph.weights}
+        self.names: dict = {}  # graph weight name, or (gamma, beta) pair -> SIW name
+        self.resident: dict[str, np.ndarray] = {}
+        self._made: list[np.ndarray] = []  # arrays this module allocated
+        self.loop = find_layers(graph) if loop else None
+        self.indexed: dict[tuple[int, int], Indexed] = {}
+        if self.loop is not None:
+            self._stack_layers(self.loop, taken)
+        pairs = [(op.inputs[2], op.inputs[3]) for op in graph.ops if op.kind == "add_layer_norm"]
+        for pair in dict.fromkeys(pairs):
+            gamma, beta = weights[pair[0]], weights[pair[1]]
+            found = _layout([gamma], 2 * gamma.size) if _adjacent(gamma, beta) else None
+            if found is not None:  # gamma then beta in one buffer: read them as one
+                root, first, _ = found
+                array = root.reshape(-1)[first : first + 2 * gamma.size].reshape(2, -1)
+            else:
+                array = np.ascontiguousarray(np.stack([gamma, beta]), dtype=np.float32)
+                self._made.append(array)
+            self.names[pair] = siw_name(f"{pair[0]}_and_beta", taken)
+            self.resident[self.names[pair]] = array
         for op in graph.ops:
             for j, name in enumerate(op.inputs):
                 if op.kind == "add_layer_norm" and j >= 2:
                     continue
-                if name in used and name not in self.names:
+                if name in weights and name not in self.names:
                     self.names[name] = siw_name(name, taken)
-        for pair in self.stacked:
-            self.names[pair] = siw_name(f"{pair[0]}_and_beta", taken)
-        self.resident = {
-            self.names[k]: (self.stacked[k] if isinstance(k, tuple) else graph.weights[k])
-            for k in self.names
-        }
+                    self.resident[self.names[name]] = weights[name]
+
+    def _stack_layers(self, loop: LayerLoop, taken: set[str]) -> None:
+        """Each weight operand of the layers as one resident (layers, ...) array the loop's
+        register indexes: the layers' arrays themselves where they already lie at a constant
+        step in one buffer, else a stack of copies whose slices then replace the graph's
+        arrays (so the graph, and an encoder sharing them, keep one copy)."""
+        weights = self.graph.weights
+        ops = self.graph.ops
+        stacks: dict[int, str] = {}  # id(root) -> its SIW name
+        for (j, m), layer_names in loop.weights.items():
+            op = ops[loop.start + j]
+            pair = op.kind == "add_layer_norm" and m >= 2
+            if pair and m == 3 and (j, 2) in loop.weights:
+                continue
+            if pair:  # gamma and beta read as one (2, n) operand
+                gammas = loop.weights.get((j, 2), [op.inputs[2]] * loop.count)
+                betas = loop.weights.get((j, 3), [op.inputs[3]] * loop.count)
+                parts = [[weights[g], weights[b]] for g, b in zip(gammas, betas, strict=True)]
+                shape = (2, weights[gammas[0]].size)
+                label = f"{_layers_name(gammas)}_and_beta"
+                found = None
+                if all(_adjacent(*p) for p in parts):
+                    found = _layout([p[0] for p in parts], 2 * shape[1])
+                key = (j, 2)
+            else:
+                parts = [[weights[n]] for n in layer_names]
+                shape = tuple(parts[0][0].shape)
+                label = _layers_name(layer_names)
+                found = _layout([p[0] for p in parts], parts[0][0].size)
+                key = (j, m)
+            if found is None:
+                stack = np.ascontiguousarray(np.stack([np.stack(p) if pair else p[0]
+                                                       for p in parts]), dtype=np.float32)  # fmt: skip
+                self._made.append(stack)
+                names = list(zip(gammas, betas, strict=True)) if pair else layer_names
+                for k, group in enumerate(names):  # the graph reads the stack's slices
+                    for part, name in enumerate(group if pair else [group]):
+                        weights[name] = stack[k, part] if pair else stack[k]
+                found = (stack, 0, stack[0].size)
+            root, first, step = found
+            if id(root) not in stacks:
+                stacks[id(root)] = siw_name(f"{label}_all", taken)
+                self.resident[stacks[id(root)]] = root
+            self.indexed[key] = Indexed(stacks[id(root)], first, step, shape,
+                                        siw_name(label, taken))  # fmt: skip
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes the stacked norm parameters add to the graph's weights."""
-        return sum(a.nbytes for a in self.stacked.values())
+        """Bytes this module adds to the graph's weights: stacked norm parameters or layer
+        weights that the graph's arrays do not view (the layer stacks replace them)."""
+        roots = {id(_root_array(w)) for w in self.graph.weights.values()}
+        return sum(a.nbytes for a in self._made if id(a) not in roots)
 
     def program(self, bsz: int, seq: int) -> tuple[Program, str]:
-        return lower(self.graph, bsz, seq, self.names, self.stacked)
+        return lower(self.graph, bsz, seq, self.names, self.resident, self.loop, self.indexed)
 
     def run(self, ids: np.ndarray, lengths: np.ndarray):
         """One forward: ids (B, S) int64, lengths (B,) int32 -> the sentron's RunResult."""
