@@ -428,8 +428,6 @@ class BertEncoder:
                 "hand-written forward serves it)"
             )
         self.compiled = phextcc_bert.siw_module(self)
-        # the module stacked the graph's per-layer weights: take its views of the stacks
-        phextcc_bert.share_weights(self, self.compiled.graph)
 
     @property
     def nbytes(self) -> int:

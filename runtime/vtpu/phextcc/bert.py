@@ -30,12 +30,14 @@ def forward(graph: Graph):
 def siw_module(encoder: BertEncoder) -> SiwModule:
     """Compile a loaded encoder's model to SIW. The frontend reads the encoder's resident arrays
     in the checkpoint's layout (transposed and sliced views, no second read of the files); the
-    compiled graph's weights then replace the encoder's own arrays (checked equal), so the
-    hand-written forward and the SIW program read one resident copy."""
+    compiled graph's weights, once SiwModule has stacked the layers' into (layers, ...) arrays
+    and made the graph's per-layer ones slices of them, replace the encoder's own arrays
+    (checked equal), so the hand-written forward and the SIW program read one resident copy."""
     graph = compile_graph(graph_from_weights(encoder.config, checkpoint_views(encoder),
                                              encoder.directory.name))  # fmt: skip
+    module = SiwModule(graph)
     share_weights(encoder, graph)
-    return SiwModule(graph)
+    return module
 
 
 def checkpoint_views(encoder: BertEncoder) -> dict[str, np.ndarray]:
