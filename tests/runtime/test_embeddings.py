@@ -298,10 +298,17 @@ def test_bench_embeddings_reports_speed_and_cosine_per_workload(tmp_path: Path) 
     for name, record in run["workloads"].items():
         assert record["onnxruntime_min_cosine"] >= 0.9999, name
         assert record["onnxruntime_sentences_per_s"] > 0 and record["onnxruntime_speedup"] > 0
-    from vtpu.bench.embeddings import format_table
+    from vtpu.bench.embeddings import PRECISIONS, format_table
 
+    # PyTorch's bf16 autocast is timed beside our bf16, where ours runs (AVX512_BF16 or AMX)
+    bf16 = "bf16" in PRECISIONS
+    for name, record in run["workloads"].items():
+        assert ("torch_bf16_sentences_per_s" in record) == bf16, name
+        if bf16:
+            assert record["bf16_vs_torch_bf16"] > 0 and record["torch_bf16_min_cosine"] >= 0.99
     table = format_table([run])
     assert "ORT sent/s" in table and "\nonnxruntime " in table
+    assert ("\nst bf16 auto " in table) == bf16
 
 
 def test_bench_embeddings_rss_reports_an_idle_agents_memory_per_precision() -> None:
