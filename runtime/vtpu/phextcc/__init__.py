@@ -405,11 +405,17 @@ def _adjacent_rows(parts: list[np.ndarray]) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(first, (rows, *first.shape[1:]), writeable=False)
 
 
-def _root(array: np.ndarray) -> object:
-    """The object that owns an array's memory (an array, or the buffer it was made from)."""
-    while isinstance(array, np.ndarray) and array.base is not None:
+def root_array(array: np.ndarray) -> np.ndarray:
+    """The outermost numpy array a view's memory belongs to."""
+    while isinstance(array.base, np.ndarray):
         array = array.base
     return array
+
+
+def _root(array: np.ndarray) -> object:
+    """The object that owns an array's memory (an array, or the buffer it was made from)."""
+    root = root_array(array)
+    return root if root.base is None else root.base
 
 
 def _head_chain(graph: Graph, name: str) -> list[Op]:

@@ -55,7 +55,7 @@ import numpy as np
 from vtpu import siw
 from vtpu.arena import Arena
 from vtpu.kernels.decoder import rope_inv_freq
-from vtpu.phextcc import CompileError, Graph
+from vtpu.phextcc import CompileError, Graph, root_array
 from vtpu.sentron import Prepared, Sentron, arena_bytes_for
 from vtpu.siw import COp, DOp, Program, SOp, TensorSpec
 
@@ -305,24 +305,17 @@ class Indexed:
 LAYER_REGISTER = 0  # r0: the register the layer loop drives
 
 
-def _root_array(array: np.ndarray) -> np.ndarray:
-    """The outermost numpy array a view's memory belongs to."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
-
-
 def _layout(arrays: list[np.ndarray], span: int) -> tuple[np.ndarray, int, int] | None:
     """(root, first, step) when array k starts at element first + k * step of one C-contiguous
     float32 root array, each dense with `span` elements of the root from there; else None."""
-    root = _root_array(arrays[0])
+    root = root_array(arrays[0])
     if root.dtype != np.float32 or not root.flags.c_contiguous or root.ndim > siw.MAX_NDIM:
         return None
     at = root.__array_interface__["data"][0]
     offsets = []
     for a in arrays:
         offset, odd = divmod(a.__array_interface__["data"][0] - at, 4)
-        if _root_array(a) is not root or not a.flags.c_contiguous or odd or offset < 0:
+        if root_array(a) is not root or not a.flags.c_contiguous or odd or offset < 0:
             return None
         if offset + span > root.size:
             return None
@@ -336,7 +329,7 @@ def _layout(arrays: list[np.ndarray], span: int) -> tuple[np.ndarray, int, int] 
 def _adjacent(first: np.ndarray, second: np.ndarray) -> bool:
     """second starts where first ends, in one buffer (a (2, n) gamma | beta)."""
     return (
-        _root_array(first) is _root_array(second)
+        root_array(first) is root_array(second)
         and first.shape == second.shape
         and first.flags.c_contiguous
         and second.flags.c_contiguous
@@ -676,7 +669,7 @@ class SiwModule(_Programs):
     def resident_bytes(self) -> int:
         """Bytes this module adds to the graph's weights: stacked norm parameters or layer
         weights that the graph's arrays do not view (the layer stacks replace them)."""
-        roots = {id(_root_array(w)) for w in self.graph.weights.values()}
+        roots = {id(root_array(w)) for w in self.graph.weights.values()}
         return sum(a.nbytes for a in self._made if id(a) not in roots)
 
     def program(self, bsz: int, seq: int) -> tuple[Program, str]:
