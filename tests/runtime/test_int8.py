@@ -189,6 +189,23 @@ def test_dynamic_int8_takes_batch_axes_activations_and_out(int8_path: str) -> No
     assert np.array_equal(K.linear_dynamic_int8(x, again), K.linear_dynamic_int8(x, packed))
 
 
+@pytest.mark.parametrize("column", [9, 3, 19], ids=["kept", "outlier", "past-the-vectors"])
+def test_dynamic_int8_refuses_nan_and_inf_wherever_they_are(int8_path: str, column: int) -> None:
+    """The quantiser finds NaN and inf in its own pass over x (no separate check): in a kept
+    channel, an fp32 outlier channel, or the last channels that no vector covers."""
+    rng = np.random.default_rng(column)
+    x = rng.standard_normal((19, 21)).astype(np.float32)
+    packed = K.pack_int8_weight(rng.standard_normal((6, 21)).astype(np.float32), group=4,
+                                outliers=[3])  # fmt: skip
+    good = K.linear_dynamic_int8(x, packed)
+    for bad in (np.nan, np.inf, -np.inf):
+        x_bad = x.copy()
+        x_bad[17, column] = bad
+        with pytest.raises(K.KernelInputError, match=r"finite \(no NaN or inf\): 1 of its 19 rows"):
+            K.linear_dynamic_int8(x_bad, packed)
+    assert np.array_equal(K.linear_dynamic_int8(x, packed), good)  # and it goes on serving
+
+
 def test_weight_only_int8_rounds_each_weight_to_half_a_step() -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((100, 48)).astype(np.float32)  # K = 100: a short last group

@@ -802,10 +802,13 @@ def _prepacked_linear(
     kind: type,
     bias: object,
     out: np.ndarray | None,
+    finite: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The checks a linear over a pre-packed weight makes before its kernel: w is a `kind`, x is
     float32 with w.k features (any leading batch axes), bias has w.n entries, out fits and
-    overlaps nothing it reads, and a non-empty x is finite. Returns (x as rows, bias, y)."""
+    overlaps nothing it reads, and (with `finite`; a kernel that finds NaN and inf in its own
+    pass over x passes False and refuses them itself) a non-empty x is finite. Returns (x as
+    rows, bias, y)."""
     if not isinstance(w, kind):
         what = {
             Int8Weight: "an Int8Weight from pack_int8_weight",
@@ -820,7 +823,7 @@ def _prepacked_linear(
     _check_dims(m=x2.shape[0], n=w.n, k=w.k)
     inputs = (x,) if b is None else (x, b)
     y = _out(name, out, x.shape[:-1] + (w.n,), np.float32, *inputs)
-    if y.size and not np.isfinite(x2).all():
+    if finite and y.size and not np.isfinite(x2).all():
         raise KernelInputError(f"{name}: x must be finite (no NaN or inf)")
     return x2, b, y
 
@@ -842,7 +845,7 @@ def linear_dynamic_int8(
     vpdpbusd); the outlier channels are added in fp32. x may have leading batch axes.
     """
     act = _activation(activation)
-    x2, b, y = _prepacked_linear("linear_dynamic_int8", x, w, Int8Weight, bias, out)
+    x2, b, y = _prepacked_linear("linear_dynamic_int8", x, w, Int8Weight, bias, out, False)
     if y.size == 0:
         return y
     m = x2.shape[0]
@@ -851,10 +854,15 @@ def linear_dynamic_int8(
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     kp = 4 * -(-w.k // 4)
     with kernel_scope(ops):
-        _dense.linear_dynamic_int8(
+        nonfinite = _dense.linear_dynamic_int8(
             x2, w.packed, kp, w.group // 4, w.scale, w.gsum, w.wsum, w.keep, w.outliers,
             w.outlier_w, b, act, y.reshape(m, w.n), _threads(y.size),
         )  # fmt: skip
+    if nonfinite:
+        raise KernelInputError(
+            f"linear_dynamic_int8: x must be finite (no NaN or inf): {nonfinite} of its {m} rows "
+            "are not"
+        )
     return y
 
 

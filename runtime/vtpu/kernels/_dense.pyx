@@ -23,8 +23,10 @@ from ._simd cimport (
     vtpu_gemm_s8_packed_rows,
     vtpu_gemm_s8_rows_generic,
     vtpu_gemm_q8_rows,
-    vtpu_q8_finish,
+    vtpu_q8_finish_rows,
     vtpu_q8_quantize,
+    vtpu_attend_rows,
+    vtpu_transpose,
     vtpu_get_level,
     VTPU_LEVEL_AVX2,
     vtpu_pack_a_s8,
@@ -167,9 +169,8 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
             b = bh // heads
             kv_base = (b * kv_heads + (bh % heads) // group) * sk
             klen = key_lengths[b]
-            for j in range(klen):
-                for t in range(d):
-                    kt[t * klen + j] = k[kv_base + j, t]
+            if klen > 0:
+                vtpu_transpose(&k[kv_base, 0], k.shape[1], klen, d, kt, klen)
             for i in range(sq):
                 r = bh * sq + i
                 limit = klen
@@ -321,16 +322,16 @@ def attention_packed(const float[:, ::1] qkv, const int[::1] key_lengths, Py_ssi
     position's query, key and value side by side (heads x d each), and the result goes to row
     b*seq+i of out with the heads side by side, so no head split or merge is ever copied out.
     One (batch, head) per work item; its keys (transposed) and values are gathered once into
-    per-thread buffers. Sequence b sees its first key_lengths[b] keys."""
+    per-thread buffers; its queries go four rows at a time (vtpu_attend_rows). Sequence b sees
+    its first key_lengths[b] keys."""
     cdef Py_ssize_t hd = out.shape[1], d = hd // heads
-    cdef Py_ssize_t bh, b, h, i, j, t, r, row0, klen
+    cdef Py_ssize_t bh, b, h, i, j, t, row0, klen
     cdef float *scores = NULL
     cdef float *kt = NULL
     cdef float *vb = NULL
-    cdef float mx, s
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
-        scores = <float *>malloc((seq if seq > 0 else 1) * sizeof(float))
+        scores = <float *>malloc((4 * seq if seq > 0 else 1) * sizeof(float))
         kt = <float *>malloc((seq * d if seq * d > 0 else 1) * sizeof(float))
         vb = <float *>malloc((seq * d if seq * d > 0 else 1) * sizeof(float))
         for bh in prange(batch * heads, schedule='static'):
@@ -341,20 +342,16 @@ def attention_packed(const float[:, ::1] qkv, const int[::1] key_lengths, Py_ssi
             h = bh % heads
             klen = key_lengths[b]
             row0 = b * seq
+            if klen > 0:
+                vtpu_transpose(&qkv[row0, hd + h * d], qkv.shape[1], klen, d, kt, klen)
             for j in range(klen):
-                for t in range(d):
-                    kt[t * klen + j] = qkv[row0 + j, hd + h * d + t]
                 memcpy(&vb[j * d], &qkv[row0 + j, 2 * hd + h * d], d * sizeof(float))
-            for i in range(seq):
-                r = row0 + i
-                if klen <= 0:
-                    memset(&out[r, h * d], 0, d * sizeof(float))
-                    continue
-                vtpu_qk(&qkv[r, h * d], kt, klen, klen, d, scale, scores)
-                mx = vtpu_max(scores, klen)
-                s = vtpu_exp_shift_sum(scores, scores, mx, klen)
-                vtpu_pv(scores, vb, klen, d, &out[r, h * d])
-                vtpu_scale(&out[r, h * d], 1.0 / s, d)
+            if klen <= 0:
+                for i in range(seq):
+                    memset(&out[row0 + i, h * d], 0, d * sizeof(float))
+                continue
+            vtpu_attend_rows(&qkv[row0, h * d], qkv.shape[1], kt, klen, vb, klen, d, scale,
+                             scores, &out[row0, h * d], out.shape[1], seq)
         free(scores)
         free(kt)
         free(vb)
@@ -366,8 +363,10 @@ def linear_dynamic_int8(const float[:, ::1] x, const int8_t[::1] wp, Py_ssize_t 
                         Py_ssize_t gq, const float[:, ::1] w_scale, const int32_t[:, ::1] w_gsum,
                         const float[::1] w_sum, const uint8_t[::1] keep,
                         const long long[::1] out_idx, const float[:, ::1] out_w,
-                        const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
-    """out = act(x @ W.T + bias) with W packed by vtpu.kernels.pack_int8_weight.
+                        const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> int:
+    """out = act(x @ W.T + bias) with W packed by vtpu.kernels.pack_int8_weight; returns the
+    number of rows of x holding NaN or inf (the quantiser finds them in its own pass over x;
+    out is then meaningless and the caller refuses x).
 
     Each row of x is quantised on its own over the input channels W keeps in int8 (keep[j],
     vtpu_q8_quantize): centre c = (min + max) / 2 and step s = (max - min) / 254,
@@ -379,18 +378,19 @@ def linear_dynamic_int8(const float[:, ::1] x, const int8_t[::1] wp, Py_ssize_t 
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1], kq = kp // 4
     cdef Py_ssize_t ldw = w_scale.shape[1], nout = out_idx.shape[0]
     cdef Py_ssize_t blocks = (m + INT8_ROW_BLOCK - 1) // INT8_ROW_BLOCK
-    cdef Py_ssize_t blk, i0, rows, r, i, j, t
+    cdef Py_ssize_t blk, i0, rows, r, t
     cdef int8_t *aq = NULL
     cdef float *xs = NULL
     cdef float *xc = NULL
     cdef float *xv = NULL
     cdef const float *bptr = &bias[0] if bias is not None else NULL
     cdef int failed = 0
+    cdef Py_ssize_t nonfinite = 0
     with nogil, parallel(num_threads=nthreads):
         aq = <int8_t *>malloc(INT8_ROW_BLOCK * kp)
         xs = <float *>malloc(INT8_ROW_BLOCK * sizeof(float))
         xc = <float *>malloc(INT8_ROW_BLOCK * sizeof(float))
-        xv = <float *>malloc((nout if nout > 0 else 1) * sizeof(float))
+        xv = <float *>malloc((INT8_ROW_BLOCK * nout if nout > 0 else 1) * sizeof(float))
         for blk in prange(blocks, schedule='static'):
             if aq == NULL or xs == NULL or xc == NULL or xv == NULL:
                 failed += 1
@@ -399,23 +399,22 @@ def linear_dynamic_int8(const float[:, ::1] x, const int8_t[::1] wp, Py_ssize_t 
             rows = INT8_ROW_BLOCK if i0 + INT8_ROW_BLOCK <= m else m - i0
             memset(aq, 0, INT8_ROW_BLOCK * kp)
             for r in range(rows):
-                vtpu_q8_quantize(&x[i0 + r, 0], k, &keep[0], &aq[r * kp], &xs[r], &xc[r])
+                nonfinite += vtpu_q8_quantize(&x[i0 + r, 0], k, &keep[0], &aq[r * kp], &xs[r],
+                                              &xc[r])
             vtpu_gemm_q8_rows(aq, kp, &wp[0], kq, gq, &w_scale[0, 0], &w_gsum[0, 0], ldw,
                               &out[i0, 0], n, rows, n)
             for r in range(rows):
-                i = i0 + r
                 for t in range(nout):
-                    xv[t] = x[i, out_idx[t]]
-                vtpu_q8_finish(&out[i, 0], n, xs[r], xc[r], &w_sum[0], xv,
-                               &out_w[0, 0] if nout > 0 else NULL, nout)
-                if bptr != NULL or act != 0:
-                    vtpu_bias_act(&out[i, 0], bptr, n, act)
+                    xv[r * nout + t] = x[i0 + r, out_idx[t]]
+            vtpu_q8_finish_rows(&out[i0, 0], n, rows, n, xs, xc, &w_sum[0], xv,
+                                &out_w[0, 0] if nout > 0 else NULL, nout, bptr, act)
         free(aq)
         free(xs)
         free(xc)
         free(xv)
     if failed:
         raise MemoryError(f"linear_dynamic_int8: no memory for {INT8_ROW_BLOCK} rows of buffers")
+    return nonfinite
 
 
 def dequantize_int8_groups(const int8_t[:, ::1] q, const float[:, ::1] scale, Py_ssize_t group,

@@ -600,49 +600,135 @@ VTPU_AVX2 static void vtpu_gemm_q8_rows_avx2(const int8_t *A, long lda, const in
  * done once on the scratch block A) makes the activations unsigned, and subtracting the
  * group's 128 * sum(W) gives the AVX2 path's integers exactly. 256-bit registers (AVX-512 VL),
  * 32 of them: 8 x 3 tiles, each step 3 weight loads and 8 broadcasts from memory for 24
- * vpdpbusd; the fp32 group sums wait in the tile buffer (L1). */
+ * vpdpbusd (2 a cycle on Zen 4, as many multiply-adds as 1 zmm vpdpbusd); groups fold into C
+ * as they end. */
 #define VTPU_AVX512_VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2,fma")))
 
 /* Set with the level: the AVX-512 level needs F+BW+VL, and VNNI is a separate feature. */
 static int vtpu_vnni = 0;
 
-#define VTPU_Q8_TILE_VNNI(R, NP)                                                                 \
-    VTPU_AVX512_VNNI static void vtpu_q8_tile_vnni_##R##x##NP(                                   \
-        const uint8_t *A, long lda, const int8_t *Wp, long Kq, long gq, const float *ws,         \
-        const int32_t *gsum, long ldw, float *tile) {                                            \
-        for (int t = 0; t < R * 8 * NP; t++) tile[t] = 0.0f;                                     \
-        for (long g0 = 0; g0 < Kq; g0 += gq) {                                                   \
-            long g1 = g0 + gq < Kq ? g0 + gq : Kq;                                               \
-            __m256i acc[R][NP];                                                                  \
-            for (int r = 0; r < R; r++)                                                          \
-                for (int c = 0; c < NP; c++) acc[r][c] = _mm256_setzero_si256();                 \
-            for (long p = g0; p < g1; p++) {                                                     \
-                __m256i b[NP];                                                                   \
-                for (int c = 0; c < NP; c++)                                                     \
-                    b[c] = _mm256_loadu_si256((const __m256i *)(Wp + (c * Kq + p) * 32));        \
-                for (int r = 0; r < R; r++) {                                                    \
-                    int32_t quad;                                                                \
-                    memcpy(&quad, A + r * lda + 4 * p, 4);                                       \
-                    __m256i a = _mm256_set1_epi32(quad);                                         \
-                    for (int c = 0; c < NP; c++)                                                 \
-                        acc[r][c] = _mm256_dpbusd_epi32(acc[r][c], a, b[c]);                     \
-                }                                                                                \
-            }                                                                                    \
-            long g = g0 / gq;                                                                    \
-            for (int c = 0; c < NP; c++) {                                                       \
-                __m256 sc = _mm256_loadu_ps(ws + g * ldw + c * 8);                               \
-                __m256i off = _mm256_loadu_si256((const __m256i *)(gsum + g * ldw + c * 8));     \
-                for (int r = 0; r < R; r++) {                                                    \
-                    float *o = tile + r * 8 * NP + c * 8;                                        \
-                    _mm256_storeu_ps(                                                            \
-                        o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][c], off)), \
-                                           sc, _mm256_loadu_ps(o)));                             \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
+/* One row of one k quad in the 8 x 3 tile: the row's 4 bytes on every lane of ymm3, multiplied
+ * with the three panels' quads (ymm0-2) into the row's accumulators. */
+#define VTPU_Q8_VNNI_ROW(a, c0, c1, c2)                                                          \
+    "vpbroadcastd " a ", %%ymm3\n\t"                                                             \
+    "vpdpbusd %%ymm0, %%ymm3, %%ymm" #c0 "\n\t"                                                  \
+    "vpdpbusd %%ymm1, %%ymm3, %%ymm" #c1 "\n\t"                                                  \
+    "vpdpbusd %%ymm2, %%ymm3, %%ymm" #c2 "\n\t"
+
+/* One group of an 8-row x 3-panel tile: `steps` k quads from U's rows (lda bytes apart) and
+ * the three panels at w (wstep bytes apart), the 24 int32 sums minus the group's offsets
+ * (acc starts at -off, the same integers as subtracting at the end) stored to buf (row r,
+ * panel c at buf + (r * 3 + c) * 8). Written with intrinsics, GCC 12 copied accumulators
+ * between registers and to the stack at every step (37 % of vpdpbusd's peak on Zen 4), so the
+ * body is assembly over fixed registers: ymm8-31 the accumulators, ymm0-2 the weights, ymm3
+ * the broadcast row. Rows 0-7 are a0, a0+lda, a0+2lda, a0+lda3, a0+4lda, a5, a0+2lda3,
+ * a5+2lda (a5 = a0 + 5 lda). */
+VTPU_AVX512_VNNI static void vtpu_q8_vnni_8x3_group(const uint8_t *a0, long lda,
+                                                    const int8_t *w, long wstep, long steps,
+                                                    const int32_t *off, int32_t *buf) {
+    const long lda3 = 3 * lda;
+    const uint8_t *a5 = a0 + 5 * lda;
+    const int8_t *wend = w + steps * 32;
+    __asm__ volatile(
+        "vpxord %%ymm3, %%ymm3, %%ymm3\n\t"
+        "vpsubd (%[off]), %%ymm3, %%ymm0\n\t"
+        "vpsubd 32(%[off]), %%ymm3, %%ymm1\n\t"
+        "vpsubd 64(%[off]), %%ymm3, %%ymm2\n\t"
+#define VTPU_Q8_VNNI_INIT(c0, c1, c2)                                                            \
+    "vmovdqa32 %%ymm0, %%ymm" #c0 "\n\t"                                                         \
+    "vmovdqa32 %%ymm1, %%ymm" #c1 "\n\t"                                                         \
+    "vmovdqa32 %%ymm2, %%ymm" #c2 "\n\t"
+        VTPU_Q8_VNNI_INIT(8, 9, 10) VTPU_Q8_VNNI_INIT(11, 12, 13) VTPU_Q8_VNNI_INIT(14, 15, 16)
+        VTPU_Q8_VNNI_INIT(17, 18, 19) VTPU_Q8_VNNI_INIT(20, 21, 22)
+        VTPU_Q8_VNNI_INIT(23, 24, 25) VTPU_Q8_VNNI_INIT(26, 27, 28)
+        VTPU_Q8_VNNI_INIT(29, 30, 31)
+#undef VTPU_Q8_VNNI_INIT
+        "1:\n\t"
+        "vmovdqu (%[w]), %%ymm0\n\t"
+        "vmovdqu (%[w],%[wstep],1), %%ymm1\n\t"
+        "vmovdqu (%[w],%[wstep],2), %%ymm2\n\t"
+        VTPU_Q8_VNNI_ROW("(%[a0])", 8, 9, 10)
+        VTPU_Q8_VNNI_ROW("(%[a0],%[lda],1)", 11, 12, 13)
+        VTPU_Q8_VNNI_ROW("(%[a0],%[lda],2)", 14, 15, 16)
+        VTPU_Q8_VNNI_ROW("(%[a0],%[lda3],1)", 17, 18, 19)
+        VTPU_Q8_VNNI_ROW("(%[a0],%[lda],4)", 20, 21, 22)
+        VTPU_Q8_VNNI_ROW("(%[a5])", 23, 24, 25)
+        VTPU_Q8_VNNI_ROW("(%[a0],%[lda3],2)", 26, 27, 28)
+        VTPU_Q8_VNNI_ROW("(%[a5],%[lda],2)", 29, 30, 31)
+        "add $4, %[a0]\n\t"
+        "add $4, %[a5]\n\t"
+        "add $32, %[w]\n\t"
+        "cmp %[wend], %[w]\n\t"
+        "jne 1b\n\t"
+#define VTPU_Q8_VNNI_STORE(c, at) "vmovdqu32 %%ymm" #c ", " #at "(%[buf])\n\t"
+        VTPU_Q8_VNNI_STORE(8, 0) VTPU_Q8_VNNI_STORE(9, 32) VTPU_Q8_VNNI_STORE(10, 64)
+        VTPU_Q8_VNNI_STORE(11, 96) VTPU_Q8_VNNI_STORE(12, 128) VTPU_Q8_VNNI_STORE(13, 160)
+        VTPU_Q8_VNNI_STORE(14, 192) VTPU_Q8_VNNI_STORE(15, 224) VTPU_Q8_VNNI_STORE(16, 256)
+        VTPU_Q8_VNNI_STORE(17, 288) VTPU_Q8_VNNI_STORE(18, 320) VTPU_Q8_VNNI_STORE(19, 352)
+        VTPU_Q8_VNNI_STORE(20, 384) VTPU_Q8_VNNI_STORE(21, 416) VTPU_Q8_VNNI_STORE(22, 448)
+        VTPU_Q8_VNNI_STORE(23, 480) VTPU_Q8_VNNI_STORE(24, 512) VTPU_Q8_VNNI_STORE(25, 544)
+        VTPU_Q8_VNNI_STORE(26, 576) VTPU_Q8_VNNI_STORE(27, 608) VTPU_Q8_VNNI_STORE(28, 640)
+        VTPU_Q8_VNNI_STORE(29, 672) VTPU_Q8_VNNI_STORE(30, 704) VTPU_Q8_VNNI_STORE(31, 736)
+#undef VTPU_Q8_VNNI_STORE
+        : [a0] "+r"(a0), [a5] "+r"(a5), [w] "+r"(w)
+        : [wend] "r"(wend), [wstep] "r"(wstep), [lda] "r"(lda), [lda3] "r"(lda3),
+          [off] "r"(off), [buf] "r"(buf)
+        : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20",
+          "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29",
+          "xmm30", "xmm31");
+}
+
+/* 8 rows x 3 panels over all of K into `out` (ldo floats a row): each group's sums fold in
+ * as it ends, the first by a multiply and the rest by fused multiply-adds, in order (the
+ * AVX2 path's order: the same bits). */
+VTPU_AVX512_VNNI static void vtpu_q8_tile_vnni_8x3(const uint8_t *A, long lda, const int8_t *Wp,
+                                                   long Kq, long gq, const float *ws,
+                                                   const int32_t *gsum, long ldw, float *out,
+                                                   long ldo) {
+    int32_t buf[8 * 24] __attribute__((aligned(32)));
+    for (long g0 = 0; g0 < Kq; g0 += gq) {
+        long g1 = g0 + gq < Kq ? g0 + gq : Kq, g = g0 / gq;
+        vtpu_q8_vnni_8x3_group(A + 4 * g0, lda, Wp + g0 * 32, Kq * 32, g1 - g0, gsum + g * ldw,
+                               buf);
+        for (int c = 0; c < 3; c++) {
+            __m256 sc = _mm256_loadu_ps(ws + g * ldw + c * 8);
+            for (int r = 0; r < 8; r++) {
+                __m256 f = _mm256_cvtepi32_ps(_mm256_load_si256((const __m256i *)(buf + (r * 3 + c) * 8)));
+                float *o = out + r * ldo + c * 8;
+                _mm256_storeu_ps(o, g0 == 0 ? _mm256_mul_ps(f, sc)
+                                            : _mm256_fmadd_ps(f, sc, _mm256_loadu_ps(o)));
+            }
+        }
     }
-VTPU_Q8_TILE_VNNI(8, 3)
-VTPU_Q8_TILE_VNNI(8, 1)
+}
+
+/* The last panels (fewer than 3): 8 rows x 1 panel, intrinsics (few accumulators, no spill). */
+VTPU_AVX512_VNNI static void vtpu_q8_tile_vnni_8x1(const uint8_t *A, long lda, const int8_t *Wp,
+                                                   long Kq, long gq, const float *ws,
+                                                   const int32_t *gsum, long ldw, float *tile) {
+    for (long g0 = 0; g0 < Kq; g0 += gq) {
+        long g1 = g0 + gq < Kq ? g0 + gq : Kq, g = g0 / gq;
+        __m256i acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_si256();
+        for (long p = g0; p < g1; p++) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(Wp + p * 32));
+            for (int r = 0; r < 8; r++) {
+                int32_t quad;
+                memcpy(&quad, A + r * lda + 4 * p, 4);
+                acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_set1_epi32(quad), b);
+            }
+        }
+        __m256 sc = _mm256_loadu_ps(ws + g * ldw);
+        __m256i off = _mm256_loadu_si256((const __m256i *)(gsum + g * ldw));
+        for (int r = 0; r < 8; r++) {
+            __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], off));
+            float *o = tile + r * 8;
+            _mm256_storeu_ps(o, g0 == 0 ? _mm256_mul_ps(f, sc)
+                                        : _mm256_fmadd_ps(f, sc, _mm256_loadu_ps(o)));
+        }
+    }
+}
 
 static inline void vtpu_q8_store_rows(const float *tile, long height, long width, float *C,
                                       long ldc, long rows, long cols) {
@@ -651,7 +737,7 @@ static inline void vtpu_q8_store_rows(const float *tile, long height, long width
 }
 
 /* A is scratch: its bytes are flipped to u8 in place. It holds zeroed rows up to a multiple of
- * 8 past `rows`. */
+ * 8 past `rows`. Full tiles fold straight into C; ragged ones go through a buffer. */
 VTPU_AVX512_VNNI static void vtpu_gemm_q8_rows_vnni(int8_t *A, long lda, const int8_t *Wp,
                                                     long Kq, long gq, const float *ws,
                                                     const int32_t *gsum, long ldw, float *C,
@@ -663,9 +749,15 @@ VTPU_AVX512_VNNI static void vtpu_gemm_q8_rows_vnni(int8_t *A, long lda, const i
     for (long i = 0; i < rows; i += 8) {
         long q = 0;
         for (; q + 3 <= panels; q += 3) {
-            vtpu_q8_tile_vnni_8x3(U + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8,
-                                  gsum + q * 8, ldw, tile);
-            vtpu_q8_store_rows(tile, 8, 24, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
+            const int8_t *w = Wp + q * Kq * 32;
+            if (i + 8 <= rows && q * 8 + 24 <= N) {
+                vtpu_q8_tile_vnni_8x3(U + i * lda, lda, w, Kq, gq, ws + q * 8, gsum + q * 8,
+                                      ldw, C + i * ldc + q * 8, ldc);
+            } else {
+                vtpu_q8_tile_vnni_8x3(U + i * lda, lda, w, Kq, gq, ws + q * 8, gsum + q * 8,
+                                      ldw, tile, 24);
+                vtpu_q8_store_rows(tile, 8, 24, C + i * ldc + q * 8, ldc, rows - i, N - q * 8);
+            }
         }
         for (; q < panels; q++) {
             vtpu_q8_tile_vnni_8x1(U + i * lda, lda, Wp + q * Kq * 32, Kq, gq, ws + q * 8,
@@ -815,13 +907,24 @@ static inline int8_t vtpu_q8_one(float v, float c, float inv) {
     return (int8_t)(int)q;
 }
 
-static void vtpu_q8_quantize_generic(const float *x, long k, const uint8_t *keep, int8_t *q,
-                                     float *step, float *centre) {
+/* A row holding NaN or inf (in any channel, kept or not): its levels are zeros and the
+ * quantiser returns 1, so the caller refuses x without a separate pass to check it. */
+static int vtpu_q8_refuse_row(long k, int8_t *q, float *step, float *centre) {
+    memset(q, 0, k);
+    *step = *centre = 0.0f;
+    return 1;
+}
+
+static int vtpu_q8_quantize_generic(const float *x, long k, const uint8_t *keep, int8_t *q,
+                                    float *step, float *centre) {
     float lo = INFINITY, hi = -INFINITY, inv;
-    for (long j = 0; j < k; j++)
+    for (long j = 0; j < k; j++) {
+        if (!isfinite(x[j])) return vtpu_q8_refuse_row(k, q, step, centre);
         if (keep[j]) { lo = x[j] < lo ? x[j] : lo; hi = x[j] > hi ? x[j] : hi; }
+    }
     vtpu_q8_row_params(lo, hi, step, centre, &inv);
     for (long j = 0; j < k; j++) q[j] = keep[j] ? vtpu_q8_one(x[j], *centre, inv) : 0;
+    return 0;
 }
 
 /* 8 levels rint((x - c) / s) clamped to [-127, 127], as floats (vtpu_q8_one's operations) */
@@ -831,9 +934,11 @@ VTPU_AVX2 static inline __m256 vtpu_q8_levels_avx2(const float *x, __m256 vc, __
     return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
 }
 
-VTPU_AVX2 static void vtpu_q8_quantize_avx2(const float *x, long k, const uint8_t *keep,
-                                            int8_t *q, float *step, float *centre) {
-    __m256 vlo = _mm256_set1_ps(INFINITY), vhi = _mm256_set1_ps(-INFINITY);
+VTPU_AVX2 static int vtpu_q8_quantize_avx2(const float *x, long k, const uint8_t *keep,
+                                           int8_t *q, float *step, float *centre) {
+    /* v - v is +0 for finite v and NaN for NaN or inf: any bit left in `nonfinite` is one */
+    __m256 vlo = _mm256_set1_ps(INFINITY), vhi = _mm256_set1_ps(-INFINITY),
+           nonfinite = _mm256_setzero_ps();
     const __m256i zero = _mm256_setzero_si256();
     long j = 0;
     for (; j + 8 <= k; j += 8) {
@@ -842,6 +947,7 @@ VTPU_AVX2 static void vtpu_q8_quantize_avx2(const float *x, long k, const uint8_
         __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
             _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), zero));
         __m256 v = _mm256_loadu_ps(x + j);
+        nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(v, v));
         vlo = _mm256_min_ps(vlo, _mm256_blendv_ps(_mm256_set1_ps(INFINITY), v, m));
         vhi = _mm256_max_ps(vhi, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, m));
     }
@@ -852,8 +958,12 @@ VTPU_AVX2 static void vtpu_q8_quantize_avx2(const float *x, long k, const uint8_
         lo = lo_lanes[t] < lo ? lo_lanes[t] : lo;
         hi = hi_lanes[t] > hi ? hi_lanes[t] : hi;
     }
-    for (long t = j; t < k; t++)
+    if (!_mm256_testz_si256(_mm256_castps_si256(nonfinite), _mm256_castps_si256(nonfinite)))
+        return vtpu_q8_refuse_row(k, q, step, centre);
+    for (long t = j; t < k; t++) {
+        if (!isfinite(x[t])) return vtpu_q8_refuse_row(k, q, step, centre);
         if (keep[t]) { lo = x[t] < lo ? x[t] : lo; hi = x[t] > hi ? x[t] : hi; }
+    }
     vtpu_q8_row_params(lo, hi, step, centre, &inv);
     const __m256 vc = _mm256_set1_ps(*centre), vi = _mm256_set1_ps(inv);
     /* 32 at a time: the packs interleave 4-byte runs of the 4 vectors; one permute restores
@@ -871,12 +981,14 @@ VTPU_AVX2 static void vtpu_q8_quantize_avx2(const float *x, long k, const uint8_
         _mm256_storeu_si256((__m256i *)(q + j), _mm256_and_si256(b, kept));
     }
     for (; j < k; j++) q[j] = keep[j] ? vtpu_q8_one(x[j], *centre, inv) : 0;
+    return 0;
 }
 
-static inline void vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q,
-                                    float *step, float *centre) {
-    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_q8_quantize_avx2(x, k, keep, q, step, centre);
-    else vtpu_q8_quantize_generic(x, k, keep, q, step, centre);
+/* 1 (and a row of zeros) where the row holds NaN or inf, else 0 */
+static inline int vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q,
+                                   float *step, float *centre) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) return vtpu_q8_quantize_avx2(x, k, keep, q, step, centre);
+    return vtpu_q8_quantize_generic(x, k, keep, q, step, centre);
 }
 
 /* One output row of linear_dynamic_int8 from its F row, in place: y = s * F + c * wsum (the
@@ -892,24 +1004,50 @@ static void vtpu_q8_finish_generic(float *y, long n, float s, float c, const flo
     }
 }
 
-VTPU_AVX2 static void vtpu_q8_finish_avx2(float *y, long n, float s, float c, const float *wsum,
-                                          const float *xv, const float *ow, long nout) {
-    const __m256 vs = _mm256_set1_ps(s), vc = _mm256_set1_ps(c);
+/* A block's rows (ldy floats apart) finished, biased and activated in one pass, column vectors
+ * outer: the nout outlier weight rows at j stay in L1 across the rows (one row at a time read
+ * them from L2: nout x n floats) and each element is loaded and stored once. Per element the
+ * operations and their order are vtpu_q8_finish_generic's, then vtpu_bias_act's: the same bits.
+ * s, c: the rows' steps and centres; xv: rows x nout outlier activations. */
+VTPU_AVX2 static void vtpu_q8_finish_rows_avx2(float *y, long ldy, long rows, long n,
+                                               const float *s, const float *c,
+                                               const float *wsum, const float *xv,
+                                               const float *ow, long nout, const float *bias,
+                                               int act) {
     long j = 0;
     for (; j + 8 <= n; j += 8) {
-        __m256 v = _mm256_fmadd_ps(vs, _mm256_loadu_ps(y + j),
-                                   _mm256_mul_ps(vc, _mm256_loadu_ps(wsum + j)));
-        for (long t = 0; t < nout; t++)
-            v = _mm256_fmadd_ps(_mm256_set1_ps(xv[t]), _mm256_loadu_ps(ow + t * n + j), v);
-        _mm256_storeu_ps(y + j, v);
+        __m256 ws = _mm256_loadu_ps(wsum + j);
+        __m256 b = bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
+        for (long r = 0; r < rows; r++) {
+            float *yr = y + r * ldy + j;
+            const float *xr = xv + r * nout;
+            __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(s[r]), _mm256_loadu_ps(yr),
+                                       _mm256_mul_ps(_mm256_set1_ps(c[r]), ws));
+            for (long t = 0; t < nout; t++)
+                v = _mm256_fmadd_ps(_mm256_set1_ps(xr[t]), _mm256_loadu_ps(ow + t * n + j), v);
+            if (bias) v = _mm256_add_ps(v, b);
+            _mm256_storeu_ps(yr, act ? vtpu_act256(v, act) : v);
+        }
     }
-    vtpu_q8_finish_generic(y + j, n - j, s, c, wsum + j, xv, ow + j, n, nout);
+    if (j < n)
+        for (long r = 0; r < rows; r++) {
+            vtpu_q8_finish_generic(y + r * ldy + j, n - j, s[r], c[r], wsum + j, xv + r * nout,
+                                   ow ? ow + j : NULL, n, nout);
+            if (bias || act) vtpu_bias_act_avx2(y + r * ldy + j, bias ? bias + j : NULL, n - j, act);
+        }
 }
 
-static inline void vtpu_q8_finish(float *y, long n, float s, float c, const float *wsum,
-                                  const float *xv, const float *ow, long nout) {
-    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_q8_finish_avx2(y, n, s, c, wsum, xv, ow, nout);
-    else vtpu_q8_finish_generic(y, n, s, c, wsum, xv, ow, n, nout);
+static inline void vtpu_q8_finish_rows(float *y, long ldy, long rows, long n, const float *s,
+                                       const float *c, const float *wsum, const float *xv,
+                                       const float *ow, long nout, const float *bias, int act) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) {
+        vtpu_q8_finish_rows_avx2(y, ldy, rows, n, s, c, wsum, xv, ow, nout, bias, act);
+        return;
+    }
+    for (long r = 0; r < rows; r++) {
+        vtpu_q8_finish_generic(y + r * ldy, n, s[r], c[r], wsum, xv + r * nout, ow, n, nout);
+        if (bias || act) vtpu_bias_act_generic(y + r * ldy, bias, n, act);
+    }
 }
 
 /* ---- bf16 GEMM: C[i, j] = sum_k A[i, k] * W[j, k], bf16 inputs, fp32 accumulation ----------
@@ -1217,6 +1355,160 @@ static inline void vtpu_qk(const float *q, const float *KT, long ld, long n, lon
 static inline void vtpu_pv(const float *p, const float *V, long n, long d, float *out) {
     if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_pv_avx2(p, V, n, d, out);
     else vtpu_pv_generic(p, V, n, d, out);
+}
+
+/* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: an attention head's keys
+ * transposed once per (batch, head), 8 x 8 blocks through registers where AVX2 runs (the
+ * scalar double loop was ~5 % of a 2-thread int8 encoder forward). */
+static void vtpu_transpose_generic(const float *src, long lds, long rows, long cols, float *dst,
+                                   long ldd) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+}
+
+VTPU_AVX2 static void vtpu_transpose_avx2(const float *src, long lds, long rows, long cols,
+                                          float *dst, long ldd) {
+    long r = 0;
+    for (; r + 8 <= rows; r += 8) {
+        long c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            const float *a = src + r * lds + c;
+            __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + lds),
+                   r2 = _mm256_loadu_ps(a + 2 * lds), r3 = _mm256_loadu_ps(a + 3 * lds),
+                   r4 = _mm256_loadu_ps(a + 4 * lds), r5 = _mm256_loadu_ps(a + 5 * lds),
+                   r6 = _mm256_loadu_ps(a + 6 * lds), r7 = _mm256_loadu_ps(a + 7 * lds);
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = dst + c * ldd + r;
+            _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(o + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(o + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(o + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(o + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(o + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(o + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(o + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+        if (c < cols) vtpu_transpose_generic(src + r * lds + c, lds, 8, cols - c, dst + c * ldd + r, ldd);
+    }
+    if (r < rows) vtpu_transpose_generic(src + r * lds, lds, rows - r, cols, dst + r, ldd);
+}
+
+static inline void vtpu_transpose(const float *src, long lds, long rows, long cols, float *dst,
+                                  long ldd) {
+    if (vtpu_level >= VTPU_LEVEL_AVX2) vtpu_transpose_avx2(src, lds, rows, cols, dst, ldd);
+    else vtpu_transpose_generic(src, lds, rows, cols, dst, ldd);
+}
+
+/* Four query rows at once (q's rows ldq floats apart, against the same keys): each key row
+ * KT[t] and value row V[j] loaded once serves all four, where one row at a time was bound by
+ * those loads (a GEMV's). Every score and output element sums in the order vtpu_qk_avx2 /
+ * vtpu_pv_avx2 sum it, and the output is scaled by the same 1 / sum, so the bits are the
+ * one-row path's. Keys past the last multiple of 16 go to the one-row vtpu_qk_avx2. */
+VTPU_AVX2 static void vtpu_qk4_avx2(const float *q, long ldq, const float *KT, long ld, long n,
+                                    long d, float scale, float *s) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    const float *q1 = q + ldq, *q2 = q + 2 * ldq, *q3 = q + 3 * ldq;
+    long j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+               a30 = a00, a31 = a00;
+        for (long t = 0; t < d; t++) {
+            const float *kr = KT + t * ld + j;
+            __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8), x;
+            x = _mm256_broadcast_ss(q + t);
+            a00 = _mm256_fmadd_ps(x, k0, a00);
+            a01 = _mm256_fmadd_ps(x, k1, a01);
+            x = _mm256_broadcast_ss(q1 + t);
+            a10 = _mm256_fmadd_ps(x, k0, a10);
+            a11 = _mm256_fmadd_ps(x, k1, a11);
+            x = _mm256_broadcast_ss(q2 + t);
+            a20 = _mm256_fmadd_ps(x, k0, a20);
+            a21 = _mm256_fmadd_ps(x, k1, a21);
+            x = _mm256_broadcast_ss(q3 + t);
+            a30 = _mm256_fmadd_ps(x, k0, a30);
+            a31 = _mm256_fmadd_ps(x, k1, a31);
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(a00, sc));
+        _mm256_storeu_ps(s + j + 8, _mm256_mul_ps(a01, sc));
+        _mm256_storeu_ps(s + n + j, _mm256_mul_ps(a10, sc));
+        _mm256_storeu_ps(s + n + j + 8, _mm256_mul_ps(a11, sc));
+        _mm256_storeu_ps(s + 2 * n + j, _mm256_mul_ps(a20, sc));
+        _mm256_storeu_ps(s + 2 * n + j + 8, _mm256_mul_ps(a21, sc));
+        _mm256_storeu_ps(s + 3 * n + j, _mm256_mul_ps(a30, sc));
+        _mm256_storeu_ps(s + 3 * n + j + 8, _mm256_mul_ps(a31, sc));
+    }
+    if (j < n)
+        for (int r = 0; r < 4; r++) vtpu_qk_avx2(q + r * ldq, KT + j, ld, n - j, d, scale, s + r * n + j);
+}
+
+/* out[r] = inv[r] * sum_j p[r][j] V[j] for 4 rows of p (n apart); d a multiple of 16. */
+VTPU_AVX2 static void vtpu_pv4_avx2(const float *p, const float *V, long n, long d,
+                                    const float inv[4], float *out, long ldo) {
+    for (long c = 0; c < d; c += 16) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+               a30 = a00, a31 = a00;
+        for (long j = 0; j < n; j++) {
+            const float *vr = V + j * d + c;
+            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), x;
+            x = _mm256_broadcast_ss(p + j);
+            a00 = _mm256_fmadd_ps(x, v0, a00);
+            a01 = _mm256_fmadd_ps(x, v1, a01);
+            x = _mm256_broadcast_ss(p + n + j);
+            a10 = _mm256_fmadd_ps(x, v0, a10);
+            a11 = _mm256_fmadd_ps(x, v1, a11);
+            x = _mm256_broadcast_ss(p + 2 * n + j);
+            a20 = _mm256_fmadd_ps(x, v0, a20);
+            a21 = _mm256_fmadd_ps(x, v1, a21);
+            x = _mm256_broadcast_ss(p + 3 * n + j);
+            a30 = _mm256_fmadd_ps(x, v0, a30);
+            a31 = _mm256_fmadd_ps(x, v1, a31);
+        }
+        __m256 i0 = _mm256_set1_ps(inv[0]), i1 = _mm256_set1_ps(inv[1]),
+               i2 = _mm256_set1_ps(inv[2]), i3 = _mm256_set1_ps(inv[3]);
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(i0, a00));
+        _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(i0, a01));
+        _mm256_storeu_ps(out + ldo + c, _mm256_mul_ps(i1, a10));
+        _mm256_storeu_ps(out + ldo + c + 8, _mm256_mul_ps(i1, a11));
+        _mm256_storeu_ps(out + 2 * ldo + c, _mm256_mul_ps(i2, a20));
+        _mm256_storeu_ps(out + 2 * ldo + c + 8, _mm256_mul_ps(i2, a21));
+        _mm256_storeu_ps(out + 3 * ldo + c, _mm256_mul_ps(i3, a30));
+        _mm256_storeu_ps(out + 3 * ldo + c + 8, _mm256_mul_ps(i3, a31));
+    }
+}
+
+/* Self-attention of `rows` query rows (q ldq floats apart, out ldo apart) over n keys: KT the
+ * keys transposed (ld floats a row), V n rows of d; s scratch for 4 rows of n scores. Blocks
+ * of 4 rows where AVX2 runs and d is a multiple of 16, the rest a row at a time: the same bits
+ * either way. */
+static inline void vtpu_attend_rows(const float *q, long ldq, const float *KT, long ld,
+                                    const float *V, long n, long d, float scale, float *s,
+                                    float *out, long ldo, long rows) {
+    long i = 0;
+    if (vtpu_level >= VTPU_LEVEL_AVX2 && d % 16 == 0) {
+        float inv[4];
+        for (; i + 4 <= rows; i += 4) {
+            vtpu_qk4_avx2(q + i * ldq, ldq, KT, ld, n, d, scale, s);
+            for (int r = 0; r < 4; r++) {
+                float mx = vtpu_max(s + r * n, n);
+                inv[r] = (float)(1.0 / vtpu_exp_shift_sum(s + r * n, s + r * n, mx, n));
+            }
+            vtpu_pv4_avx2(s, V, n, d, inv, out + i * ldo, ldo);
+        }
+    }
+    for (; i < rows; i++) {
+        vtpu_qk(q + i * ldq, KT, ld, n, d, scale, s);
+        float mx = vtpu_max(s, n);
+        float sum = vtpu_exp_shift_sum(s, s, mx, n);
+        vtpu_pv(s, V, n, d, out + i * ldo);
+        vtpu_scale(out + i * ldo, (float)(1.0 / sum), d);
+    }
 }
 
 static inline void vtpu_set_level(int level) {

@@ -23,6 +23,10 @@ cdef extern from "_simd.h" nogil:
     void vtpu_bias_act(float *y, const float *bias, long n, int act)
     void vtpu_qk(const float *q, const float *KT, long ld, long n, long d, float scale, float *s)
     void vtpu_pv(const float *p, const float *V, long n, long d, float *out)
+    void vtpu_transpose(const float *src, long lds, long rows, long cols, float *dst, long ldd)
+    void vtpu_attend_rows(const float *q, long ldq, const float *KT, long ld, const float *V,
+                          long n, long d, float scale, float *s, float *out, long ldo,
+                          long rows)
     void vtpu_gemm_s8_rows_generic(const int8_t *A, const int8_t *BT, int32_t *C, long i0,
                                    long i1, long N, long K)
     void vtpu_pack_a_s8(const int8_t *A, long M, long K, long Kp, long i0, long i1, int32_t *Ap)
@@ -40,7 +44,8 @@ cdef extern from "_simd.h" nogil:
     int vtpu_amx_bf16_active()
     int vtpu_amx_int8_active()
     void vtpu_set_amx(int wanted)
-    void vtpu_q8_finish(float *y, long n, float s, float c, const float *wsum, const float *xv,
-                        const float *ow, long nout)
-    void vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q, float *step,
+    void vtpu_q8_finish_rows(float *y, long ldy, long rows, long n, const float *s,
+                             const float *c, const float *wsum, const float *xv, const float *ow,
+                             long nout, const float *bias, int act)
+    int vtpu_q8_quantize(const float *x, long k, const uint8_t *keep, int8_t *q, float *step,
                           float *centre)
