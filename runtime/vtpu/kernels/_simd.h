@@ -1278,6 +1278,11 @@ static void vtpu_qk_generic(const float *q, const float *KT, long ld, long n, lo
     for (long j = 0; j < n; j++) s[j] *= scale;
 }
 
+/* a mask of the first `count` (1..8) of 8 lanes */
+VTPU_AVX2 static inline __m256i vtpu_lanes_below(long count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 VTPU_AVX2 static void vtpu_qk_avx2(const float *q, const float *KT, long ld, long n, long d,
                                    float scale, float *s) {
     const __m256 sc = _mm256_set1_ps(scale);
@@ -1303,10 +1308,13 @@ VTPU_AVX2 static void vtpu_qk_avx2(const float *q, const float *KT, long ld, lon
             a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q + t), _mm256_loadu_ps(KT + t * ld + j), a0);
         _mm256_storeu_ps(s + j, _mm256_mul_ps(a0, sc));
     }
-    for (; j < n; j++) {
-        float a = 0.0f;
-        for (long t = 0; t < d; t++) a += q[t] * KT[t * ld + j];
-        s[j] = a * scale;
+    if (j < n) { /* the last keys in masked lanes: short sentences have a few past the vectors */
+        __m256i m = vtpu_lanes_below(n - j);
+        __m256 a0 = _mm256_setzero_ps();
+        for (long t = 0; t < d; t++)
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q + t), _mm256_maskload_ps(KT + t * ld + j, m),
+                                 a0);
+        _mm256_maskstore_ps(s + j, m, _mm256_mul_ps(a0, sc));
     }
 }
 
@@ -1410,7 +1418,7 @@ static inline void vtpu_transpose(const float *src, long lds, long rows, long co
  * KT[t] and value row V[j] loaded once serves all four, where one row at a time was bound by
  * those loads (a GEMV's). Every score and output element sums in the order vtpu_qk_avx2 /
  * vtpu_pv_avx2 sum it, and the output is scaled by the same 1 / sum, so the bits are the
- * one-row path's. Keys past the last multiple of 16 go to the one-row vtpu_qk_avx2. */
+ * one-row path's (whose last keys also go in masked lanes). */
 VTPU_AVX2 static void vtpu_qk4_avx2(const float *q, long ldq, const float *KT, long ld, long n,
                                     long d, float scale, float *s) {
     const __m256 sc = _mm256_set1_ps(scale);
@@ -1444,8 +1452,21 @@ VTPU_AVX2 static void vtpu_qk4_avx2(const float *q, long ldq, const float *KT, l
         _mm256_storeu_ps(s + 3 * n + j, _mm256_mul_ps(a30, sc));
         _mm256_storeu_ps(s + 3 * n + j + 8, _mm256_mul_ps(a31, sc));
     }
-    if (j < n)
-        for (int r = 0; r < 4; r++) vtpu_qk_avx2(q + r * ldq, KT + j, ld, n - j, d, scale, s + r * n + j);
+    for (; j < n; j += 8) { /* 8 keys (the last ones in masked lanes) x 4 rows */
+        __m256i m = vtpu_lanes_below(n - j < 8 ? n - j : 8);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long t = 0; t < d; t++) {
+            __m256 k0 = _mm256_maskload_ps(KT + t * ld + j, m);
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q + t), k0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(q1 + t), k0, a1);
+            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(q2 + t), k0, a2);
+            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(q3 + t), k0, a3);
+        }
+        _mm256_maskstore_ps(s + j, m, _mm256_mul_ps(a0, sc));
+        _mm256_maskstore_ps(s + n + j, m, _mm256_mul_ps(a1, sc));
+        _mm256_maskstore_ps(s + 2 * n + j, m, _mm256_mul_ps(a2, sc));
+        _mm256_maskstore_ps(s + 3 * n + j, m, _mm256_mul_ps(a3, sc));
+    }
 }
 
 /* out[r] = inv[r] * sum_j p[r][j] V[j] for 4 rows of p (n apart); d a multiple of 16. */
