@@ -16,6 +16,9 @@
 #include <string.h>
 #include <cpuid.h>
 #include <immintrin.h>
+#ifdef VTPU_AMX_EMULATE /* tests only: the AMX kernels on a software model of the tiles */
+#include "_amx_emulate.h"
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -108,6 +111,17 @@ static inline void vtpu_tile_config_fill(vtpu_tile_config *cfg, const uint16_t c
         cfg->rows[t] = 16;
         cfg->colsb[t] = colsb[t];
     }
+}
+
+/* ldtilecfg of the whole 64-byte config. GCC 12's _tile_loadconfig declares its operand as one
+ * pointer (8 bytes), so the compiler may treat the stores filling the rest of the config as
+ * dead; this operand is the struct. (Under the tests' tile model, the model's loader.) */
+static inline void vtpu_tile_loadconfig(const vtpu_tile_config *cfg) {
+#ifdef VTPU_AMX_EMULATE
+    _tile_loadconfig(cfg);
+#else
+    __asm__ volatile("ldtilecfg %0" ::"m"(*cfg));
+#endif
 }
 
 /* ---- scalar twins ---------------------------------------------------------------------------- */
@@ -772,24 +786,27 @@ VTPU_AVX512_VNNI static void vtpu_gemm_q8_rows_vnni(int8_t *A, long lda, const i
  * consecutive quads are a 16-row x 32-byte B tile as packed (8 columns x 4 k), 16 rows of A by
  * 64 k an A tile; C is 16 rows x 4 panels (4 tiles of 16 x 8 int32), zeroed per group; at a
  * group's end each tile goes through a 512-byte buffer and is folded into the fp32 sums with
- * one fused multiply-add per group, in order: the same bits as every other path (tested where
- * the CPU has AMX). Needs Kq and gq multiples of 16 (K and the group multiples of 64) and at
- * most 16 rows (linear_dynamic_int8's blocks are 16); otherwise the VNNI body runs.
+ * one fused multiply-add per group, in order: the same bits as every other path. Needs Kq and
+ * gq multiples of 16 (K and the group multiples of 64) and 1 to 16 rows (linear_dynamic_int8's
+ * blocks are 16); otherwise the VNNI body runs. The A and C tiles are configured with the real
+ * row count, so A is read (and flipped) only in its `rows` rows: the dispatcher promises zeroed
+ * rows only up to a multiple of 8, and 16-row tiles read up to 8 rows past that.
  * Not run on the machines this was written on (AMD: no AMX); tests/runtime/test_int8.py runs
- * it where the CPU has AMX and skips with the reason elsewhere, and vtpu.kernels checks it
- * against VNNI at its first call. */
+ * it where the CPU has AMX and skips with the reason elsewhere, test_amx_emulated.py runs it on
+ * a software model of the tiles (_amx_emulate.h) wherever the CPU has AVX-512 VNNI, and
+ * vtpu.kernels checks it against VNNI at its first call. */
 #define VTPU_AMX_INT8 \
     __attribute__((target("amx-tile,amx-int8,avx512vnni,avx512vl,avx512bw,avx512f,avx2,fma")))
 
 /* 1 when AMX-INT8 runs linear_dynamic_int8 (set with the level, like vtpu_amx_bf16). */
 static int vtpu_amx_int8 = 0;
 
-/* Fold one 16 x 8 int32 tile (in buf) into 16 rows x 8 fp32 sums (ld floats a row). */
+/* Fold a rows x 8 int32 tile (in buf) into rows x 8 fp32 sums (ld floats a row). */
 VTPU_AMX_INT8 static void vtpu_amx_q8_fold(const int32_t *buf, const float *ws,
-                                           const int32_t *gsum, float *sums, long ld) {
+                                           const int32_t *gsum, float *sums, long ld, long rows) {
     __m256 sc = _mm256_loadu_ps(ws);
     __m256i off = _mm256_loadu_si256((const __m256i *)gsum);
-    for (int r = 0; r < 16; r++) {
+    for (long r = 0; r < rows; r++) {
         __m256i acc = _mm256_loadu_si256((const __m256i *)(buf + r * 8));
         float *o = sums + r * ld;
         _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, off)), sc,
@@ -801,9 +818,9 @@ VTPU_AMX_INT8 static void vtpu_amx_q8_fold(const int32_t *buf, const float *ws,
 VTPU_AMX_INT8 static void vtpu_amx_q8_block(const uint8_t *U, long lda, const int8_t *Wp,
                                             long Kq, long gq, const float *ws,
                                             const int32_t *gsum, long ldw, long q, int np,
-                                            float *sums) {
+                                            float *sums, long rows) {
     int32_t buf[16 * 8] __attribute__((aligned(64)));
-    for (int t = 0; t < 16 * 32; t++) sums[t] = 0.0f;
+    for (long t = 0; t < rows * 32; t++) sums[t] = 0.0f;
     for (long g0 = 0; g0 < Kq; g0 += gq) {
         long g1 = g0 + gq < Kq ? g0 + gq : Kq;
         _tile_zero(0);
@@ -830,25 +847,27 @@ VTPU_AMX_INT8 static void vtpu_amx_q8_block(const uint8_t *U, long lda, const in
         }
         long g = g0 / gq, col = q * 8;
         _tile_stored(0, buf, 32);
-        vtpu_amx_q8_fold(buf, ws + g * ldw + col, gsum + g * ldw + col, sums, 32);
+        vtpu_amx_q8_fold(buf, ws + g * ldw + col, gsum + g * ldw + col, sums, 32, rows);
         if (np > 1) {
             _tile_stored(1, buf, 32);
-            vtpu_amx_q8_fold(buf, ws + g * ldw + col + 8, gsum + g * ldw + col + 8, sums + 8, 32);
+            vtpu_amx_q8_fold(buf, ws + g * ldw + col + 8, gsum + g * ldw + col + 8, sums + 8, 32,
+                             rows);
         }
         if (np > 2) {
             _tile_stored(2, buf, 32);
             vtpu_amx_q8_fold(buf, ws + g * ldw + col + 16, gsum + g * ldw + col + 16, sums + 16,
-                             32);
+                             32, rows);
         }
         if (np > 3) {
             _tile_stored(3, buf, 32);
             vtpu_amx_q8_fold(buf, ws + g * ldw + col + 24, gsum + g * ldw + col + 24, sums + 24,
-                             32);
+                             32, rows);
         }
     }
 }
 
-/* A is scratch with 16 readable rows; rows [0, rows) of C are written. */
+/* A is scratch (flipped to u8 in place), rows [0, rows) read; rows [0, rows) of C are
+ * written. */
 VTPU_AMX_INT8 static void vtpu_gemm_q8_rows_amx(int8_t *A, long lda, const int8_t *Wp, long Kq,
                                                 long gq, const float *ws, const int32_t *gsum,
                                                 long ldw, float *C, long ldc, long rows,
@@ -856,13 +875,15 @@ VTPU_AMX_INT8 static void vtpu_gemm_q8_rows_amx(int8_t *A, long lda, const int8_
     static const uint16_t colsb[8] = {32, 32, 32, 32, 64, 32, 32, 32}; /* 6, 7 unused */
     vtpu_tile_config cfg;
     vtpu_tile_config_fill(&cfg, colsb);
-    _tile_loadconfig(&cfg);
+    for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows; /* C (0..3) and A (4) */
+    vtpu_tile_loadconfig(&cfg);
     float sums[16 * 32];
     long panels = (N + 7) / 8;
-    for (long i = 0; i < 16 * lda; i++) A[i] ^= (int8_t)0x80;
+    for (long i = 0; i < rows * lda; i++) A[i] ^= (int8_t)0x80;
     for (long q = 0; q < panels; q += 4) {
         int np = panels - q < 4 ? (int)(panels - q) : 4;
-        vtpu_amx_q8_block((const uint8_t *)A, lda, Wp, Kq, gq, ws, gsum, ldw, q, np, sums);
+        vtpu_amx_q8_block((const uint8_t *)A, lda, Wp, Kq, gq, ws, gsum, ldw, q, np, sums,
+                          rows);
         long cols = N - q * 8 < 32 ? N - q * 8 : 32;
         for (long r = 0; r < rows; r++) memcpy(C + r * ldc + q * 8, sums + r * 32, cols * 4);
     }
@@ -879,7 +900,7 @@ static inline int vtpu_amx_int8_active(void) {
 static inline void vtpu_gemm_q8_rows(int8_t *A, long lda, const int8_t *Wp, long Kq, long gq,
                                      const float *ws, const int32_t *gsum, long ldw, float *C,
                                      long ldc, long rows, long N) {
-    if (vtpu_amx_int8_active() && Kq % 16 == 0 && gq % 16 == 0 && rows <= 16)
+    if (vtpu_amx_int8_active() && Kq % 16 == 0 && gq % 16 == 0 && rows > 0 && rows <= 16)
         vtpu_gemm_q8_rows_amx(A, lda, Wp, Kq, gq, ws, gsum, ldw, C, ldc, rows, N);
     else if (vtpu_level >= VTPU_LEVEL_AVX512 && vtpu_vnni)
         vtpu_gemm_q8_rows_vnni(A, lda, Wp, Kq, gq, ws, gsum, ldw, C, ldc, rows, N);
@@ -1148,7 +1169,9 @@ VTPU_AVX512_BF16 static void vtpu_gemm_bf16_rows_avx512(const uint16_t *A, long 
  * bit for bit. Needs Kh % 16 == 0 (K a multiple of 32) and A rows readable up to a multiple of
  * 16 (linear_bf16's row blocks are 48); otherwise the AVX-512 body runs.
  * Not run on the machines this was written on (AMD: no AMX); tests/runtime/test_bf16.py checks
- * it against the vdpbf16ps path where the CPU has AMX, and skips with the reason elsewhere. */
+ * it against the vdpbf16ps path where the CPU has AMX, and skips with the reason elsewhere;
+ * test_amx_emulated.py runs it on a software model of the tiles (_amx_emulate.h) wherever the
+ * CPU has AVX512_BF16. */
 #define VTPU_AMX_BF16 \
     __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
 
@@ -1168,7 +1191,7 @@ VTPU_AMX_BF16 static void vtpu_gemm_bf16_rows_amx(const uint16_t *A, long lda,
     static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
     vtpu_tile_config cfg;
     vtpu_tile_config_fill(&cfg, colsb);
-    _tile_loadconfig(&cfg);
+    vtpu_tile_loadconfig(&cfg);
     float buf[16 * 16] __attribute__((aligned(64)));
     long panels = (N + 15) / 16, astride = lda * 4; /* bytes: lda pairs of two bf16 */
     for (long i = 0; i < rows; i += 32) {
