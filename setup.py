@@ -32,6 +32,8 @@ def extensions() -> list[Extension]:
             Extension(
                 name,
                 [str(pyx.relative_to(ROOT))],
+                # the kernels live in headers beside the .pyx: a change there must rebuild it
+                depends=[str(h.relative_to(ROOT)) for h in sorted(pyx.parent.glob("*.h"))],
                 extra_compile_args=CFLAGS,
                 extra_link_args=LDFLAGS,
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
