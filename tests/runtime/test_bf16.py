@@ -132,6 +132,30 @@ def test_use_amx_switches_the_path_only_where_the_cpu_has_amx() -> None:
         K.use_amx(True)
 
 
+def test_linear_bf16_finds_what_bf16_cannot_take_in_its_own_conversion(path: str) -> None:
+    """The conversion to bf16 refuses NaN, inf and magnitudes that round to inf (from
+    0x7F7F8000 up) in any row and column, the last of an odd K included; the largest value
+    below that is taken; and the kernel goes on serving."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((13, 21)).astype(np.float32)
+    dense = rng.standard_normal((7, 21)).astype(np.float32) * np.float32(1e-30)
+    w = K.pack_bf16_weight(dense)
+    good = K.linear_bf16(x, w)
+    edge = np.uint32(0x7F7F8000).view(np.float32)
+    below = np.uint32(0x7F7F7FFF).view(np.float32)
+    for value, reason in [(np.nan, "finite"), (np.inf, "finite"), (-np.inf, "finite"),
+                          (edge, "beyond bf16's range"), (-edge, "beyond bf16's range")]:  # fmt: skip
+        for column in (0, 20):
+            x_bad = x.copy()
+            x_bad[11, column] = value
+            with pytest.raises(K.KernelInputError, match=reason):
+                K.linear_bf16(x_bad, w)
+    x_big = np.zeros_like(x)
+    x_big[3, 20] = below  # rounds to bf16's largest finite value: taken
+    np.testing.assert_allclose(K.linear_bf16(x_big, w), _reference(x_big, dense, None), rtol=1e-6)
+    assert np.array_equal(K.linear_bf16(x, w), good)
+
+
 def test_linear_bf16_refuses_bad_input_with_reasons() -> None:
     w = K.pack_bf16_weight(np.ones((8, 16), np.float32))
     with pytest.raises(K.KernelInputError, match="Bf16Weight from pack_bf16_weight"):

@@ -107,8 +107,6 @@ _INT_MAX = 2**31 - 1
 _INT8_MAX_K = _INT_MAX // (128 * 128)
 # Bytes of the score block top-k similarity materialises per BLAS call.
 _TOPK_BLOCK_BYTES = 8 << 20
-# The smallest float32 that rounds to inf in bf16 (to nearest, ties to even).
-_BF16_MAX = float(np.frombuffer(np.uint32(0x7F7F8000).tobytes(), np.float32)[0])
 
 
 def _threads_from_env() -> int:
@@ -989,7 +987,7 @@ def linear_bf16(
     twin runs: correct, slow, meant for tests.
     """
     act = _activation(activation)
-    x2, b, y = _prepacked_linear("linear_bf16", x, w, Bf16Weight, bias, out)
+    x2, b, y = _prepacked_linear("linear_bf16", x, w, Bf16Weight, bias, out, False)
     if y.size == 0:
         return y
     m = x2.shape[0]
@@ -998,15 +996,19 @@ def linear_bf16(
         if b is not None or act:
             _dense.bias_act(y.reshape(m, w.n), b, act, _threads(y.size))
         return y
-    if np.abs(x2).max() >= _BF16_MAX:
-        raise KernelInputError(
-            "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"
-        )
     if not _amx_checked["bf16"] and _dense.amx_bf16_active():
         _check_amx("bf16")
     ops = _ops.linear(m, w.n, w.k, bias=b is not None, activation=act != 0)
     with kernel_scope(ops):
-        _dense.linear_bf16(x2, w.packed, -(-w.k // 2), b, act, y.reshape(m, w.n), _threads(y.size))
+        unfit = _dense.linear_bf16(
+            x2, w.packed, -(-w.k // 2), b, act, y.reshape(m, w.n), _threads(y.size)
+        )
+    if unfit:  # the kernel's conversion found them; say which kind
+        if not np.isfinite(x2).all():
+            raise KernelInputError("linear_bf16: x must be finite (no NaN or inf)")
+        raise KernelInputError(
+            "linear_bf16: x holds a value beyond bf16's range (|x| > 3.39e38); use linear()"
+        )
     return y
 
 

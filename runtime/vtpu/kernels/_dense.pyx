@@ -15,7 +15,6 @@ from ._simd cimport (
     vtpu_bf16_active,
     vtpu_bias_act,
     vtpu_cpu_features,
-    vtpu_f32_to_bf16,
     vtpu_gemm_bf16_rows,
     vtpu_detect,
     vtpu_dot,
@@ -26,6 +25,7 @@ from ._simd cimport (
     vtpu_q8_finish_rows,
     vtpu_q8_quantize,
     vtpu_attend_rows,
+    vtpu_bf16_row,
     vtpu_transpose,
     vtpu_get_level,
     VTPU_LEVEL_AVX2,
@@ -449,17 +449,19 @@ def set_amx(bint wanted) -> None:
 
 
 def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
-                const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> None:
+                const float[::1] bias, int act, float[:, ::1] out, int nthreads) -> int:
     """out = act(bf16(x) @ W.T + bias) with W packed by vtpu.kernels.pack_bf16_weight (kh pairs
     of K per column). Each work item rounds its rows of x to bf16 (to nearest, ties to even)
     into its own buffer, zero-padded to whole pairs and 6-row tiles, then multiplies them with
-    fp32 accumulation straight into out."""
+    fp32 accumulation straight into out. Returns the number of rows of x holding a value bf16
+    cannot take (NaN, inf, or beyond its range: out is then meaningless, the caller refuses x)."""
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
     cdef Py_ssize_t blocks = (m + BF16_ROW_BLOCK - 1) // BF16_ROW_BLOCK
-    cdef Py_ssize_t blk, i0, rows, r, j
+    cdef Py_ssize_t blk, i0, rows, r
     cdef uint16_t *a = NULL
     cdef const float *bptr = &bias[0] if bias is not None else NULL
     cdef int failed = 0
+    cdef Py_ssize_t unfit = 0
     with nogil, parallel(num_threads=nthreads):
         a = <uint16_t *>malloc(BF16_ROW_BLOCK * kh * 2 * sizeof(uint16_t))
         for blk in prange(blocks, schedule='static'):
@@ -469,10 +471,7 @@ def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
             i0 = blk * BF16_ROW_BLOCK
             rows = BF16_ROW_BLOCK if i0 + BF16_ROW_BLOCK <= m else m - i0
             for r in range(rows):
-                for j in range(k):
-                    a[r * kh * 2 + j] = vtpu_f32_to_bf16(x[i0 + r, j])
-                if k & 1:
-                    a[r * kh * 2 + k] = 0
+                unfit += vtpu_bf16_row(&x[i0 + r, 0], k, &a[r * kh * 2])
             if rows < BF16_ROW_BLOCK:  # tiles read whole 6-row (AVX-512) or 16-row (AMX) groups
                 memset(&a[rows * kh * 2], 0, (BF16_ROW_BLOCK - rows) * kh * 2 * sizeof(uint16_t))
             vtpu_gemm_bf16_rows(a, kh, &wp[0], kh, &out[i0, 0], n, rows, n)
@@ -482,3 +481,4 @@ def linear_bf16(const float[:, ::1] x, const uint16_t[::1] wp, Py_ssize_t kh,
         free(a)
     if failed:
         raise MemoryError(f"linear_bf16: no memory for {BF16_ROW_BLOCK} rows of bf16 buffers")
+    return unfit
