@@ -800,13 +800,11 @@ def _prepacked_linear(
     kind: type,
     bias: object,
     out: np.ndarray | None,
-    finite: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The checks a linear over a pre-packed weight makes before its kernel: w is a `kind`, x is
-    float32 with w.k features (any leading batch axes), bias has w.n entries, out fits and
-    overlaps nothing it reads, and (with `finite`; a kernel that finds NaN and inf in its own
-    pass over x passes False and refuses them itself) a non-empty x is finite. Returns (x as
-    rows, bias, y)."""
+    float32 with w.k features (any leading batch axes), bias has w.n entries, and out fits and
+    overlaps nothing it reads. NaN and inf in x the kernels find in their own pass over it (the
+    int8 quantiser, the bf16 conversion), and refuse. Returns (x as rows, bias, y)."""
     if not isinstance(w, kind):
         what = {
             Int8Weight: "an Int8Weight from pack_int8_weight",
@@ -821,8 +819,6 @@ def _prepacked_linear(
     _check_dims(m=x2.shape[0], n=w.n, k=w.k)
     inputs = (x,) if b is None else (x, b)
     y = _out(name, out, x.shape[:-1] + (w.n,), np.float32, *inputs)
-    if finite and y.size and not np.isfinite(x2).all():
-        raise KernelInputError(f"{name}: x must be finite (no NaN or inf)")
     return x2, b, y
 
 
@@ -843,7 +839,7 @@ def linear_dynamic_int8(
     vpdpbusd); the outlier channels are added in fp32. x may have leading batch axes.
     """
     act = _activation(activation)
-    x2, b, y = _prepacked_linear("linear_dynamic_int8", x, w, Int8Weight, bias, out, False)
+    x2, b, y = _prepacked_linear("linear_dynamic_int8", x, w, Int8Weight, bias, out)
     if y.size == 0:
         return y
     m = x2.shape[0]
@@ -987,7 +983,7 @@ def linear_bf16(
     twin runs: correct, slow, meant for tests.
     """
     act = _activation(activation)
-    x2, b, y = _prepacked_linear("linear_bf16", x, w, Bf16Weight, bias, out, False)
+    x2, b, y = _prepacked_linear("linear_bf16", x, w, Bf16Weight, bias, out)
     if y.size == 0:
         return y
     m = x2.shape[0]
