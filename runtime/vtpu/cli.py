@@ -362,15 +362,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if model_type == "qwen3":
         from vtpu.phextcc import qwen3 as frontend
 
+        if args.precision == "int8-dynamic":
+            raise CLIError("--precision int8-dynamic applies to bert models (qwen3: fp32, "
+                           "bf16, int8)")  # fmt: skip
+
         def build() -> Any:
             return frontend.build_graph(directory, name, precision=args.precision,
                                         decode=args.decode)  # fmt: skip
     elif model_type == "bert":
-        if args.decode or args.precision != "fp32":
-            raise CLIError("--decode and --precision apply to decoder (qwen3) models")
+        if args.decode:
+            raise CLIError("--decode applies to decoder (qwen3) models")
 
         def build() -> Any:
-            return bert.build_graph(directory, name)
+            return bert.build_graph(directory, name, args.precision)
     else:
         raise CLIError(f"{directory}: model_type {model_type!r} has no phextcc frontend "
                        "(bert, qwen3)")  # fmt: skip
@@ -391,6 +395,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         graph = phextcc.compile_graph(build(), None if args.siw else dump)
         if args.siw:
             from vtpu.phextcc.lower import DecoderModule, SiwModule
+            from vtpu.sentron import binding_nbytes
             from vtpu.siw import validate
 
             module = DecoderModule(graph) if model_type == "qwen3" else SiwModule(graph)
@@ -401,7 +406,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not args.siw:
         print("\n".join(dumps), end="")
         return 0
-    resident = sum(t.nbytes for t in program.tensors if t.init == "resident")
+    resident = sum(binding_nbytes(module.resident[t.name])
+                   for t in program.tensors if t.init == "resident")  # fmt: skip
     shape = f"{args.seq} tokens"
     if model_type == "qwen3" and args.decode:
         shape = f"1 token, a KV cache of {args.seq} tokens per sequence"
@@ -664,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help="a catalogue model (e.g. all-MiniLM-L6-v2) or a model directory (bert, qwen3)"
     )
     p.add_argument("--final", action="store_true", help="print only the compiled IR")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
-                   help="qwen3: the packed Linear weights' precision (fp32)")  # fmt: skip
+    p.add_argument("--precision", default="fp32",
+                   choices=("fp32", "bf16", "int8", "int8-dynamic"),
+                   help="the Linear weights' precision (fp32); int8-dynamic: bert only")  # fmt: skip
     p.add_argument("--decode", action="store_true",
                    help="qwen3: the decode graph (one token per sequence + KV cache)")  # fmt: skip
     p.add_argument("--siw", action="store_true", help="print the final SIW program")

@@ -144,6 +144,81 @@ class _PipeWorker:
 
 _ACT_NAMES = ("none", "relu", "gelu", "silu")
 
+# The encoder's packed Linear weights (siw: "Packed Linear weights") by SIW dtype: the weight
+# class a resident of that dtype is bound to and the kernel D.linear calls with it, the one a
+# loaded encoder's hand-written forward calls (vtpu.models.bert).
+LINEAR_WEIGHTS: dict[str, tuple[type, Callable[..., np.ndarray]]] = {
+    "bf16lin": (K.Bf16Weight, K.linear_bf16),
+    "int8lin": (K.Int8GroupWeight, K.linear_weight_int8),
+    "int8dyn": (K.Int8Weight, K.linear_dynamic_int8),
+}
+_LINEAR_KERNELS = {"f32": K.linear, **{d: fn for d, (_, fn) in LINEAR_WEIGHTS.items()}}
+
+
+def packed_linear_dtype(weight: object) -> str | None:
+    """The SIW dtype of a packed Linear weight (K.Bf16Weight, ...), None for anything else."""
+    return next((d for d, (kind, _) in LINEAR_WEIGHTS.items() if type(weight) is kind), None)
+
+
+def linear_weight_shape(weight: object) -> tuple[int, int]:
+    """A packed Linear weight's (K, N): the x (m, K) -> (m, N) its D.linear reads."""
+    if isinstance(weight, K.Int8GroupWeight):
+        return tuple(weight.q.shape)  # type: ignore[return-value]
+    return (weight.k, weight.n)  # type: ignore[attr-defined]
+
+
+def binding_nbytes(value: object) -> int:
+    """Bytes of a resident binding: an array, a packed weight, or a layer stack of those."""
+    if isinstance(value, tuple | list):
+        return sum(binding_nbytes(v) for v in value)
+    return int(value.nbytes)  # type: ignore[attr-defined]
+
+
+def _packed_parts(weight: object) -> str | None:
+    """What is wrong with a packed Linear weight's parts (what its kernel would read beyond or
+    misread), or None. The packing functions make them right; a binding is checked anyway."""
+
+    def dense(a: object, dtype: type, shape: tuple[int, ...]) -> bool:
+        return (
+            isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape
+            and a.flags.c_contiguous
+        )  # fmt: skip
+
+    k, n = linear_weight_shape(weight)
+    if isinstance(weight, K.Bf16Weight):
+        want = (-(-n // 16) * 16 * -(-k // 2) * 2,)
+        return None if dense(weight.packed, np.uint16, want) else f"packed must be uint16 {want}"
+    if isinstance(weight, K.Int8GroupWeight):
+        group = weight.group
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            return f"group {group!r} must be a positive integer"
+        if not dense(weight.scale, np.float32, (-(-k // group), n)):
+            return f"scale must be float32 ({-(-k // group)}, {n}): one row per group of {group}"
+        return None if dense(weight.q, np.int8, (k, n)) else f"q must be int8 ({k}, {n})"
+    group, kq, np8 = weight.group, -(-k // 4), -(-n // 8) * 8  # type: ignore[attr-defined]
+    if isinstance(group, bool) or not isinstance(group, int) or group < 4 or group % 4:
+        return f"group {group!r} must be a positive multiple of 4"
+    if group > siw.INT8_MAX_K:
+        return f"group {group} could overflow the int32 sums (at most {siw.INT8_MAX_K})"
+    groups = -(-kq // (group // 4))
+    outliers = weight.outliers  # type: ignore[attr-defined]
+    parts = (
+        ("packed", weight.packed, np.int8, (np8 * kq * 4,)),  # type: ignore[attr-defined]
+        ("scale", weight.scale, np.float32, (groups, np8)),  # type: ignore[attr-defined]
+        ("gsum", weight.gsum, np.int32, (groups, np8)),  # type: ignore[attr-defined]
+        ("wsum", weight.wsum, np.float32, (n,)),  # type: ignore[attr-defined]
+        ("keep", weight.keep, np.uint8, (k,)),  # type: ignore[attr-defined]
+        ("outliers", outliers, np.int64, (getattr(outliers, "size", -1),)),
+        ("outlier_w", weight.outlier_w, np.float32,  # type: ignore[attr-defined]
+         (getattr(outliers, "size", -1), n)),
+    )  # fmt: skip
+    for name, array, dtype, shape in parts:
+        if not dense(array, dtype, shape):
+            return f"{name} must be {np.dtype(dtype).name} {shape}, dense"
+    if outliers.size and (outliers.min() < 0 or outliers.max() >= k):
+        return f"outliers must be input channels in [0, {k})"
+    return None
+
 
 def _prefetch(tile: np.ndarray) -> None:
     # One byte per 64-byte line brings the tile into cache; numpy reduces without the GIL.
@@ -210,10 +285,16 @@ def _data_ops(program: Program, w: dict, v: list) -> Callable[[], int] | None:
         bsz, seq, width = t[w["d_a"]].shape
         heads = w["d_flags"]
         d = width // (3 * heads)
+        # the lengths last counted and their ops: a layer loop issues this word once a layer,
+        # over the same lengths (counting them costs a small batch's forward a few per cent)
+        last: list = [None, 0]
 
         def attn_ops() -> int:
-            scores = ops.attention_scores(seq, seq, heads=heads, key_lengths=v[lengths])
-            return ops.attention(scores, bsz * heads * seq, d)
+            key = v[lengths].tobytes()
+            if key != last[0]:
+                scores = ops.attention_scores(seq, seq, heads=heads, key_lengths=v[lengths])
+                last[:] = [key, ops.attention(scores, bsz * heads * seq, d)]
+            return last[1]
 
         return attn_ops
     if op == DOp.MEAN_POOL:
@@ -258,11 +339,12 @@ def _d_slot(
         if w["d_flags"] & siw.FLAG_ACC:
             return lambda: K.gemm(v[a], v[b], beta=1.0, out=v[dst])
         return lambda: K.gemm(v[a], v[b], out=v[dst])
-    if op == DOp.LINEAR:
+    if op == DOp.LINEAR:  # f32 (K, N), or packed for its reduced-precision kernel
         act = _ACT_NAMES[w["d_flags"] & 3]
+        linear = _LINEAR_KERNELS[program.tensors[b].dtype]
         if c == siw.NONE:
-            return lambda: K.linear(v[a], v[b], None, act, out=v[dst])
-        return lambda: K.linear(v[a], v[b], v[c], act, out=v[dst])
+            return lambda: linear(v[a], v[b], None, act, out=v[dst])
+        return lambda: linear(v[a], v[b], v[c], act, out=v[dst])
     if op == DOp.ADD:
         return lambda: K.add(v[a], v[b], out=v[dst])
     if op == DOp.MUL:
@@ -481,9 +563,12 @@ def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
 
 def make_view(base: np.ndarray, spec: siw.TensorSpec, value: int = 0) -> np.ndarray:
     """A view tensor over its base's memory (the base is a dense array: arena, resident);
-    a register-relative one where its register holds `value` (validated in range)."""
-    flat = base.reshape(-1)
+    a register-relative one where its register holds `value` (validated in range). A view of
+    a packed Linear weight is one whole weight: the stack's layer it selects."""
     offset = spec.offset_at(value) if spec.reg is not None else spec.offset
+    if spec.dtype in siw.PACKED_WEIGHTS:
+        return base[offset // spec.size] if isinstance(base, tuple | list) else base
+    flat = base.reshape(-1)
     if spec.contiguous:
         return flat[offset : offset + spec.size].reshape(spec.shape)
     item = flat.itemsize
@@ -993,6 +1078,10 @@ def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: 
         )
     for i, spec in declared:
         value = resident[spec.name]
+        if spec.dtype in siw.PACKED_WEIGHTS:
+            _check_packed_binding(spec, value)
+            views[i] = value
+            continue
         want = np.dtype(siw.NUMPY_DTYPES[spec.dtype])
         if (
             not isinstance(value, np.ndarray)
@@ -1006,6 +1095,37 @@ def _bind_resident(program: Program, resident: Mapping[str, np.ndarray], views: 
                 f" {spec.dtype}{list(spec.shape)} (dense)"
             )
         views[i] = value
+
+
+def _check_packed_binding(spec: siw.TensorSpec, value: object) -> None:
+    """A packed resident is bound to its dtype's weight class with the declared (K, N) and
+    sound parts; a (layers, K, N) stack to a tuple or list of `layers` of them."""
+    kind = LINEAR_WEIGHTS[spec.dtype][0]
+    weights = value if len(spec.shape) == 3 else [value]
+    count = spec.shape[0] if len(spec.shape) == 3 else 1
+    what = f"{spec.dtype}{list(spec.shape)}"
+    if len(spec.shape) == 3 and (not isinstance(value, tuple | list) or len(value) != count):
+        raise RunError(
+            f"resident tensor {spec.name!r}: the program declares {what}, a stack of {count}"
+            f" {kind.__name__}s; bind a tuple of {count}"
+        )
+    for layer, weight in enumerate(weights):
+        at = f" (layer {layer})" if len(spec.shape) == 3 else ""
+        if type(weight) is not kind:
+            raise RunError(
+                f"resident tensor {spec.name!r}{at} is {type(weight).__name__}; the program"
+                f" declares {what}, a {kind.__name__}"
+            )
+        if linear_weight_shape(weight) != spec.shape[-2:]:
+            raise RunError(
+                f"resident tensor {spec.name!r}{at} is a (K, N) = "
+                f"{linear_weight_shape(weight)} weight; the program declares {what}"
+            )
+        wrong = _packed_parts(weight)
+        if wrong is not None:
+            raise RunError(
+                f"resident tensor {spec.name!r}{at}: a malformed {kind.__name__}: {wrong}"
+            )
 
 
 def _check_inputs(

@@ -42,7 +42,8 @@ rule says "in place" and only as that very tensor.
     D ops  operands (text order)      rule
     nop
     gemm       dst, a, b  [acc]       f32 a(m,k) @ b(k,n) -> dst(m,n); acc adds to dst
-    linear     dst, x, w[, bias]      x(m,k) @ w(k,n) + bias(n), activation fused
+    linear     dst, x, w[, bias]      x(m,k) @ w(k,n) + bias(n), activation fused; w is f32
+                                      or a packed Linear weight (see "Packed Linear weights")
     add, mul   dst, a, b              b has a's shape or is a row vector (a.shape[-1],)
     layernorm  dst, x, gamma, beta    normalise the last axis; gamma, beta (n,)
     rmsnorm    dst, x, gamma
@@ -129,6 +130,27 @@ view must lie inside its base for every index 0..count of that loop (checked sta
 view is also checked at index 0); its base may not be `scratch` (S.alloc moves it). Races and
 issue order are judged on the base's memory, which every pass's view aliases.
 
+Packed Linear weights. The reduced precisions an encoder is loaded in keep each Linear weight
+packed for its kernel, with its scales; the dtype names the packing, the shape is the (K, N) the
+D.linear reads (x (m, K) -> dst (m, N)), and the resident binding is the node's packed weight
+itself, read in place (its bytes are the binding's, not the shape's):
+
+    bf16lin  vtpu.kernels.Bf16Weight: bf16 pairs in panels of 16 output columns (vdpbf16ps)
+             -> kernels.linear_bf16 (bf16 activations, fp32 sums)
+    int8lin  kernels.Int8GroupWeight: int8 (K, N) with an f32 scale per output channel and group
+             of input rows -> kernels.linear_weight_int8 (weight-only: widened, fp32 GEMM)
+    int8dyn  kernels.Int8Weight: int8 panels with an f32 scale per output channel and group of
+             inputs, the group sums, weight sums and keep mask of the integer scheme and the
+             fp32 outlier input columns -> kernels.linear_dynamic_int8 (int8 activations)
+
+Bias and activation stay fused as for f32. A packed weight is `resident`, (K, N) or a stack
+(layers, K, N) bound to one packed weight per layer, or a `view` of one that selects a whole
+weight: shape (K, N), dense strides, offset and register step multiples of K x N (so a layer
+loop reads layer r of a stack: `view(w_all,0+r0*442368,1152,1)`). Only D.linear's weight
+operand reads one; any other operand of any op is refused with the reason, as are other
+initialisers and `output`. Binding checks the packed weight's kind, (K, N) and its parts (the
+scales' and sums' shapes and dtypes, the outlier columns) before anything runs.
+
 Tensors (initialisers below) live in the sentron's arena, except `resident` ones: bound by name
 to arrays the node holds (a loaded model's weights), used in place and read-only; `inout` ones:
 bound by name per run to the caller's arrays (a decoder's KV caches), used in place and
@@ -157,6 +179,8 @@ else 0) | seed u64 (a view's offset) | ndim x u32 dims | name utf-8, and for a v
 u16 | ndim x u32 strides, then for a register-relative one: step u32), zero padding, then the
 words at ``words_offset``, the first multiple of 64 after the table. Registers needed no new
 version: the fields they use were reserved (zero) before, so older programs read unchanged.
+Dtype codes: 1 f32, 2 i8, 3 i32, 4 i64, 5 bf16, 6 bf16lin, 7 int8lin, 8 int8dyn (the packed
+Linear weights needed no new version either: codes 6-8 were refused before).
 
 Text form, one word per line, ``#`` comments::
 
@@ -171,7 +195,8 @@ truncated, i8 [-127, 127], i32/i64 [0, 100)), input (bound at run time), scratch
 until S.alloc), resident (bound by name at run time, not copied), inout (bound by name per run,
 in place), view(BASE,OFFSET,STRIDE,...) (strides in elements) or view(BASE,OFFSET+rN*STEP,
 STRIDE,...) (register-relative). Dtypes: f32, bf16 (raw bits,
-only as a packed weight), i8, i32, i64; 1 to 5 dims.
+only as a packed weight), i8, i32, i64, and the packed Linear weights bf16lin, int8lin,
+int8dyn; 1 to 5 dims.
 """
 
 from __future__ import annotations
@@ -257,7 +282,11 @@ INT8_MAX_K = (2**31 - 1) // (128 * 128)
 MAX_PAGE_TOKENS = 256
 MAX_HEAD_DIM = 1024
 
-DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64", 5: "bf16"}  # bf16: raw bits, as uint16
+DTYPES = {1: "f32", 2: "i8", 3: "i32", 4: "i64", 5: "bf16",  # bf16: raw bits, as uint16
+          6: "bf16lin", 7: "int8lin", 8: "int8dyn"}  # fmt: skip
+# Linear weights packed for the encoder's reduced-precision kernels ("Packed Linear weights"):
+# no numpy dtype, their binding is the kernel's weight object.
+PACKED_WEIGHTS = ("bf16lin", "int8lin", "int8dyn")
 NUMPY_DTYPES = {"f32": np.float32, "i8": np.int8, "i32": np.int32, "i64": np.int64,
                 "bf16": np.uint16}  # fmt: skip
 INITS = {0: "zeros", 1: "ones", 2: "random", 3: "input", 4: "scratch", 5: "resident", 6: "view",
@@ -391,7 +420,7 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # "f32" | "i8" | "i32" | "i64"
+    dtype: str  # a name in DTYPES
     shape: tuple[int, ...]
     init: str = "zeros"  # zeros | ones | random | input | scratch | resident | view
     seed: int = 0
@@ -417,6 +446,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype in PACKED_WEIGHTS:
+            raise ValueError(f"{self.name!r} is a packed Linear weight: its binding has its bytes")
         return self.size * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
 
     def text(self) -> str:
@@ -626,8 +657,10 @@ def _check_tensors(program: Program, limits: Limits) -> None:
         if t.name in seen:
             raise ProgramError("bad tensor", None, f"{where}: name declared twice")
         seen.add(t.name)
-        if t.dtype not in NUMPY_DTYPES or t.init not in _INIT_CODE:
+        if t.dtype not in _DTYPE_CODE or t.init not in _INIT_CODE:
             raise ProgramError("bad tensor", None, f"{where}: unknown dtype or initialiser")
+        if t.dtype in PACKED_WEIGHTS:
+            _check_packed_tensor(t, where)
         if not 1 <= len(t.shape) <= MAX_NDIM or any(d < 1 for d in t.shape):
             raise ProgramError(
                 "bad tensor", None, f"{where}: shape {t.shape} needs 1..{MAX_NDIM} dims, each >= 1"
@@ -651,6 +684,22 @@ def _check_tensors(program: Program, limits: Limits) -> None:
         raise ProgramError(
             "limits", None,
             f"tensors hold {total} elements in all; at most {limits.max_total_elements} allowed",
+        )  # fmt: skip
+
+
+def _check_packed_tensor(t: TensorSpec, where: str) -> None:
+    """A packed Linear weight is a loaded model's: resident (K, N) or (layers, K, N), or a view
+    of one (checked with the view); never arena memory, never an output."""
+    if t.init not in ("resident", "view") or t.output:
+        raise ProgramError(
+            "bad tensor", None,
+            f"{where}: a {t.dtype} packed Linear weight is bound from a loaded model: declare it"
+            " resident (or a view of one), not " + ("output" if t.output else t.init),
+        )  # fmt: skip
+    if t.init == "resident" and len(t.shape) not in (2, 3):
+        raise ProgramError(
+            "bad tensor", None,
+            f"{where}: a {t.dtype} weight is (K, N), or (layers, K, N) for a stack; got {t.shape}",
         )  # fmt: skip
 
 
@@ -697,11 +746,27 @@ def _check_view(program: Program, i: int, t: TensorSpec, where: str) -> None:
             )  # fmt: skip
     elif t.step:
         raise ProgramError("bad tensor", None, f"{where}: a step without a register")
+    if t.dtype in PACKED_WEIGHTS:
+        _check_packed_view(t, base, where)
     last = t.offset + _span(t)
     if last >= base.size:
         raise ProgramError(
             "out of range", None,
             f"{where}: the view reaches element {last} of {t.base!r}, which has {base.size}",
+        )  # fmt: skip
+
+
+def _check_packed_view(t: TensorSpec, base: TensorSpec, where: str) -> None:
+    """A view of a packed weight selects one whole (K, N) weight of its base (a stack's layer):
+    the packing has no elements to offset into or stride over."""
+    weight = base.shape[-2:]
+    size = math.prod(weight)
+    if t.shape != weight or t.strides != c_strides(weight) or t.offset % size or t.step % size:
+        raise ProgramError(
+            "bad tensor", None,
+            f"{where}: a view of {t.dtype} {t.base!r} selects one whole weight: shape"
+            f" {list(weight)}, strides {list(c_strides(weight))}, offset and step multiples of"
+            f" {size}",
         )  # fmt: skip
 
 
@@ -837,6 +902,7 @@ def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
     elif w["d_imm"]:
         raise ProgramError("reserved bytes", i, f"D.{name} takes no immediate; it must be 0")
     d_specs = [operand(f, "D") for f in used]
+    _check_packed_readers(i, f"D.{name}", d_specs, used, d_op == DOp.LINEAR)
     if d_op != DOp.NOP:
         for spec in d_specs:
             if not spec.contiguous:
@@ -855,6 +921,7 @@ def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
     if s_op not in _S_TILED and (w["s_tile"] or w["s_rows"]):
         raise ProgramError("reserved bytes", i, f"S.{name} takes no tile/rows; they must be 0")
     s_specs = [operand(f, "S") for f in used]
+    _check_packed_readers(i, f"S.{name}", s_specs, used, False)
     if s_op != SOp.NOP:
         _check_s_shapes(i, name, s_op, s_specs, w)
         if s_op in (SOp.GATHER, SOp.SCATTER):
@@ -876,6 +943,19 @@ def _check_word(program: Program, i: int, w: dict, owners: list[int]) -> None:
             "bad loop", i, f"C.loop target {w['c_target']} is forward; it must be <= {i}"
         )
     issue_order(program, i, w, owners)
+
+
+def _check_packed_readers(
+    i: int, label: str, specs: list[TensorSpec], fields: tuple[str, ...], linear: bool
+) -> None:
+    """Packed Linear weights are read by D.linear's weight operand and by nothing else."""
+    for f, spec in zip(fields, specs, strict=True):
+        if spec.dtype in PACKED_WEIGHTS and not (linear and f == "d_b"):
+            raise ProgramError(
+                "wrong dtype", i,
+                f"{label}: {spec.name!r} is a {spec.dtype} packed Linear weight; only D.linear's"
+                " weight operand (w) reads one",
+            )  # fmt: skip
 
 
 def _check_writable(program: Program, i: int, label: str, tid: int, owners: list[int]) -> None:
@@ -947,6 +1027,14 @@ def _check_d_shapes(i: int, name: str, op: DOp, t: list[TensorSpec], w: dict) ->
             raise ProgramError(
                 "wrong dtype", i, f"{name}: lengths {t[2].name!r} must be 1-D i32 (one per batch)"
             )
+    elif op == DOp.LINEAR:
+        _need_dtype(i, name, t[:2] + t[3:], ("f32",) * 3)
+        if t[2].dtype not in ("f32", *PACKED_WEIGHTS):
+            raise ProgramError(
+                "wrong dtype", i,
+                f"{name}: weight {t[2].name!r} is {t[2].dtype}; D.linear reads f32 (K, N) or a"
+                f" packed Linear weight ({', '.join(PACKED_WEIGHTS)})",
+            )  # fmt: skip
     else:
         _need_dtype(i, name, t, ("f32",) * 4)
     s = [x.shape for x in t]
@@ -1526,7 +1614,8 @@ def disassemble(data: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
 
 
 _TENSOR_RE = re.compile(
-    r"\.tensor\s+(\S+)\s+(f32|i8|i32|i64|bf16)\[([0-9,\s]*)\]((?:\s+\S+)*)\s*\Z"
+    r"\.tensor\s+(\S+)\s+(" + "|".join(sorted(_DTYPE_CODE, key=len, reverse=True))
+    + r")\[([0-9,\s]*)\]((?:\s+\S+)*)\s*\Z"
 )  # fmt: skip
 _OPS_BY_PIPE = {"D": DOp, "S": SOp, "C": COp}
 

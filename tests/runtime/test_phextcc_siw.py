@@ -216,3 +216,119 @@ def test_vtpu_compile_siw_prints_the_program_and_disasm_reads_it(tmp_path: Path)
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode != 0 and "--batch" in bad.stderr
+
+
+# ---- reduced precisions: the encoder's packed Linear weights ---------------------------------
+
+PACKED = ["bf16", "int8", "int8-dynamic"]
+
+
+def _packed_weights(weights: dict, precision: str) -> dict:
+    """A checkpoint's weights as a loaded encoder in `precision` holds them (checkpoint_views):
+    each layer's Linear weights packed as vtpu.models.bert packs them, QKV fused."""
+    from vtpu import kernels as K
+    from vtpu.models import bert
+
+    def pack(w: np.ndarray):  # w (N, K), as the checkpoint stores it
+        if precision == "bf16":
+            return K.pack_bf16_weight(w)
+        if precision == "int8":
+            return K.quantize_int8_groups(np.ascontiguousarray(w.T), bert.INT8_GROUP)
+        return K.pack_int8_weight(w, group=bert.INT8_DYNAMIC_GROUP, outliers=[1, 9])
+
+    out = dict(weights)
+    for n in range(CONFIG.layers):
+        p = f"encoder.layer.{n}.attention.self."
+        out[f"l{n}.ctx.wqkv"] = pack(np.concatenate([out.pop(f"{p}{t}.weight")
+                                                     for t in ("query", "key", "value")]))  # fmt: skip
+        out[f"l{n}.ctx.bqkv"] = np.concatenate([out.pop(f"{p}{t}.bias")
+                                                for t in ("query", "key", "value")])  # fmt: skip
+        for name in ("attention.output.dense", "intermediate.dense", "output.dense"):
+            key = f"encoder.layer.{n}.{name}.weight"
+            out[key] = pack(out[key])
+    return out
+
+
+@pytest.mark.parametrize("precision", PACKED)
+def test_a_packed_encoder_graph_lowers_to_one_loop_equal_to_the_interpreter(precision) -> None:
+    weights = _packed_weights(random_bert_weights(CONFIG, np.random.default_rng(9)), precision)
+    graph = compile_graph(phextcc_bert.graph_from_weights(CONFIG, weights, "tiny"))
+    packed = {n: w for n, w in graph.weights.items() if not isinstance(w, np.ndarray)}
+    assert len(packed) == 4 * CONFIG.layers and all(w is weights[n] for n, w in packed.items())
+    module = SiwModule(graph)
+    assert module.loop.count == CONFIG.layers and module.resident_bytes == 0
+    program, _ = module.program(3, 7)
+    dtype = {"bf16": "bf16lin", "int8": "int8lin", "int8-dynamic": "int8dyn"}[precision]
+    stacks = [t for t in program.tensors if t.dtype == dtype and t.init == "resident"]
+    assert sorted(t.shape for t in stacks) == [(2, 32, 32), (2, 32, 64), (2, 32, 96), (2, 64, 32)]
+    for key, ix in module.indexed.items():  # a stack is the layers' own packed weights
+        if isinstance(module.resident[ix.stack], tuple):
+            layer_weights = [graph.weights[n] for n in module.loop.weights[key]]
+            assert all(a is b for a, b in zip(module.resident[ix.stack], layer_weights,
+                                              strict=True))  # fmt: skip
+    assert sum(t.reg == 0 for t in program.tensors) == 10
+    assert sum(t.reg == 0 and t.dtype == dtype for t in program.tensors) == 4
+    assert (program.words["c_op"] == siw.COp.LOOP).sum() == 1
+    assert siw.decode(program.to_bytes()).to_text() == program.to_text()
+    for lengths in ([7, 3, 1], [1]):
+        rng = np.random.default_rng(len(lengths))
+        ids = rng.integers(0, CONFIG.vocab, (len(lengths), max(lengths))).astype(np.int64)
+        lengths = np.array(lengths, np.int32)
+        reference = phextcc.run(graph, {"ids": ids, "lengths": lengths})["embedding"]
+        np.testing.assert_array_equal(module.forward(ids, lengths), reference)
+        np.testing.assert_array_equal(SiwModule(graph, loop=False).forward(ids, lengths),
+                                      reference)  # fmt: skip
+
+
+def _served_precisions() -> list:
+    from vtpu import kernels as K
+
+    bf16 = pytest.param("bf16", marks=pytest.mark.skipif(
+        not K.bf16_native(), reason="bf16 loads only where the CPU has AVX512_BF16"))  # fmt: skip
+    return [bf16, "int8", "int8-dynamic"]
+
+
+@needs_minilm
+@pytest.mark.parametrize("precision", _served_precisions())
+def test_minilm_in_reduced_precision_is_served_by_its_siw_program_bit_for_bit(precision) -> None:
+    encoder = BertEncoder(MINILM_DIR, precision)
+    hand_bytes = encoder.nbytes
+    wqkv = encoder.layers[3].wqkv
+    encoder.compile()
+    module = encoder.compiled
+    assert encoder.nbytes == hand_bytes and module.resident_bytes == 0  # one resident copy
+    assert encoder.layers[3].wqkv is wqkv  # the packed weights themselves, not copies
+    (stack,) = (s for s in module.resident.values() if isinstance(s, tuple) and s[3] is wqkv)
+    assert len(stack) == 6 and all(w is layer.wqkv for w, layer in zip(stack, encoder.layers,
+                                                                       strict=True))  # fmt: skip
+    program, _ = module.program(2, 8)
+    assert len(program.words) == 12  # 3 + one layer (7) + 2, as in fp32
+    sequences = encoder.tokenize(VARIED_TEXTS)
+    served = encoder.encode_ids(sequences, max_batch_tokens=64)
+    hand = encoder.encode_ids(sequences, max_batch_tokens=64, forward=encoder.forward)
+    np.testing.assert_array_equal(served, hand)
+    assert module._prepared  # it went through the sentron
+
+
+@needs_minilm
+def test_vtpu_compile_siw_prints_a_reduced_precision_program_and_disasm_reads_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "minilm-int8dyn.siw"
+    vtpu = [sys.executable, "-m", "vtpu"]
+    text = subprocess.run(
+        [*vtpu, "compile", "all-MiniLM-L6-v2", "--siw", "--precision", "int8-dynamic",
+         "--batch", "2", "--seq", "8", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert "as SIW for batch 2 x 8 tokens: 12 words" in text
+    for needle in ("int8dyn[6,384,1152] resident", "int8dyn[6,1536,384] resident",
+                   "int8dyn[384,1152] view(lN_ctx_wqkv_all,0+r0*442368,1152,1)",
+                   "| C.loop 3 count=5 reg=r0"):  # fmt: skip
+        assert needle in text
+    disasm = subprocess.run(
+        [*vtpu, "disasm", str(out)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    program_text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert disasm.strip() == program_text.strip()
+    assert siw.encode(siw.assemble(disasm)) == out.read_bytes()

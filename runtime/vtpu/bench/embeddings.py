@@ -8,16 +8,17 @@ matters is the median of the per-pair ratios, because our shared machines change
 few seconds. Beside each speed: the lowest cosine between our embeddings and the reference's
 over the workload's inputs. Without sentence-transformers installed only our speed is shown.
 
-Ours is measured twice: the hand-written sequence of kernel calls (`BertEncoder.forward`) and
-the phextcc-compiled SIW program the sentron runs (what the node serves). A second table times
-the forward alone (tokenized, padded ids in) at batch 1, 8 and 32 of the short sentences, SIW
+Ours is measured twice in every precision: the hand-written sequence of kernel calls
+(`BertEncoder.forward`) and the phextcc-compiled SIW program the sentron runs (what the node
+serves), with the median per-pair ratio of the two. A second table times the forward alone
+(tokenized, padded ids in) at batch 1, 8 and 32 of the short sentences, per precision, SIW
 against hand-written, interleaved, with the words each program issues and the share of the
 forward the sentron's per-word issue cost takes (measured NOP issue time x words).
 
 The reduced precisions (`BertEncoder(..., precision=)`: "bf16" where the CPU has AVX512_BF16,
 "int8", weight-only, and "int8-dynamic", int8 activations too) are timed in the same rotation as
-fp32, with their lowest cosine to the reference beside their speed and their resident weight
-bytes; bf16 is left out, with the reason printed, on a CPU without AVX512_BF16. Where bf16 runs,
+fp32, compiled (what the node serves) and hand-written, with their lowest cosine to the
+reference beside their speed and their resident weight bytes; bf16 is left out, with the reason printed, on a CPU without AVX512_BF16. Where bf16 runs,
 sentence-transformers under PyTorch's bf16 autocast is timed in the same rotation too (the
 issue's bar for bf16 on a machine with AMX: 1.5x that), with its cosine to its own fp32.
 
@@ -87,6 +88,8 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
     encoder.compile()
     hand = encoder.forward
     reduced = {p: BertEncoder(directory, p) for p in PRECISIONS}
+    for e in reduced.values():
+        e.compile()
     reference = torch = None
     try:
         import torch
@@ -128,7 +131,11 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
 
         def reduced_run(precision: str, texts: list[str] = texts) -> np.ndarray:
             e = reduced[precision]
-            return e.encode_ids(e.tokenize(texts))
+            return e.encode_ids(e.tokenize(texts))  # the SIW program
+
+        def reduced_hand(precision: str, texts: list[str] = texts) -> np.ndarray:
+            e = reduced[precision]
+            return e.encode_ids(e.tokenize(texts), forward=e.forward)
 
         def onnx_run(texts: list[str] = texts) -> np.ndarray:
             return onnx.encode(texts)
@@ -141,6 +148,7 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
         compiled_s: list[float] = []
         base_s: list[float] = []
         reduced_s: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        reduced_hand_s: dict[str, list[float]] = {p: [] for p in PRECISIONS}
         onnx_s: list[float] = []
         against = ref = theirs() if reference is not None else mine
         autocast = reference is not None and "bf16" in PRECISIONS
@@ -151,12 +159,16 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
             record["min_cosine"] = float(np.min(np.sum(mine * ref, axis=1)))
         for p in PRECISIONS:  # against the reference, else against our fp32
             record[f"{p}_min_cosine"] = float(np.min(np.sum(reduced_run(p) * against, axis=1)))
+            record[f"{p}_compiled_max_abs_diff"] = float(
+                np.abs(reduced_run(p) - reduced_hand(p)).max()
+            )
         record["reduced_cosine_against"] = "reference" if reference is not None else "ours fp32"
         if onnx is not None:
             record["onnxruntime_min_cosine"] = float(np.min(np.sum(onnx_run() * against, axis=1)))
         for i in range(repeats):
             timed = [(ours, ours_s), (ours_compiled, compiled_s)]
             timed += [(lambda p=p: reduced_run(p), reduced_s[p]) for p in PRECISIONS]
+            timed += [(lambda p=p: reduced_hand(p), reduced_hand_s[p]) for p in PRECISIONS]
             if onnx is not None:
                 timed.append((onnx_run, onnx_s))
             if autocast:
@@ -177,6 +189,9 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
             # median of per-round fp32 hand-written time / this precision's time
             record[f"{p}_vs_fp32"] = statistics.median(
                 f / r for f, r in zip(ours_s, reduced_s[p], strict=True)
+            )
+            record[f"{p}_compiled_vs_hand"] = statistics.median(
+                h / c for h, c in zip(reduced_hand_s[p], reduced_s[p], strict=True)
             )
         record["compiled_sentences_per_s"] = n / statistics.median(compiled_s)
         if autocast_s:
@@ -205,27 +220,29 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
     out["issue_ns_per_word"] = word_ns
     out["forward"] = {}
     short = encoder.tokenize(_texts(str(directory / "tokenizer.json"), "short64"))
-    for batch in (1, 8, 32):
-        ids, lengths = pad(short[:batch])
-        module = encoder.compiled
-        words = module.run(ids, lengths).words_issued
-        times: dict[str, list[float]] = {"hand": [], "siw": []}
-        runs = {"hand": hand, "siw": module.forward}
-        for i in range(max(repeats, 5) * (8 if batch < 32 else 2)):
-            for name in ("hand", "siw") if i % 2 else ("siw", "hand"):  # neither always first
-                t0 = time.perf_counter()
-                runs[name](ids, lengths)
-                times[name].append(time.perf_counter() - t0)
-        hand_s, siw_s = times["hand"], times["siw"]
-        siw_median = statistics.median(siw_s)
-        out["forward"][batch] = {
-            "tokens": int(ids.shape[1]),
-            "hand_ms": statistics.median(hand_s) * 1e3,
-            "siw_ms": siw_median * 1e3,
-            "siw_vs_hand": statistics.median(h / c for h, c in zip(hand_s, siw_s, strict=True)),
-            "words": words,
-            "issue_share": words * word_ns * 1e-9 / siw_median,
-        }
+    for precision, e in {"fp32": encoder, **reduced}.items():
+        rows = out["forward"][precision] = {}
+        for batch in (1, 8, 32):
+            ids, lengths = pad(short[:batch])
+            module = e.compiled
+            words = module.run(ids, lengths).words_issued
+            times: dict[str, list[float]] = {"hand": [], "siw": []}
+            runs = {"hand": e.forward, "siw": module.forward}
+            for i in range(max(repeats, 5) * (8 if batch < 32 else 2)):
+                for name in ("hand", "siw") if i % 2 else ("siw", "hand"):  # neither always first
+                    t0 = time.perf_counter()
+                    runs[name](ids, lengths)
+                    times[name].append(time.perf_counter() - t0)
+            hand_s, siw_s = times["hand"], times["siw"]
+            siw_median = statistics.median(siw_s)
+            rows[batch] = {
+                "tokens": int(ids.shape[1]),
+                "hand_ms": statistics.median(hand_s) * 1e3,
+                "siw_ms": siw_median * 1e3,
+                "siw_vs_hand": statistics.median(h / c for h, c in zip(hand_s, siw_s, strict=True)),
+                "words": words,
+                "issue_share": words * word_ns * 1e-9 / siw_median,
+            }
     return out
 
 
@@ -311,7 +328,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(
         f"{'precision':<14}{'workload':>12}{'threads':>8}{'sent/s':>9}{'vs fp32':>9}"
-        f"{'min cosine':>12}{'weights MB':>12}"
+        f"{'min cosine':>12}{'weights MB':>12}{'SIW/hand':>10}"
     )
     for run in runs:
         sizes = run.get("weight_bytes", {})
@@ -329,17 +346,23 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                 rows.append(("st bf16 auto", r["torch_bf16_sentences_per_s"],
                              r["bf16_vs_fp32"] / r["bf16_vs_torch_bf16"],
                              r["torch_bf16_min_cosine"]))  # fmt: skip
+            siw = {"fp32": r["compiled_vs_hand"]}
+            siw |= {p: r[f"{p}_compiled_vs_hand"] for p in PRECISIONS
+                    if f"{p}_compiled_vs_hand" in r}  # fmt: skip
             for p, speed, ratio, cos in rows:
                 size = f"{sizes[p] / 1e6:>12.1f}" if p in sizes else f"{'':>12}"
                 lines.append(
                     f"{p:<14}{name:>12}{run['threads']:>8}{speed:>9.1f}{ratio:>8.2f}x"
                     + (f"{cos:>12.6f}" if cos is not None else f"{'':>12}")
                     + size
+                    + (f"{siw[p]:>9.3f}x" if p in siw else "")
                 )
     if runs and runs[0]["workloads"]:
         against = _against(runs)
         lines.append(
-            "ours on the hand-written forward (int8 has no SIW op yet); vs fp32: median per-round "
+            "fp32: ours on the hand-written forward, the reduced precisions on their SIW programs"
+            " (what the node serves); SIW/hand: median per-round hand-written time / SIW time"
+            " (>= 0.95 is within 5 %); vs fp32: median per-round "
             f"fp32 time / this one's; min cosine against the {against}; int8 is weight-only "
             "(groups of 32), int8-dynamic quantises activations per row too (outlier channels "
             "in fp32), bf16 rounds weights and activations (vdpbf16ps)"
@@ -353,16 +376,17 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     lines.append(
-        f"{'forward only':<14}{'threads':>8}{'batch':>6}{'tokens':>7}{'hand ms':>9}"
-        f"{'SIW ms':>9}{'SIW/hand':>10}{'words':>7}{'issue':>8}"
+        f"{'forward only':<14}{'precision':>13}{'threads':>8}{'batch':>6}{'tokens':>7}"
+        f"{'hand ms':>9}{'SIW ms':>9}{'SIW/hand':>10}{'words':>7}{'issue':>8}"
     )
     for run in runs:
-        for batch, r in run.get("forward", {}).items():
-            lines.append(
-                f"{'short':<14}{run['threads']:>8}{batch:>6}{r['tokens']:>7}{r['hand_ms']:>9.2f}"
-                f"{r['siw_ms']:>9.2f}{r['siw_vs_hand']:>9.3f}x{r['words']:>7}"
-                f"{100 * r['issue_share']:>7.3f}%"
-            )
+        for precision, rows in run.get("forward", {}).items():
+            for batch, r in rows.items():
+                lines.append(
+                    f"{'short':<14}{precision:>13}{run['threads']:>8}{batch:>6}{r['tokens']:>7}"
+                    f"{r['hand_ms']:>9.2f}{r['siw_ms']:>9.2f}{r['siw_vs_hand']:>9.3f}x"
+                    f"{r['words']:>7}{100 * r['issue_share']:>7.3f}%"
+                )
     if runs and "issue_ns_per_word" in runs[0]:
         lines.append(
             "SIW/hand: median per-pair hand time / SIW time (>= 0.95 is within 5 %); issue: the"

@@ -339,8 +339,7 @@ class ModelRegistry:
             return loaded
         try:
             encoder = bert.BertEncoder(directory, precision)
-            if precision == "fp32":
-                encoder.compile()  # requests run phextcc's SIW program on a sentron
+            encoder.compile()  # requests run phextcc's SIW program on a sentron, any precision
         except bert.ModelLoadError as exc:
             raise ModelError(422, f"{name} cannot be served: {exc}") from None
         finally:

@@ -37,7 +37,9 @@ copies are dropped; embeddings, norms, attention and pooling stay fp32):
   inputs. Cosine >= 0.9994 on the varied set (was 0.960); measured per Linear, 8-bit
   activations, the outliers and the weight groups each bought part of it, and no single
   Linear dominated what was left, so none is kept in fp32.
-A reduced-precision encoder runs the hand-written forward: phextcc's SIW has no int8 op yet.
+`compile()` serves every precision with phextcc's SIW program: the packed weights are resident
+tensors of their own dtypes (siw: "Packed Linear weights") that D.linear hands to the kernels
+`forward` calls, so the two agree bit for bit.
 """
 
 from __future__ import annotations
@@ -419,14 +421,11 @@ class BertEncoder:
 
         The program runs its layers as one loop body over stacked (layers, ...) weights; the
         per-layer arrays of `self.layers` then become views of those stacks, so the
-        hand-written forward and the program read one resident copy."""
+        hand-written forward and the program read one resident copy. In a reduced precision
+        the packed Linear weights are stacked as they are (a tuple of the layers' own), the
+        biases and norms as in fp32."""
         from vtpu.phextcc import bert as phextcc_bert
 
-        if self.precision != "fp32":
-            raise ModelLoadError(
-                f"phextcc compiles fp32 encoders only; this one is {self.precision} (its "
-                "hand-written forward serves it)"
-            )
         self.compiled = phextcc_bert.siw_module(self)
 
     @property

@@ -11,7 +11,10 @@ and `vtpu compile MODEL` prints the IR after each one. For the Qwen3 decoder (a 
 per-head q/k RMSNorm and rotary embeddings (`qk_norm_rope`), gate and up into one linear and a
 `swiglu`, each residual add with the RMSNorm after it (`add_rms_norm`, two results: the normalised
 row and the residual stream), and pack every Linear weight and the embedding table in the graph's
-precision with vtpu.kernels.packed. `run` interprets a compiled graph
+precision with vtpu.kernels.packed. A BERT loaded in a reduced precision (bf16, int8,
+int8-dynamic) brings its Linear weights packed for their kernels already (sentron.LINEAR_WEIGHTS:
+`weight_shape` reads them as (K, N)); the passes keep them as they are, and both `run` and the
+SIW program's D.linear call the kernel each is packed for. `run` interprets a compiled graph
 against its resident weights, one kernel call per op (the reference); `phextcc.lower` lowers it
 to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 
@@ -42,6 +45,7 @@ from vtpu.kernels.decoder import (
 )
 from vtpu.kernels.decoder import head_widths as _head_widths
 from vtpu.kernels.decoder import rope as _rope
+from vtpu.sentron import LINEAR_WEIGHTS, linear_weight_shape, packed_linear_dtype
 
 Dim = int | str  # a size, or "B" / "S" bound at run time
 
@@ -92,7 +96,7 @@ class Graph:
 
     def shape(self, name: str) -> tuple[Dim, ...]:
         if name in self.weights:
-            return tuple(self.weights[name].shape)
+            return weight_shape(self.weights[name])
         value = self.values.get(name)
         if value is None or value.shape is None:
             raise CompileError(f"{name} has no shape yet: run infer_shapes first")
@@ -119,6 +123,14 @@ class Graph:
             lines.append(f"  {op.text()}{note}")
         lines.append(f"  return {', '.join(self.outputs)}")
         return "\n".join(lines)
+
+
+def weight_shape(weight: Any) -> tuple[int, ...]:
+    """A weight's shape as the IR reads it; a Linear weight a reduced-precision encoder keeps
+    packed for its kernel (sentron.LINEAR_WEIGHTS) is the (K, N) its linear reads."""
+    if packed_linear_dtype(weight) is not None:
+        return linear_weight_shape(weight)
+    return tuple(weight.shape)
 
 
 def _shape_text(shape: tuple[Dim, ...] | None) -> str:
@@ -526,7 +538,10 @@ def pack_weights(graph: Graph) -> Graph:
 
     A graph with a precision (the decoder) instead packs every Linear weight and every gathered
     table with vtpu.kernels.packed.pack, (N, K) rows in fp32, bf16 or int8 (per output channel):
-    one packed table serves both the embedding gather and a tied lm_head."""
+    one packed table serves both the embedding gather and a tied lm_head.
+
+    A reduced-precision encoder's Linear weights come packed for their kernels already
+    (sentron.LINEAR_WEIGHTS): they stay as they are."""
     if graph.precision is not None:
         return _pack_precision(graph)
     for op in graph.ops:
@@ -536,7 +551,8 @@ def pack_weights(graph: Graph) -> Graph:
                 raise CompileError(f"{op.text()}: weight {name} is shared; pack a copy per use")
             graph.weights[name] = graph.weights[name].T
     for name, w in graph.weights.items():
-        graph.weights[name] = np.ascontiguousarray(w, dtype=np.float32)
+        if packed_linear_dtype(w) is None:
+            graph.weights[name] = np.ascontiguousarray(w, dtype=np.float32)
     return graph
 
 
@@ -772,6 +788,9 @@ def run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _linear(K: Any, packed: Any, a: list, attrs: dict) -> np.ndarray:
     bias = a[2] if len(a) > 2 else None
     act = attrs.get("act", "none")
+    dtype = packed_linear_dtype(a[1])
+    if dtype is not None:  # a reduced-precision encoder's: the kernel its weight is packed for
+        return LINEAR_WEIGHTS[dtype][1](a[0], a[1], bias, act)
     if not isinstance(a[1], packed.PackedWeight):
         return K.linear(a[0], _widen(a[1]), bias, act, trans_w=bool(attrs.get("trans_w")))
     x = a[0]

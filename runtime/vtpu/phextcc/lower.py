@@ -21,7 +21,11 @@ weights bound, words planned) in a small LRU cache. Lowering:
   view of a resident (layers, ...) stack (the layers' own arrays where they already lie at a
   constant step in one buffer, else a stack whose slices then replace the graph's arrays, so
   one copy stays resident), and the residual stream a layer hands the next stays in one
-  buffer (if liveness cannot place it so, the layers are unrolled instead).
+  buffer (if liveness cannot place it so, the layers are unrolled instead);
+- a reduced-precision encoder's Linear weights are its kernels' packed weights (siw: "Packed
+  Linear weights": bf16lin, int8lin, int8dyn), resident as they are and read by D.linear with
+  the bias and activation fused as in fp32; a loop stacks them as the tuple of the layers' own
+  weights, a (layers, K, N) resident whose register-relative views select layer r0.
 
 The program computes exactly what `phextcc.run` computes, with the same kernels in the same
 order (tested bit for bit); `SiwModule.forward` is the chunk forward the embeddings path uses.
@@ -56,7 +60,13 @@ from vtpu import siw
 from vtpu.arena import Arena
 from vtpu.kernels.decoder import rope_inv_freq
 from vtpu.phextcc import CompileError, Graph, root_array
-from vtpu.sentron import Prepared, Sentron, arena_bytes_for
+from vtpu.sentron import (
+    Prepared,
+    Sentron,
+    arena_bytes_for,
+    linear_weight_shape,
+    packed_linear_dtype,
+)
 from vtpu.siw import COp, DOp, Program, SOp, TensorSpec
 
 _IN_PLACE = {"layer_norm", "add_layer_norm", "l2_normalize", "add_positions", "add", "add_row",
@@ -244,11 +254,11 @@ def _alike_input(graph, where, x, y, m, j, start, base, period, carried, slots) 
     """Input m of layer-local op j reads x in layer 0 and y in the layer at `base`: alike?"""
     weights = graph.weights
     if x in weights:
-        if y not in weights or weights[y].shape != weights[x].shape:
+        if y not in weights or graph.shape(y) != graph.shape(x):
             return False
         if x != y or (j, m) in slots:
             slots.setdefault((j, m), [x] * ((base - start) // period)).append(y)
-        return weights[x].dtype == weights[y].dtype == np.float32
+        return _stack_dtype(weights[x]) == _stack_dtype(weights[y]) is not None
     at_x, at_y = where.get(x, -1), where.get(y, -1)
     if start <= at_x < start + period:  # made in layer 0: y made by the same op of its layer
         return at_y - base == at_x - start
@@ -288,6 +298,25 @@ def _contained(graph: Graph, loop: LayerLoop) -> bool:
 # Ops a loop body may hold: their weight operands are read as they are (no view of a weight).
 _LOOPABLE = {"layer_norm", "add_layer_norm", "linear", "gelu", "attention", "add", "add_row",
              "mean_pool", "l2_normalize"}  # fmt: skip
+
+
+def _stack_dtype(weight: object) -> str | None:
+    """The SIW dtype of a weight a layer loop can stack: f32 arrays and packed Linear weights."""
+    if isinstance(weight, np.ndarray):
+        return "f32" if weight.dtype == np.float32 else None
+    return packed_linear_dtype(weight)
+
+
+def _resident_type(binding: object) -> tuple[str, tuple[int, ...]]:
+    """(dtype, shape) of a resident binding: an f32 array, a packed Linear weight ((K, N)), or a
+    layer stack of packed weights ((layers, K, N), a tuple)."""
+    if isinstance(binding, tuple):
+        dtype, shape = _resident_type(binding[0])
+        return dtype, (len(binding), *shape)
+    dtype = packed_linear_dtype(binding)
+    if dtype is not None:
+        return dtype, linear_weight_shape(binding)
+    return "f32", binding.shape  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -405,13 +434,14 @@ def lower(
     used |= {ix.stack for ix in (indexed or {}).values()}
     for sname, array in resident.items():
         if sname in used:
-            b.tensor(sname, "f32", array.shape, "resident")
+            b.tensor(sname, *_resident_type(array), "resident")
     feeds = {}
     for name in graph.inputs:
         v = graph.values[name]
         feeds[name] = b.tensor(name, v.dtype, dims(v.shape), "input")
     for ix in (indexed or {}).values():
-        b.tensor(ix.name, "f32", ix.shape, "view", base=ix.stack, offset=ix.offset,
+        dtype = b.tensors[b.ids[ix.stack]].dtype
+        b.tensor(ix.name, dtype, ix.shape, "view", base=ix.stack, offset=ix.offset,
                  strides=siw.c_strides(ix.shape), reg=LAYER_REGISTER, step=ix.step)  # fmt: skip
     last_use: dict[str, int] = {}
     for i, names_in in enumerate(inputs_of):
@@ -624,7 +654,9 @@ class SiwModule(_Programs):
         """Each weight operand of the layers as one resident (layers, ...) array the loop's
         register indexes: the layers' arrays themselves where they already lie at a constant
         step in one buffer, else a stack of copies whose slices then replace the graph's
-        arrays (so the graph, and an encoder sharing them, keep one copy)."""
+        arrays (so the graph, and an encoder sharing them, keep one copy). Packed Linear
+        weights (a reduced-precision encoder's) are stacked as the tuple of the layers' own
+        weights, a (layers, K, N) resident whose views select one: nothing is copied."""
         weights = self.graph.weights
         ops = self.graph.ops
         stacks: dict[int, str] = {}  # id(root) -> its SIW name
@@ -645,10 +677,16 @@ class SiwModule(_Programs):
                 key = (j, 2)
             else:
                 parts = [[weights[n]] for n in layer_names]
-                shape = tuple(parts[0][0].shape)
+                shape = self.graph.shape(layer_names[0])
                 label = _layers_name(layer_names)
-                found = _layout([p[0] for p in parts], parts[0][0].size)
                 key = (j, m)
+                if _stack_dtype(parts[0][0]) != "f32":  # packed Linear weights: a tuple of them
+                    name = siw_name(f"{label}_all", taken)
+                    self.resident[name] = tuple(p[0] for p in parts)
+                    self.indexed[key] = Indexed(name, 0, int(np.prod(shape)), shape,
+                                                siw_name(label, taken))  # fmt: skip
+                    continue
+                found = _layout([p[0] for p in parts], parts[0][0].size)
             if found is None:
                 stack = np.ascontiguousarray(np.stack([np.stack(p) if pair else p[0]
                                                        for p in parts]), dtype=np.float32)  # fmt: skip
@@ -669,7 +707,8 @@ class SiwModule(_Programs):
     def resident_bytes(self) -> int:
         """Bytes this module adds to the graph's weights: stacked norm parameters or layer
         weights that the graph's arrays do not view (the layer stacks replace them)."""
-        roots = {id(root_array(w)) for w in self.graph.weights.values()}
+        roots = {id(root_array(w)) for w in self.graph.weights.values()
+                 if isinstance(w, np.ndarray)}  # fmt: skip
         return sum(a.nbytes for a in self._made if id(a) not in roots)
 
     def program(self, bsz: int, seq: int) -> tuple[Program, str]:
