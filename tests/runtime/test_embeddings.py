@@ -306,8 +306,12 @@ def test_bench_embeddings_reports_speed_and_cosine_per_workload(tmp_path: Path) 
         assert ("torch_bf16_sentences_per_s" in record) == bf16, name
         if bf16:
             assert record["bf16_vs_torch_bf16"] > 0 and record["torch_bf16_min_cosine"] >= 0.99
+    # each precision as served, against sentence-transformers in the same rounds (the targets)
+    for name, record in run["workloads"].items():
+        for p in ("fp32", *PRECISIONS, "onnxruntime"):
+            assert record[f"{p}_vs_reference"] > 0, (name, p)
     table = format_table([run])
-    assert "ORT sent/s" in table and "\nonnxruntime " in table
+    assert "ORT sent/s" in table and "\nonnxruntime " in table and " vs ST " in table
     assert ("\nst bf16 auto " in table) == bf16
 
 

@@ -215,6 +215,17 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
             record["speedup"] = statistics.median(
                 b / o for o, b in zip(ours_s, base_s, strict=True)
             )
+            # the issue's targets, per precision as served (SIW): median of per-round
+            # sentence-transformers time / ours, both timed in the same round
+            served = {"fp32": compiled_s, **reduced_s}
+            if autocast_s:
+                served["torch_bf16"] = autocast_s
+            if onnx_s:
+                served["onnxruntime"] = onnx_s
+            for p, times in served.items():
+                record[f"{p}_vs_reference"] = statistics.median(
+                    b / t for t, b in zip(times, base_s, strict=True)
+                )
         out["workloads"][name] = record
     word_ns = issue_overhead_ns(20000, 3)
     out["issue_ns_per_word"] = word_ns
@@ -328,7 +339,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(
         f"{'precision':<14}{'workload':>12}{'threads':>8}{'sent/s':>9}{'vs fp32':>9}"
-        f"{'min cosine':>12}{'weights MB':>12}{'SIW/hand':>10}"
+        f"{'vs ST':>8}{'min cosine':>12}{'weights MB':>12}{'SIW/hand':>10}"
     )
     for run in runs:
         sizes = run.get("weight_bytes", {})
@@ -349,10 +360,16 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             siw = {"fp32": r["compiled_vs_hand"]}
             siw |= {p: r[f"{p}_compiled_vs_hand"] for p in PRECISIONS
                     if f"{p}_compiled_vs_hand" in r}  # fmt: skip
+            vs_st = {"sent-transf.": 1.0, "fp32": r.get("fp32_vs_reference"),
+                     "onnxruntime": r.get("onnxruntime_vs_reference"),
+                     "st bf16 auto": r.get("torch_bf16_vs_reference")}  # fmt: skip
+            vs_st |= {p: r.get(f"{p}_vs_reference") for p in PRECISIONS}
             for p, speed, ratio, cos in rows:
                 size = f"{sizes[p] / 1e6:>12.1f}" if p in sizes else f"{'':>12}"
+                st = vs_st.get(p)
                 lines.append(
                     f"{p:<14}{name:>12}{run['threads']:>8}{speed:>9.1f}{ratio:>8.2f}x"
+                    + (f"{st:>7.2f}x" if st is not None else f"{'':>8}")
                     + (f"{cos:>12.6f}" if cos is not None else f"{'':>12}")
                     + size
                     + (f"{siw[p]:>9.3f}x" if p in siw else "")
@@ -363,9 +380,10 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             "fp32: ours on the hand-written forward, the reduced precisions on their SIW programs"
             " (what the node serves); SIW/hand: median per-round hand-written time / SIW time"
             " (>= 0.95 is within 5 %); vs fp32: median per-round "
-            f"fp32 time / this one's; min cosine against the {against}; int8 is weight-only "
-            "(groups of 32), int8-dynamic quantises activations per row too (outlier channels "
-            "in fp32), bf16 rounds weights and activations (vdpbf16ps)"
+            "fp32 time / this one's; vs ST: median per-round sentence-transformers time / this"
+            " one's, the fp32 and reduced precisions as served (SIW); min cosine against the "
+            f"{against}; int8 is weight-only (groups of 32), int8-dynamic quantises "
+            "activations per row too (outlier channels in fp32), bf16 rounds weights and activations (vdpbf16ps)"
             + ("" if "bf16" in PRECISIONS else "; bf16 skipped: this CPU has no AVX512_BF16")
             + (
                 f"; st bf16 auto: sentence-transformers under torch.autocast(bfloat16), our bf16 "
