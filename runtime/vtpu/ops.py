@@ -42,6 +42,10 @@ def attention_scores(
 ) -> int:
     """Query-key pairs attention computes: the keys each query row sees, summed over rows and
     heads (key_lengths per batch masks padding; without it one batch of sk keys)."""
+    if not causal:  # every query row of a batch sees that batch's keys (counted per run: cheap)
+        if key_lengths is None:
+            return max(sk, 0) * sq * heads
+        return sum(max(int(n), 0) for n in key_lengths) * sq * heads
     lengths = np.asarray([sk] if key_lengths is None else key_lengths, dtype=np.int64)
     visible = np.broadcast_to(lengths[:, None], (lengths.size, sq))
     if causal:

@@ -168,6 +168,40 @@ def test_initialisers_follow_the_documented_rules():
     assert out["r8"].dtype == np.int8 and np.abs(out["r8"]).max() <= 127
 
 
+def test_a_keeping_sentron_reuses_a_programs_tensors_but_starts_every_run_afresh():
+    """keep=True (phextcc's modules): the tensors a run allocated stay for the next run of the
+    same prepared program, initialised again (zeros, inputs), and go back to the arena when
+    another program runs or the sentron closes."""
+    first = siw.assemble(
+        """
+        .tensor x f32[2] input
+        .tensor one f32[2] ones
+        .tensor n f32[2] output
+        .tensor y f32[2] output
+        D.add n, n, one | C.loop 0 count=2
+        D.add y, x, n
+        C.halt
+        """
+    )
+    other = siw.assemble(".tensor z f32[64] ones output\nC.halt")
+    with Sentron(Arena(arena_bytes_for(first) + 4096), keep=True) as sentron:
+        prepared = sentron.prepare(first)
+        for x in ([1, 2], [10, 20], [5, 5]):
+            out = sentron.run(prepared, {"x": np.array(x, np.float32)}).outputs
+            assert out["n"].tolist() == [3, 3]  # zeros again at each run, not 6, 9
+            assert out["y"].tolist() == [x[0] + 3, x[1] + 3]
+        kept = sentron.arena.used
+        assert kept > 0  # one, n and y stay allocated between runs (x's copy does not)
+        assert sentron.run(other).outputs["z"].tolist() == [1] * 64
+        assert sentron.arena.used == 256  # the first program's tensors went back
+        assert sentron.run(prepared, {"x": np.ones(2, np.float32)}).outputs["y"].tolist() == [4, 4]
+        assert sentron.arena.used == kept
+    assert sentron.arena.used == 0  # closing gives everything back
+    with Sentron(Arena(arena_bytes_for(first) + 4096)) as plain:  # the default keeps nothing
+        plain.run(first, {"x": np.ones(2, np.float32)})
+        assert plain.arena.used == 0
+
+
 def test_loop_jumps_back_count_times_so_the_body_runs_count_plus_one():
     result = run(
         """

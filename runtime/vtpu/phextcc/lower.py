@@ -596,7 +596,7 @@ class _Programs:
         if self._sentron is None or self._sentron.arena.capacity < need:
             if self._sentron is not None:
                 self._sentron.close()
-            self._sentron = Sentron(Arena(need), overlap=False)
+            self._sentron = Sentron(Arena(need), overlap=False, keep=True)
             self._prepared.clear()  # prepared programs belong to the sentron that planned them
         hit = (self._sentron.prepare(program, self.resident), out)
         self._prepared[key] = hit
