@@ -167,6 +167,16 @@ def test_unpacked_attention_does_not_lower() -> None:
         SiwModule(graph).program(1, 4)
 
 
+def _assert_served_is_the_hand_written_forward(encoder) -> None:
+    """The varied set through the compiled program (what the node serves) and through the
+    hand-written forward: the same bits."""
+    sequences = encoder.tokenize(VARIED_TEXTS)
+    served = encoder.encode_ids(sequences, max_batch_tokens=64)
+    hand = encoder.encode_ids(sequences, max_batch_tokens=64, forward=encoder.forward)
+    np.testing.assert_array_equal(served, hand)
+    assert encoder.compiled._prepared  # it went through the sentron
+
+
 @needs_minilm
 def test_minilm_is_served_by_its_siw_program_identical_to_the_hand_written_forward() -> None:
     encoder = BertEncoder(MINILM_DIR)
@@ -183,11 +193,7 @@ def test_minilm_is_served_by_its_siw_program_identical_to_the_hand_written_forwa
             assert sum(np.shares_memory(array, stack) for stack in stacks) == 1, attr
     assert encoder.nbytes == hand_bytes + module.resident_bytes
     assert module.resident_bytes == 0  # gamma | beta pairs are views of the stacks too
-    sequences = encoder.tokenize(VARIED_TEXTS)
-    served = encoder.encode_ids(sequences, max_batch_tokens=64)
-    hand = encoder.encode_ids(sequences, max_batch_tokens=64, forward=encoder.forward)
-    np.testing.assert_array_equal(served, hand)
-    assert module._prepared  # it went through the sentron
+    _assert_served_is_the_hand_written_forward(encoder)
 
 
 @needs_minilm
@@ -303,11 +309,7 @@ def test_minilm_in_reduced_precision_is_served_by_its_siw_program_bit_for_bit(pr
                                                                        strict=True))  # fmt: skip
     program, _ = module.program(2, 8)
     assert len(program.words) == 12  # 3 + one layer (7) + 2, as in fp32
-    sequences = encoder.tokenize(VARIED_TEXTS)
-    served = encoder.encode_ids(sequences, max_batch_tokens=64)
-    hand = encoder.encode_ids(sequences, max_batch_tokens=64, forward=encoder.forward)
-    np.testing.assert_array_equal(served, hand)
-    assert module._prepared  # it went through the sentron
+    _assert_served_is_the_hand_written_forward(encoder)
 
 
 @needs_minilm
