@@ -1039,7 +1039,45 @@ VTPU_AVX2 static void vtpu_q8_finish_rows_avx2(float *y, long ldy, long rows, lo
     for (; j + 8 <= n; j += 8) {
         __m256 ws = _mm256_loadu_ps(wsum + j);
         __m256 b = bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
-        for (long r = 0; r < rows; r++) {
+        long r = 0;
+        /* four rows side by side: an output's outlier sum is a chain of nout dependent fused
+         * multiply-adds, one row at a time waited on it (~15 % of the FFN1 Linear) */
+        for (; r + 4 <= rows; r += 4) {
+            float *y0 = y + r * ldy + j, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
+            const float *x0 = xv + r * nout, *x1 = x0 + nout, *x2 = x1 + nout, *x3 = x2 + nout;
+            __m256 v0 = _mm256_fmadd_ps(_mm256_set1_ps(s[r]), _mm256_loadu_ps(y0),
+                                        _mm256_mul_ps(_mm256_set1_ps(c[r]), ws));
+            __m256 v1 = _mm256_fmadd_ps(_mm256_set1_ps(s[r + 1]), _mm256_loadu_ps(y1),
+                                        _mm256_mul_ps(_mm256_set1_ps(c[r + 1]), ws));
+            __m256 v2 = _mm256_fmadd_ps(_mm256_set1_ps(s[r + 2]), _mm256_loadu_ps(y2),
+                                        _mm256_mul_ps(_mm256_set1_ps(c[r + 2]), ws));
+            __m256 v3 = _mm256_fmadd_ps(_mm256_set1_ps(s[r + 3]), _mm256_loadu_ps(y3),
+                                        _mm256_mul_ps(_mm256_set1_ps(c[r + 3]), ws));
+            for (long t = 0; t < nout; t++) {
+                __m256 o = _mm256_loadu_ps(ow + t * n + j);
+                v0 = _mm256_fmadd_ps(_mm256_set1_ps(x0[t]), o, v0);
+                v1 = _mm256_fmadd_ps(_mm256_set1_ps(x1[t]), o, v1);
+                v2 = _mm256_fmadd_ps(_mm256_set1_ps(x2[t]), o, v2);
+                v3 = _mm256_fmadd_ps(_mm256_set1_ps(x3[t]), o, v3);
+            }
+            if (bias) {
+                v0 = _mm256_add_ps(v0, b);
+                v1 = _mm256_add_ps(v1, b);
+                v2 = _mm256_add_ps(v2, b);
+                v3 = _mm256_add_ps(v3, b);
+            }
+            if (act) {
+                v0 = vtpu_act256(v0, act);
+                v1 = vtpu_act256(v1, act);
+                v2 = vtpu_act256(v2, act);
+                v3 = vtpu_act256(v3, act);
+            }
+            _mm256_storeu_ps(y0, v0);
+            _mm256_storeu_ps(y1, v1);
+            _mm256_storeu_ps(y2, v2);
+            _mm256_storeu_ps(y3, v3);
+        }
+        for (; r < rows; r++) {
             float *yr = y + r * ldy + j;
             const float *xr = xv + r * nout;
             __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(s[r]), _mm256_loadu_ps(yr),
