@@ -239,7 +239,9 @@ def _child(threads: int, repeats: int) -> dict[str, Any]:
             words = module.run(ids, lengths).words_issued
             times: dict[str, list[float]] = {"hand": [], "siw": []}
             runs = {"hand": e.forward, "siw": module.forward}
-            for i in range(max(repeats, 5) * (8 if batch < 32 else 2)):
+            # pairs: a one-sentence forward takes ~4 ms, so its median needs many more of them
+            pairs = max(repeats, 5) * (40 if batch == 1 else 8 if batch < 32 else 2)
+            for i in range(pairs):
                 for name in ("hand", "siw") if i % 2 else ("siw", "hand"):  # neither always first
                     t0 = time.perf_counter()
                     runs[name](ids, lengths)
