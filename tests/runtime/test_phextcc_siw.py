@@ -196,6 +196,17 @@ def test_minilm_is_served_by_its_siw_program_identical_to_the_hand_written_forwa
     _assert_served_is_the_hand_written_forward(encoder)
 
 
+def _assert_disasm_reads_back(vtpu: list[str], out: Path, text: str) -> None:
+    """`vtpu disasm` of the program `vtpu compile --siw -o out` wrote prints what compile
+    printed (its comments aside), and assembles back to the same bytes."""
+    disasm = subprocess.run(
+        [*vtpu, "disasm", str(out)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    program_text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert disasm.strip() == program_text.strip()
+    assert siw.encode(siw.assemble(disasm)) == out.read_bytes()
+
+
 @needs_minilm
 def test_vtpu_compile_siw_prints_the_program_and_disasm_reads_it(tmp_path: Path) -> None:
     out = tmp_path / "minilm.siw"
@@ -211,12 +222,7 @@ def test_vtpu_compile_siw_prints_the_program_and_disasm_reads_it(tmp_path: Path)
                    "act=gelu", "resident", "view(", "| C.halt", "| C.loop 3 count=5 reg=r0",
                    "f32[6,384,1152] resident", "view(lN_ctx_wqkv_all,0+r0*442368,1152,1)"):  # fmt: skip
         assert needle in text
-    disasm = subprocess.run(
-        [*vtpu, "disasm", str(out)], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    program_text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    assert disasm.strip() == program_text.strip()
-    assert siw.encode(siw.assemble(disasm)) == out.read_bytes()
+    _assert_disasm_reads_back(vtpu, out, text)
     bad = subprocess.run(
         [*vtpu, "compile", "all-MiniLM-L6-v2", "--siw", "--batch", "0"],
         capture_output=True, text=True, timeout=120,
@@ -328,9 +334,4 @@ def test_vtpu_compile_siw_prints_a_reduced_precision_program_and_disasm_reads_it
                    "int8dyn[384,1152] view(lN_ctx_wqkv_all,0+r0*442368,1152,1)",
                    "| C.loop 3 count=5 reg=r0"):  # fmt: skip
         assert needle in text
-    disasm = subprocess.run(
-        [*vtpu, "disasm", str(out)], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    program_text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    assert disasm.strip() == program_text.strip()
-    assert siw.encode(siw.assemble(disasm)) == out.read_bytes()
+    _assert_disasm_reads_back(vtpu, out, text)

@@ -32,8 +32,6 @@ from ._simd cimport (
     vtpu_pack_a_s8,
     vtpu_pack_bt_s8,
     vtpu_max,
-    vtpu_pv,
-    vtpu_qk,
     vtpu_scale,
     vtpu_set_amx,
     vtpu_set_level,
@@ -154,10 +152,9 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
     each query's scores are a vectorised sweep across keys; scores, softmax and the weighted sum
     of V stay in that thread's cache, and nothing of size sq x sk is ever materialised."""
     cdef Py_ssize_t d = q.shape[1], group = heads // kv_heads
-    cdef Py_ssize_t bh, b, i, j, t, r, klen, limit, kv_base
+    cdef Py_ssize_t bh, b, i, r, klen, limit, kv_base
     cdef float *scores = NULL
     cdef float *kt = NULL
-    cdef float mx, s
     cdef int failed = 0
     with nogil, parallel(num_threads=nthreads):
         scores = <float *>malloc((sk if sk > 0 else 1) * sizeof(float))
@@ -180,11 +177,8 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
                 if limit <= 0:
                     memset(&out[r, 0], 0, d * sizeof(float))
                     continue
-                vtpu_qk(&q[r, 0], kt, klen, limit, d, scale, scores)
-                mx = vtpu_max(scores, limit)
-                s = vtpu_exp_shift_sum(scores, scores, mx, limit)
-                vtpu_pv(scores, &v[kv_base, 0], limit, d, &out[r, 0])
-                vtpu_scale(&out[r, 0], 1.0 / s, d)
+                vtpu_attend_rows(&q[r, 0], d, kt, klen, &v[kv_base, 0], limit, d, scale, scores,
+                                 &out[r, 0], d, 1)
         free(scores)
         free(kt)
     if failed:

@@ -21,8 +21,6 @@ cdef extern from "_simd.h" nogil:
     float vtpu_exp_shift_sum(const float *x, float *y, float shift, long n)
     void vtpu_scale(float *y, float alpha, long n)
     void vtpu_bias_act(float *y, const float *bias, long n, int act)
-    void vtpu_qk(const float *q, const float *KT, long ld, long n, long d, float scale, float *s)
-    void vtpu_pv(const float *p, const float *V, long n, long d, float *out)
     int vtpu_bf16_row(const float *x, long k, uint16_t *a)
     void vtpu_transpose(const float *src, long lds, long rows, long cols, float *dst, long ldd)
     void vtpu_attend_rows(const float *q, long ldq, const float *KT, long ld, const float *V,

@@ -59,14 +59,8 @@ import numpy as np
 from vtpu import siw
 from vtpu.arena import Arena
 from vtpu.kernels.decoder import rope_inv_freq
-from vtpu.phextcc import CompileError, Graph, root_array
-from vtpu.sentron import (
-    Prepared,
-    Sentron,
-    arena_bytes_for,
-    linear_weight_shape,
-    packed_linear_dtype,
-)
+from vtpu.phextcc import CompileError, Graph, root_array, weight_shape
+from vtpu.sentron import Prepared, Sentron, arena_bytes_for, packed_linear_dtype
 from vtpu.siw import COp, DOp, Program, SOp, TensorSpec
 
 _IN_PLACE = {"layer_norm", "add_layer_norm", "l2_normalize", "add_positions", "add", "add_row",
@@ -313,10 +307,7 @@ def _resident_type(binding: object) -> tuple[str, tuple[int, ...]]:
     if isinstance(binding, tuple):
         dtype, shape = _resident_type(binding[0])
         return dtype, (len(binding), *shape)
-    dtype = packed_linear_dtype(binding)
-    if dtype is not None:
-        return dtype, linear_weight_shape(binding)
-    return "f32", binding.shape  # type: ignore[attr-defined]
+    return packed_linear_dtype(binding) or "f32", weight_shape(binding)
 
 
 @dataclass(frozen=True)
