@@ -848,8 +848,11 @@ class Sentron:
                                                                             "inout")],
             unbound=inout + [i for i, t in enumerate(tensors)
                              if t.init == "view" and tensors[owners[i]].init != "resident"],
-            register_views=register_views,
             rebinds=rebinds,
+            register_start=[(r.tid, r.at(0, views)) for r in register_views if r.resident],
+            run_register_views=[r for r in register_views if not r.resident],
+            written_first={i for i in siw.written_first(program, owners)
+                           if tensors[i].init in ("zeros", "ones", "random")},
         )  # fmt: skip
 
     def run(
@@ -909,12 +912,20 @@ class Sentron:
                 view = kept.get(i)
                 if view is None:
                     view = self.arena.tensor(spec.shape, siw.NUMPY_DTYPES[spec.dtype])
+                elif spec.init == "input":
+                    # a new array object over the kept memory: caches that key on an input's
+                    # array object to mean "this run's values" (a paged decode's page table)
+                    # must see every run's input as new
+                    view = view.view()
                 views[i] = view
-                _initialise(view, spec, inputs)
+                if i not in prepared.written_first:
+                    _initialise(view, spec, inputs)
             for i in prepared.bound_views:
                 view = kept.get(i)
                 views[i] = make_view(views[owners[i]], tensors[i]) if view is None else view
-            for view in prepared.register_views:
+            for tid, array in prepared.register_start:  # resident views: tabled once
+                views[tid] = array
+            for view in prepared.run_register_views:
                 view.reset(views)
             if self.overlap and self._s_pipe is None and any(p[1] for p in prepared.plan):
                 self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
@@ -925,13 +936,12 @@ class Sentron:
                 tensors[i].name: views[i].copy() for i in prepared.outputs if views[i] is not None
             }
         finally:
-            if self.keep:  # the tensors this run allocated up front, and the views of them;
-                # not the inputs' copies: caches key on an input's array object to mean "this
-                # run's values" (the page table of a paged decode)
-                kept = {i: views[i] for i in prepared.allocated
-                        if views[i] is not None and tensors[i].init != "input"}  # fmt: skip
+            if self.keep:  # the tensors this run allocated up front, and the views of them
+                # but the inputs' (made again from each run's new input array, above)
+                kept = {i: views[i] for i in prepared.allocated if views[i] is not None}
                 kept |= {i: views[i] for i in prepared.bound_views
-                         if owners[i] in kept and views[i] is not None}  # fmt: skip
+                         if owners[i] in kept and views[i] is not None
+                         and tensors[owners[i]].init != "input"}  # fmt: skip
                 self._kept = (prepared, kept)
             for i in prepared.unbound:
                 views[i] = None  # views of run memory; inout: the caller's, for this run only
@@ -941,9 +951,7 @@ class Sentron:
                         self.arena.release(views[i])
                     views[i] = None
         self.counters.add_run(result)
-        COUNTERS.add(siw_issued=result.words_issued, programs_run=1)
-        for pipe, ns in result.busy_ns.items():
-            COUNTERS.add_pipe_busy(pipe, ns)
+        COUNTERS.add_program(result.words_issued, result.busy_ns)
         return result
 
     def _issue(
@@ -1076,10 +1084,15 @@ class Prepared:
     outputs: list[int] = field(default_factory=list)
     arena_owned: list[int] = field(default_factory=list)
     unbound: list[int] = field(default_factory=list)
-    # Register-relative views, and per word the rebind a C.loop with a register calls (None
-    # for every other word).
-    register_views: list[_RegisterView] = field(default_factory=list)
+    # Per word the rebind a C.loop with a register calls (None for every other word).
     rebinds: list[Callable[[int], None] | None] = field(default_factory=list)
+    # Allocated tensors the program overwrites whole before reading (siw.written_first): a run
+    # leaves them uninitialised.
+    written_first: set[int] = field(default_factory=set)
+    # Register-relative views where a run starts its registers (0): each view of a resident
+    # tensor as its array then; the views of run memory, made again every run.
+    register_start: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    run_register_views: list[_RegisterView] = field(default_factory=list)
 
 
 def _register_plan(
@@ -1170,6 +1183,9 @@ def _check_packed_binding(spec: siw.TensorSpec, value: object) -> None:
             )
 
 
+_NUMPY_DTYPES = {name: np.dtype(t) for name, t in siw.NUMPY_DTYPES.items()}
+
+
 def _check_inputs(
     program: Program,
     inputs: Mapping[str, np.ndarray],
@@ -1178,6 +1194,14 @@ def _check_inputs(
     """`specs`: the program's input and inout tensors, when the caller has them listed."""
     if specs is None:
         specs = [t for t in program.tensors if t.init in ("input", "inout")]
+    if len(inputs) == len(specs) and all(  # the usual case, without building a message
+        (value := inputs.get(t.name)).__class__ is np.ndarray
+        and value.dtype == _NUMPY_DTYPES[t.dtype]
+        and value.shape == t.shape
+        and t.init == "input"
+        for t in specs
+    ):
+        return
     declared = {t.name: t for t in specs}
     missing = sorted(set(declared) - set(inputs))
     if missing:

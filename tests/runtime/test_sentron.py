@@ -191,7 +191,7 @@ def test_a_keeping_sentron_reuses_a_programs_tensors_but_starts_every_run_afresh
             assert out["n"].tolist() == [3, 3]  # zeros again at each run, not 6, 9
             assert out["y"].tolist() == [x[0] + 3, x[1] + 3]
         kept = sentron.arena.used
-        assert kept > 0  # one, n and y stay allocated between runs (x's copy does not)
+        assert kept > 0  # x's copy, one, n and y stay allocated between runs
         assert sentron.run(other).outputs["z"].tolist() == [1] * 64
         assert sentron.arena.used == 256  # the first program's tensors went back
         assert sentron.run(prepared, {"x": np.ones(2, np.float32)}).outputs["y"].tolist() == [4, 4]
@@ -444,3 +444,127 @@ def test_a_runs_own_cancel_event_stops_it_and_only_it():
             sentron.run(long_loop, cancel=event)
         # The same (still set) event belongs to the old run; a new run has its own.
         assert sentron.run(short).outputs["n"].tolist() == [1, 1]
+
+
+def test_written_first_finds_the_tensors_a_program_overwrites_whole_before_reading():
+    """siw.written_first: only a first touch that writes every element (the tensor, or a view
+    covering it exactly, by a full-write D op or S.gather) with nothing read in that word."""
+    program = siw.assemble(
+        """
+        .tensor x f32[4,4] input
+        .tensor x2 f32[2,4] input
+        .tensor g f32[4] input
+        .tensor tab f32[16,4] input
+        .tensor i i64[4] input
+        .tensor whole f32[4,4] output
+        .tensor flat f32[16]
+        .tensor flat2 f32[4,4] view(flat,0,4,1)
+        .tensor half f32[16]
+        .tensor half2 f32[2,4] view(half,0,4,1)
+        .tensor inplace f32[4,4]
+        .tensor summed f32[4,4]
+        .tensor loaded f32[4,4]
+        .tensor gathered f32[4,4]
+        .tensor looped f32[4,4]
+        .tensor never f32[4] output
+        D.add whole, x, x
+        D.add flat2, x, x
+        D.add half2, x2, x2
+        D.layernorm inplace, inplace, g, g
+        D.gemm summed, x, x acc
+        S.load loaded, x tile=0 rows=4
+        D.add looped, looped, x
+        D.add looped, x, x | C.loop 1 count=2
+        S.gather gathered, tab, i | C.halt
+        """
+    )
+    names = {program.tensors[t].name for t in siw.written_first(program)}
+    # not: half (its view covers 8 of 16), inplace (read in the word that writes it), summed
+    # (acc reads it), loaded (S.load is no full write), looped (read by the loop body's first
+    # word), never (not written)
+    assert names == {"whole", "flat", "gathered"}
+
+
+def test_a_run_skips_initialising_what_is_written_first_and_still_reads_zeros_elsewhere():
+    """Skipping the zero fill is unobservable: on an arena left full of another program's
+    values, a written-first tensor holds this run's results and a tensor read before it is
+    written (or never written) still starts at zeros, so no run sees another's data."""
+    secret = siw.assemble(
+        """
+        .tensor s f32[64] input
+        .tensor a f32[64] output
+        D.add a, s, s | C.halt
+        """
+    )
+    reader = siw.assemble(
+        """
+        .tensor x f32[8] input
+        .tensor w f32[8]
+        .tensor total f32[8] output
+        .tensor untouched f32[16] output
+        D.add w, x, x
+        D.add total, total, w | C.halt
+        """
+    )
+    with Sentron(Arena(arena_bytes_for(secret) + 4096), keep=True) as sentron:
+        for _ in range(2):
+            sentron.run(secret, {"s": np.full(64, 7.0, np.float32)})
+            prepared = sentron.prepare(reader)
+            names = {reader.tensors[t].name for t in prepared.written_first}
+            assert names == {"w"}
+            for x in (np.arange(8, dtype=np.float32), np.ones(8, np.float32)):
+                out = sentron.run(prepared, {"x": x}).outputs
+                assert out["total"].tolist() == (2 * x).tolist()  # from 0 at each run
+                assert out["untouched"].tolist() == [0.0] * 16
+
+
+def test_what_is_written_first_does_not_depend_on_what_the_arena_held():
+    """Every full-write op (siw._D_FULL_WRITE but MATMUL, which reads packed weights) gives the
+    same bits on an arena left full of NaN as on a fresh one: none reads its dst first."""
+    x, w, b, g = f32(8, 16), f32(16, 32), f32(32), f32(32)
+    qkv, gb = f32(2, 4, 24), f32(2, 32)
+    inputs = dict(x=x, w=w, b=b, g=g, qkv=qkv, gb=gb, lengths=np.array([4, 2], np.int32))
+    text = """
+        .tensor x f32[8,16] input
+        .tensor w f32[16,32] input
+        .tensor b f32[32] input
+        .tensor g f32[32] input
+        .tensor gb f32[2,32] input
+        .tensor qkv f32[2,4,24] input
+        .tensor lengths i32[2] input
+        .tensor mm f32[8,32] output
+        .tensor lin f32[8,32] output
+        .tensor sum f32[8,32] output
+        .tensor prod f32[8,32] output
+        .tensor ln f32[8,32] output
+        .tensor rms f32[8,32] output
+        .tensor sm f32[8,32] output
+        .tensor aln f32[8,32] output
+        .tensor ge f32[8,32] output
+        .tensor l2 f32[8,32] output
+        .tensor ctx f32[2,4,8] output
+        .tensor pool f32[2,8] output
+        D.gemm mm, x, w
+        D.linear lin, x, w, b act=gelu
+        D.add sum, mm, lin
+        D.mul prod, mm, b
+        D.layernorm ln, mm, g, b
+        D.rmsnorm rms, mm, g
+        D.softmax sm, mm
+        D.add_layernorm aln, mm, lin, gb
+        D.gelu ge, mm
+        D.l2norm l2, mm
+        D.attn_qkv ctx, qkv, lengths heads=2
+        D.mean_pool pool, ctx, lengths | C.halt
+        """
+    program = siw.assemble(text)
+    outputs = {t.name for t in program.tensors if t.output}
+    assert {program.tensors[t].name for t in siw.written_first(program)} == outputs
+    with Sentron(Arena(arena_bytes_for(program))) as fresh:
+        expected = fresh.run(program, inputs).outputs
+    with Sentron(Arena(arena_bytes_for(program))) as dirty:
+        dirty.arena.buffer.view(np.float32)[:] = np.nan
+        got = dirty.run(program, inputs).outputs
+    for name in outputs:
+        assert np.isfinite(got[name]).all(), name
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
