@@ -289,10 +289,11 @@ class ModelLoadSerializer(serializers.Serializer):
         " lists them); the agent reports in the action's result why one cannot be loaded.",
     )
     precision = serializers.ChoiceField(
-        choices=["fp32", "int8", "int8-dynamic"],
+        choices=["fp32", "bf16", "int8", "int8-dynamic"],
         default="fp32",
         help_text="The weights' precision (the node's vtpu.models.bert.PRECISIONS): int8 keeps"
-        " cosine >= 0.999 with half the memory; int8-dynamic is faster and less exact.",
+        " cosine >= 0.999 with half the memory; int8-dynamic is faster and less exact; bf16"
+        " needs AVX512_BF16 or AMX on the node (elsewhere the action fails saying so).",
     )
 
 

@@ -397,10 +397,16 @@ class Agent:
         )
         return doc
 
-    async def telemetry_snapshot(self, _request: Request) -> dict[str, Any]:
-        doc = await anyio.to_thread.run_sync(self.telemetry.snapshot)
+    def telemetry_document(self) -> dict[str, Any]:
+        """GET /vTPU/telemetry's document, which heartbeats carry too: the runtime's figures and
+        the resident models' work (requests, inputs embedded, tokens), so the control plane's
+        monitoring and billing see the real work a node did, not only its ops."""
+        doc = self.telemetry.snapshot()
         doc["models"] = self.models.summary()
         return doc
+
+    async def telemetry_snapshot(self, _request: Request) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(self.telemetry_document)
 
     # -- resident models and embeddings (docs/architecture.md, "Resident models and embeddings")
 

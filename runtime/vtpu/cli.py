@@ -340,7 +340,9 @@ def cmd_asm(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """The phextcc IR of a catalogue model or a model directory after its frontend and after
-    every pass; the frontend is chosen by config.json's model_type (bert or qwen3)."""
+    every pass, then the SIW program it lowers to for one batch shape (--siw: the program
+    alone; --final: the compiled IR alone); the frontend is chosen by config.json's model_type
+    (bert or qwen3)."""
     from vtpu import phextcc
     from vtpu.models import catalogue_entry, model_directory
     from vtpu.models.bert import ModelLoadError, config_json
@@ -391,9 +393,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.seq < 1:
         raise CLIError("--batch and --seq must be at least 1")
+    if args.final and (args.siw or args.output):
+        raise CLIError("--final prints the compiled IR alone; drop it to see the SIW program")
     try:
         graph = phextcc.compile_graph(build(), None if args.siw else dump)
-        if args.siw:
+        if not args.final:
             from vtpu.phextcc.lower import DecoderModule, SiwModule
             from vtpu.sentron import binding_nbytes
             from vtpu.siw import validate
@@ -403,8 +407,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             validate(program)
     except (ModelLoadError, phextcc.CompileError) as exc:
         raise CLIError(str(exc)) from None
-    if not args.siw:
-        print("\n".join(dumps), end="")
+    print("\n".join(dumps), end="")
+    if args.final:
         return 0
     resident = sum(binding_nbytes(module.resident[t.name])
                    for t in program.tensors if t.init == "resident")  # fmt: skip
@@ -661,26 +665,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compile",
-        help="compile a model with phextcc and print its IR after each pass",
+        help="compile a model with phextcc: its IR after each pass, then the SIW program",
         description="Build a catalogue model's IR (phextcc) and print it after the frontend and "
-        "after every pass: fusions, packed weights, shapes; with --siw, the SIW program the "
-        "sentron runs for one batch shape instead.",
+        "after every pass (fusions, packed weights, shapes), then the SIW program the sentron "
+        "runs for one batch shape (--batch, --seq); --siw prints the program alone, --final "
+        "the compiled IR alone.",
     )
     p.add_argument(
         "model", help="a catalogue model (e.g. all-MiniLM-L6-v2) or a model directory (bert, qwen3)"
     )
-    p.add_argument("--final", action="store_true", help="print only the compiled IR")
+    p.add_argument("--final", action="store_true", help="print only the compiled IR (no SIW)")
     p.add_argument("--precision", default="fp32",
                    choices=("fp32", "bf16", "int8", "int8-dynamic"),
                    help="the Linear weights' precision (fp32); int8-dynamic: bert only")  # fmt: skip
     p.add_argument("--decode", action="store_true",
                    help="qwen3: the decode graph (one token per sequence + KV cache)")  # fmt: skip
-    p.add_argument("--siw", action="store_true", help="print the final SIW program")
+    p.add_argument("--siw", action="store_true", help="print only the SIW program (no IR)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the SIW program (1)")
     p.add_argument("--seq", type=int, default=16,
                    help="tokens per sequence of the program; with --decode the KV cache's length "
                    "(16)")  # fmt: skip
-    p.add_argument("-o", "--output", help="with --siw: also write the binary program here")
+    p.add_argument("-o", "--output", help="also write the binary SIW program here")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("disasm", help="print a binary SIW program as assembly")

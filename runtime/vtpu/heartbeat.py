@@ -244,7 +244,7 @@ class HeartbeatClient:
             "node_id": self.node_id,
             "version": vtpu.__version__,
             "agent_url": self.agent_url,
-            "telemetry": self.agent.telemetry.snapshot(),
+            "telemetry": self.agent.telemetry_document(),
             "results": sent,
         }
         try:

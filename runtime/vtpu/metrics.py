@@ -198,6 +198,9 @@ def _model_families(models: dict | None) -> list[Metric | None]:
     tokens = CounterMetricFamily(
         "vtpu_model_tokens", "tokens a loaded model processed, by kind", labels=["model", "kind"]
     )
+    embeddings = CounterMetricFamily(
+        "vtpu_model_embeddings", "embeddings a loaded sentence encoder returned", labels=["model"]
+    )
     for name, m in loaded.items():
         llm = llms.get(name)
         requests.add_metric([name], llm["requests"] if llm else m["requests"])
@@ -206,7 +209,8 @@ def _model_families(models: dict | None) -> list[Metric | None]:
             tokens.add_metric([name, "generated"], llm["generated_tokens"])
         else:
             tokens.add_metric([name, "input"], m["tokens"])
-    families += [requests, tokens]
+            embeddings.add_metric([name], m["inputs"])
+    families += [requests, tokens, embeddings]
     if llms:
         families += [
             _gauge(

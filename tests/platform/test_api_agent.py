@@ -291,6 +291,9 @@ def test_a_customer_asks_a_node_to_load_a_model_through_its_heartbeats(
     assert alice_api.post(url, {"model": "../etc"}, format="json").status_code == 400
     assert alice_api.post(url, {}, format="json").status_code == 400
     assert alice_api.post(url, {"model": "m", "precision": "fp4"}, format="json").status_code == 400
+    bf16 = alice_api.post(url, {"model": "all-MiniLM-L6-v2", "precision": "bf16"}, format="json")
+    assert bf16.status_code == 201 and bf16.json()["payload"]["precision"] == "bf16"
+    NodeAction.objects.filter(pk=bf16.json()["id"]).delete()  # the node is asked for one below
     assert bob_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json").status_code == 404
     asked = alice_api.post(url, {"model": "all-MiniLM-L6-v2"}, format="json")
     assert asked.status_code == 201 and asked.json()["type"] == "load_model"

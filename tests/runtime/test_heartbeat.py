@@ -377,3 +377,20 @@ def test_load_model_makes_a_model_resident_or_says_why_not(
     # kept in agent.json, so the agent loads it again when it restarts (vtpu.models.saved)
     saved = json.loads((agent.state_dir / "agent.json").read_text())["models"]
     assert saved == [{"name": "all-MiniLM-L6-v2", "precision": "int8"}]
+    # Its work reaches the control plane: heartbeats carry the models' counts, and the agent's
+    # /metrics has them too.
+    body = {"model": "all-MiniLM-L6-v2", "input": ["a first sentence", "and a second one"]}
+    status, answer = call_json(agent, "POST", "/v1/embeddings", body)
+    assert status == 200, answer
+    tokens = answer["usage"]["prompt_tokens"]
+
+    def counted() -> dict | None:
+        last = plane.beats()[-1]["body"]["telemetry"]["models"]["loaded"].get("all-MiniLM-L6-v2")
+        return last if last and last["inputs"] == 2 else None
+
+    seen = wait_for(counted, what="a heartbeat with the embeddings counted")
+    assert seen["requests"] == 1 and seen["tokens"] == tokens > 4
+    assert metric_value(agent, "vtpu_model_embeddings_total", model="all-MiniLM-L6-v2") == 2
+    assert metric_value(
+        agent, "vtpu_model_tokens_total", model="all-MiniLM-L6-v2", kind="input"
+    ) == tokens

@@ -127,6 +127,10 @@ def test_vtpu_compile_dumps_the_ir_after_each_pass() -> None:
     assert "# after fuse_residual_norm: 47 ops" in proc.stdout
     assert "l0.h1 = add_layer_norm(l0.attn_out, h0," in proc.stdout
     assert "act=gelu  : [B,S,1536]" in proc.stdout
+    # then the SIW program the compiled graph lowers to, after the last pass's IR
+    ir, program = proc.stdout.split("# all-MiniLM-L6-v2 as SIW for batch 1 x 16 tokens: 12 words")
+    assert "# after infer_shapes (check)" in ir and "C.loop 3 count=5 reg=r0" in program
+    assert program.rstrip().endswith("D.l2norm embedding, act5 | C.halt")
     final = subprocess.run(
         [sys.executable, "-m", "vtpu", "compile", "all-MiniLM-L6-v2", "--final"],
         capture_output=True,
@@ -134,6 +138,14 @@ def test_vtpu_compile_dumps_the_ir_after_each_pass() -> None:
         timeout=120,
     )
     assert final.stdout.count("# after ") == 1 and "# after infer_shapes (check)" in final.stdout
+    assert "as SIW" not in final.stdout
+    both = subprocess.run(
+        [sys.executable, "-m", "vtpu", "compile", "all-MiniLM-L6-v2", "--final", "--siw"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert both.returncode == 2 and "--final prints the compiled IR alone" in both.stderr
     unknown = subprocess.run(
         [sys.executable, "-m", "vtpu", "compile", "gpt-17"], capture_output=True, text=True
     )
