@@ -21,7 +21,8 @@ to SIW programs the sentron runs (`vtpu compile MODEL --siw`).
 The decoder's prefill and decode graphs lower to SIW too (`phextcc.lower.DecoderModule`), over
 dense caches or the node's paged KV cache (Qwen3Model.compile). The decoder's numpy routines
 (silu, qk_norm_rope, kv_append, cached_attention, gqa_attention) live in vtpu.kernels.decoder.
-Not yet: tiling and prefetch passes.
+Not yet: tiling and prefetch passes (docs/architecture.md, "Not yet": what they could win,
+measured).
 Ops are kernel-level, weights are named constants, shapes are symbolic; an op has one result
 (`output`) and, for `add_rms_norm`, a second one in `extra`.
 """
