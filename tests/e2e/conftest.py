@@ -3,12 +3,14 @@ Redis, the test database), exactly as the run command starts it (controlplane.st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,26 +81,31 @@ class Api:
         raise AssertionError(f"node {node_id} stayed {node.get('state')}, wanted {states}")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, node_wheel) -> Stack:
-    var = tmp_path_factory.mktemp("e2e-var")
+@contextlib.contextmanager
+def e2e_stack(
+    tmp_path_factory, node_wheel: Path, label: str, env: dict[str, str], tail: int = 40, **options
+) -> Iterator[Stack]:
+    """A stack of the run's own, as the run command starts it (controlplane.stack): the node
+    wheel in its var dir, its own database (DATABASE_URL's server, or SQLite) and a private
+    Redis (tests never touch a shared one), fast heartbeats, tiny benchmarks, plus `env`.
+    Afterwards its agents stop, its database is dropped and its logs' tails are printed."""
+    var = tmp_path_factory.mktemp(f"e2e-{label}")
     wheels = var / "wheels"
     wheels.mkdir()
     (wheels / node_wheel.name).write_bytes(node_wheel.read_bytes())
-    port = free_port()
     stack = Stack(
         var,
-        port=port,
+        port=free_port(),
         log_to_files=True,
         env={
-            "DATABASE_URL": e2e_database_url(var),
-            "REDIS_URL": "",  # always a private Redis: tests never touch a shared one
+            "DATABASE_URL": e2e_database_url(var, f"_{label}"),
+            "REDIS_URL": "",
             "HEARTBEAT_SECONDS": "2",
-            "REPAIR_AFTER_SECONDS": "10",  # a dead agent is repaired soon after it goes silent
             "PROVISIONING_JOB_TIMEOUT": "600",
-            "WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' webhook receivers are local
             "BENCHMARK_SIZE": "tiny",  # a new node's first scheduled benchmark takes ~1 s
+            **env,
         },
+        **options,
     )
     stack.env.pop("REDIS_URL")
     stack.start_private_redis()
@@ -107,41 +114,28 @@ def stack(tmp_path_factory, node_wheel) -> Stack:
     stop_local_agents(var / "nodes")  # agents of nodes a failed test left behind
     drop_e2e_database(stack.env["DATABASE_URL"])
     for log in sorted((var / "logs").glob("*.log")):
-        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-40:]))
+        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-tail:]))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, node_wheel) -> Iterator[Stack]:
+    env = {
+        "REPAIR_AFTER_SECONDS": "10",  # a dead agent is repaired soon after it goes silent
+        "WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' webhook receivers are local
+    }
+    with e2e_stack(tmp_path_factory, node_wheel, "main", env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def billed(tmp_path_factory, node_wheel) -> Stack:
+def billed(tmp_path_factory, node_wheel) -> Iterator[Stack]:
     """The stack in test mode for billing: its own local Stripe API server delivering real
     signed webhooks to it, plans created there from scratch, and this machine as its host
     (tests/e2e/test_paying_customer.py: one stack for its module, stopped after it)."""
-    var = tmp_path_factory.mktemp("e2e-billing")
-    wheels = var / "wheels"
-    wheels.mkdir()
-    (wheels / node_wheel.name).write_bytes(node_wheel.read_bytes())
-    stack = Stack(
-        var,
-        port=free_port(),
-        log_to_files=True,
-        local_stripe=True,
-        stripe_from_scratch=True,
-        env={
-            "DATABASE_URL": e2e_database_url(var, "_billing"),
-            "REDIS_URL": "",
-            "HEARTBEAT_SECONDS": "2",
-            "PROVISIONING_JOB_TIMEOUT": "600",
-            "BENCHMARK_SIZE": "tiny",
-        },
-    )
-    stack.env.pop("REDIS_URL")
-    stack.start_private_redis()
-    with stack.running():
-        create_host(stack, "this-machine", "--local", "--ports", "19300-19309")
-        yield stack
-    stop_local_agents(var / "nodes")
-    drop_e2e_database(stack.env["DATABASE_URL"])
-    for log in sorted((var / "logs").glob("*.log")):
-        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-30:]))
+    with e2e_stack(tmp_path_factory, node_wheel, "billing", {}, tail=30, local_stripe=True,
+                   stripe_from_scratch=True) as running:  # fmt: skip
+        create_host(running, "this-machine", "--local", "--ports", "19300-19309")
+        yield running
 
 
 def _customer(stack: Stack, username: str) -> Api:

@@ -14,14 +14,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from controlplane.stack import Stack, free_port, stop_local_agents
-from tests.e2e.conftest import (
-    Api,
-    agent_get,
-    drop_e2e_database,
-    e2e_database_url,
-    wait_for,
-)
+from tests.e2e.conftest import Api, agent_get, e2e_stack, wait_for
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -30,34 +23,11 @@ MODEL = "all-MiniLM-L6-v2"
 def demo(tmp_path_factory, node_wheel):
     """The stack with the run command's settings (NODE_MODELS, private webhooks allowed) and
     its demo: an account with a token, this machine as a host, the demo node requested."""
-    var = tmp_path_factory.mktemp("e2e-demo")
-    wheels = var / "wheels"
-    wheels.mkdir()
-    (wheels / node_wheel.name).write_bytes(node_wheel.read_bytes())
-    stack = Stack(
-        var,
-        port=free_port(),
-        log_to_files=True,
-        env={
-            "DATABASE_URL": e2e_database_url(var, "_demo"),
-            "REDIS_URL": "",
-            "HEARTBEAT_SECONDS": "2",
-            "PROVISIONING_JOB_TIMEOUT": "600",
-            "BENCHMARK_SIZE": "tiny",
-            "WEBHOOK_ALLOW_PRIVATE": "true",
-            "NODE_MODELS": MODEL,
-        },
-    )
-    stack.env.pop("REDIS_URL")
-    stack.start_private_redis()
-    with stack.running():
+    env = {"WEBHOOK_ALLOW_PRIVATE": "true", "NODE_MODELS": MODEL}
+    with e2e_stack(tmp_path_factory, node_wheel, "demo", env, tail=30) as stack:
         done = stack.manage("bootstrap_demo")
         token = re.search(r"demo API token\s+(\S+)", done.stdout).group(1)
         yield stack, Api(stack.url, token)
-    stop_local_agents(var / "nodes")
-    drop_e2e_database(stack.env["DATABASE_URL"])
-    for log in sorted((var / "logs").glob("*.log")):
-        print(f"----- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-30:]))
 
 
 def test_the_demo_node_serves_embeddings_and_the_control_plane_loads_a_model_on_it(demo):
