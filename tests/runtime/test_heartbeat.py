@@ -391,6 +391,7 @@ def test_load_model_makes_a_model_resident_or_says_why_not(
     seen = wait_for(counted, what="a heartbeat with the embeddings counted")
     assert seen["requests"] == 1 and seen["tokens"] == tokens > 4
     assert metric_value(agent, "vtpu_model_embeddings_total", model="all-MiniLM-L6-v2") == 2
-    assert metric_value(
-        agent, "vtpu_model_tokens_total", model="all-MiniLM-L6-v2", kind="input"
-    ) == tokens
+    assert (
+        metric_value(agent, "vtpu_model_tokens_total", model="all-MiniLM-L6-v2", kind="input")
+        == tokens
+    )
