@@ -101,15 +101,6 @@ class RuntimeCounters:
             if delta:
                 self._slots.add(index, int(delta))
 
-    def add_program(self, words: int, busy_ns: dict[str, int]) -> None:
-        """One SIW program run: the words it issued and each pipe's busy time (what every
-        sentron run adds; the same as add(...) and add_pipe_busy(...) in fewer steps)."""
-        slots = self._slots
-        slots.add(_INDEX["siw_issued"], words)
-        slots.add(_INDEX["programs_run"], 1)
-        for pipe in PIPES:
-            slots.add(_INDEX[f"pipe_busy_ns_{pipe}"], busy_ns[pipe])
-
     def add_pipe_busy(self, pipe: str, ns: int) -> None:
         if pipe not in PIPES:
             raise ValueError(f"pipe must be one of {PIPES}, not {pipe!r}")

@@ -848,9 +848,8 @@ class Sentron:
                                                                             "inout")],
             unbound=inout + [i for i, t in enumerate(tensors)
                              if t.init == "view" and tensors[owners[i]].init != "resident"],
+            register_views=register_views,
             rebinds=rebinds,
-            register_start=[(r.tid, r.at(0, views)) for r in register_views if r.resident],
-            run_register_views=[r for r in register_views if not r.resident],
             written_first={i for i in siw.written_first(program, owners)
                            if tensors[i].init in ("zeros", "ones", "random")},
         )  # fmt: skip
@@ -923,9 +922,7 @@ class Sentron:
             for i in prepared.bound_views:
                 view = kept.get(i)
                 views[i] = make_view(views[owners[i]], tensors[i]) if view is None else view
-            for tid, array in prepared.register_start:  # resident views: tabled once
-                views[tid] = array
-            for view in prepared.run_register_views:
+            for view in prepared.register_views:
                 view.reset(views)
             if self.overlap and self._s_pipe is None and any(p[1] for p in prepared.plan):
                 self._s_pipe = _PipeWorker(f"sentron{self.sentron_id}-S")
@@ -951,7 +948,8 @@ class Sentron:
                         self.arena.release(views[i])
                     views[i] = None
         self.counters.add_run(result)
-        COUNTERS.add_program(result.words_issued, result.busy_ns)
+        COUNTERS.add(siw_issued=result.words_issued, programs_run=1,
+                     **{f"pipe_busy_ns_{pipe}": ns for pipe, ns in result.busy_ns.items()})  # fmt: skip
         return result
 
     def _issue(
@@ -1084,15 +1082,13 @@ class Prepared:
     outputs: list[int] = field(default_factory=list)
     arena_owned: list[int] = field(default_factory=list)
     unbound: list[int] = field(default_factory=list)
-    # Per word the rebind a C.loop with a register calls (None for every other word).
+    # Register-relative views, and per word the rebind a C.loop with a register calls (None
+    # for every other word).
+    register_views: list[_RegisterView] = field(default_factory=list)
     rebinds: list[Callable[[int], None] | None] = field(default_factory=list)
     # Allocated tensors the program overwrites whole before reading (siw.written_first): a run
     # leaves them uninitialised.
     written_first: set[int] = field(default_factory=set)
-    # Register-relative views where a run starts its registers (0): each view of a resident
-    # tensor as its array then; the views of run memory, made again every run.
-    register_start: list[tuple[int, np.ndarray]] = field(default_factory=list)
-    run_register_views: list[_RegisterView] = field(default_factory=list)
 
 
 def _register_plan(
